@@ -1,0 +1,56 @@
+"""The Flask application factory; importing this package does nothing else."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from flask import Flask
+from flask_smorest import Api
+
+from app.config import Settings
+from app.config import load_settings
+from app.db import make_engine
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Create the API application, with its own engine and Redis client."""
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(
+        API_TITLE="log-aggregator",
+        API_VERSION="1.0",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        RETRY_AFTER=settings.retry_after,
+    )
+    # Gunicorn runs this factory in each worker after the fork, so every
+    # process gets its own pool; nothing connects until the first request.
+    app.extensions["engine"] = make_engine(settings.database_url, pool_size=settings.pool_size)
+    app.extensions["redis"] = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.broker_timeout,
+        socket_connect_timeout=settings.broker_timeout,
+    )
+    app.extensions["started_at"] = time.monotonic()
+
+    from app.api import BLUEPRINTS
+    from app.errors import register_error_handlers
+    from app.schemas import EventSchema
+    from tasks import celery_app
+
+    # The API only publishes: a read timeout turns a hung broker into a fast 503.
+    celery_app.conf.broker_transport_options = {
+        **celery_app.conf.broker_transport_options,
+        "socket_timeout": settings.broker_timeout,
+    }
+
+    api = Api(app)
+    api.spec.components.schema("Event", schema=EventSchema)
+    for blueprint in BLUEPRINTS:
+        api.register_blueprint(blueprint)
+    # Registered after Api(), which installs its own HTTPException handler.
+    register_error_handlers(app)
+    return app

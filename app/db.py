@@ -1,0 +1,107 @@
+"""Table definitions and engine construction; no queries live here."""
+
+from __future__ import annotations
+
+import orjson
+from sqlalchemy import BigInteger
+from sqlalchemy import Column
+from sqlalchemy import DateTime
+from sqlalchemy import Engine
+from sqlalchemy import Index
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
+from sqlalchemy import Table
+from sqlalchemy import Text
+from sqlalchemy import UniqueConstraint
+from sqlalchemy import create_engine
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import JSONB
+
+# Every constraint gets a predictable name, so ON CONFLICT and migrations can refer to it.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("topic", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("stored_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    # The writing transaction's id. Readers page in (txid, id) order and only
+    # show transactions older than every one still running, so a cursor never
+    # skips a row that commits late (see app.store.list_events).
+    Column("txid", BigInteger, nullable=False, server_default=text("txid_current()")),
+    UniqueConstraint("topic", "event_id"),
+    Index(None, "txid", "id"),
+    Index(None, "topic", "txid", "id"),
+)
+
+# One row per processed task: claimed first, in the same transaction as the
+# inserts, so a redelivered batch is recognised and never counted twice.
+batches = Table(
+    "batches",
+    metadata,
+    Column("batch_id", Text, primary_key=True),
+    Column("received", Integer, nullable=False),
+    Column("stored", Integer, nullable=False, server_default="0"),
+    Column("duplicates", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("processed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+# Running totals per topic, updated with each batch, so /stats reads a few
+# rows instead of scanning events or the ledger.
+topic_stats = Table(
+    "topic_stats",
+    metadata,
+    Column("topic", Text, primary_key=True),
+    Column("received", BigInteger, nullable=False, server_default="0"),
+    Column("stored", BigInteger, nullable=False, server_default="0"),
+    Column("duplicates", BigInteger, nullable=False, server_default="0"),
+    Column("failed", BigInteger, nullable=False, server_default="0"),
+)
+
+# Events the database refused (anything validation missed), kept with the
+# reason so they can be inspected and replayed.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("batch_id", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("failed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("replayed_at", DateTime(timezone=True), nullable=True),
+    Index(None, "topic", "event_id"),
+)
+
+
+def _json_serializer(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """Create an engine; call it in each process after fork, never before."""
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=5,
+        json_serializer=_json_serializer,
+        json_deserializer=orjson.loads,
+        connect_args={"connect_timeout": 3, "application_name": "log-aggregator"},
+    )

@@ -1,0 +1,110 @@
+"""Error handlers: every error becomes the same JSON shape, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+from flask import Flask
+from flask import Response
+from flask import current_app
+from flask import jsonify
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import InternalServerError
+from werkzeug.exceptions import ServiceUnavailable
+from werkzeug.exceptions import UnprocessableEntity
+
+logger = logging.getLogger(__name__)
+
+BROKER_ERRORS = (
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+)
+DATABASE_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)
+
+
+def _stringify_keys(value: Any) -> Any:
+    # Batch errors are keyed by array index; JSON object keys must be strings.
+    if isinstance(value, dict):
+        return {str(key): _stringify_keys(item) for key, item in value.items()}
+    return value
+
+
+def error_response(exc: HTTPException, message: str | None = None, errors: Any = None) -> Response:
+    """Build the JSON error body for an HTTP exception, keeping its headers."""
+    body: dict[str, Any] = {
+        "code": exc.code,
+        "status": exc.name,
+        "message": message or exc.description,
+    }
+    if errors:
+        body["errors"] = _stringify_keys(errors)
+    response = jsonify(body)
+    response.status_code = exc.code or 500
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def _unavailable(what: str) -> Response:
+    retry_after = current_app.config["RETRY_AFTER"]
+    return error_response(
+        ServiceUnavailable(retry_after=retry_after),
+        message=f"{what} unavailable, retry in {retry_after} s",
+    )
+
+
+def handle_validation_error(exc: ValidationError) -> Response:
+    """Answer invalid input with 422 and the messages per field."""
+    return error_response(UnprocessableEntity(), "invalid input", exc.messages)
+
+
+def handle_http_exception(exc: HTTPException) -> Response:
+    """Answer routing, parsing and size errors (404, 405, 400, 413, 415...) as JSON."""
+    errors = None
+    data = getattr(exc, "data", None) or {}
+    messages = data.get("messages")
+    if isinstance(messages, dict):
+        # webargs nests errors under the request location; we read one location per view.
+        errors = next(iter(messages.values())) if len(messages) == 1 else messages
+    return error_response(exc, data.get("message"), errors)
+
+
+def handle_broker_error(exc: Exception) -> Response:
+    """Answer a broker outage with 503 and Retry-After."""
+    logger.warning("broker unavailable: %s", exc)
+    return _unavailable("broker")
+
+
+def handle_database_error(exc: Exception) -> Response:
+    """Answer a database outage with 503 and Retry-After."""
+    logger.warning("database unavailable: %s", str(exc).splitlines()[0])
+    return _unavailable("database")
+
+
+def handle_unexpected(exc: Exception) -> Response:
+    """Log anything else with its traceback and answer a bare 500."""
+    logger.error("unhandled error", exc_info=exc)
+    return error_response(InternalServerError(), "internal error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Register one JSON shape for every error."""
+    app.register_error_handler(ValidationError, handle_validation_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    for exc_type in BROKER_ERRORS:
+        app.register_error_handler(exc_type, handle_broker_error)
+    for exc_type in DATABASE_ERRORS:
+        app.register_error_handler(exc_type, handle_database_error)
+    app.register_error_handler(Exception, handle_unexpected)

@@ -1,0 +1,16 @@
+"""Gunicorn settings; the repository's gunicorn.conf.py loads them for the plain command."""
+
+import os
+
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# Never preload: the app factory must run after the fork (one engine per process).
+preload_app = False
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
+errorlog = "-"
+control_socket_disable = True

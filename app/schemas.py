@@ -1,0 +1,170 @@
+"""marshmallow schemas for request bodies and query strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from marshmallow import RAISE
+from marshmallow import Schema
+from marshmallow import ValidationError
+from marshmallow import fields
+from marshmallow import validate
+from marshmallow import validates
+
+MAX_STRING = 255
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_PAYLOAD_DEPTH = 32
+MAX_BATCH = 1000
+
+
+def reject_unstorable(value: str) -> None:
+    """Refuse strings PostgreSQL cannot store (NUL), so the worker never meets them."""
+    if "\x00" in value:
+        raise ValidationError("must not contain NUL (\\u0000) characters")
+
+
+def _check_payload(value: Any, depth: int = 1) -> None:
+    if depth > MAX_PAYLOAD_DEPTH:
+        raise ValidationError(f"must not be nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+    if isinstance(value, str):
+        reject_unstorable(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            reject_unstorable(key)
+            _check_payload(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_payload(item, depth + 1)
+
+
+def _text(**kwargs: Any) -> fields.String:
+    return fields.String(
+        required=True,
+        validate=[validate.Length(min=1, max=MAX_STRING), reject_unstorable],
+        **kwargs,
+    )
+
+
+class EventSchema(Schema):
+    """One published event; unknown fields are rejected."""
+
+    class Meta:
+        unknown = RAISE
+
+    topic = _text(metadata={"example": "orders"})
+    event_id = _text(metadata={"example": "2f1c7c1e-0b7d-4a53-9d1c-5b0f5d7c9a10"})
+    timestamp = fields.AwareDateTime(
+        required=True,
+        format="iso",
+        metadata={"description": "ISO-8601 date-time with a UTC offset."},
+    )
+    source = _text(metadata={"example": "checkout-service"})
+    payload = fields.Dict(
+        required=True,
+        keys=fields.String(),
+        metadata={"description": f"JSON object, at most {MAX_PAYLOAD_BYTES} bytes serialized."},
+    )
+
+    @validates("payload")
+    def _validate_payload(self, value: dict[str, Any], **_: Any) -> None:
+        _check_payload(value)
+        if len(orjson.dumps(value)) > MAX_PAYLOAD_BYTES:
+            raise ValidationError(f"must be at most {MAX_PAYLOAD_BYTES} bytes as JSON")
+
+
+class EventOutSchema(EventSchema):
+    """A stored event as /events returns it."""
+
+    stored_at = fields.AwareDateTime(required=True, format="iso")
+
+
+class EventQuerySchema(Schema):
+    """Filters and paging for GET /events."""
+
+    class Meta:
+        unknown = RAISE
+
+    topic = fields.String(validate=validate.Length(min=1, max=MAX_STRING))
+    source = fields.String(validate=validate.Length(min=1, max=MAX_STRING))
+    since = fields.AwareDateTime(format="iso", metadata={"description": "timestamp >= since"})
+    until = fields.AwareDateTime(format="iso", metadata={"description": "timestamp < until"})
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    cursor = fields.String(validate=validate.Length(min=1, max=200))
+
+
+class EventPageSchema(Schema):
+    """A page of events and the cursor of the next one."""
+
+    events = fields.List(fields.Nested(EventOutSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class AcceptedSchema(Schema):
+    """Answer to an accepted publish."""
+
+    accepted = fields.Integer(required=True)
+
+
+def load_events(body: Any, *, max_batch: int = MAX_BATCH) -> list[dict[str, Any]]:
+    """Validate one event or a list of events; return them as JSON-ready dicts."""
+    if isinstance(body, dict):
+        loaded = [EventSchema().load(body)]
+    elif isinstance(body, list):
+        if not 1 <= len(body) <= max_batch:
+            raise ValidationError(
+                {"_schema": [f"a batch holds 1 to {max_batch} events, got {len(body)}"]}
+            )
+        loaded = EventSchema(many=True).load(body)
+    else:
+        raise ValidationError({"_schema": ["body must be an event object or an array of events"]})
+    # Timestamps go to the queue in one normalised ISO form that PostgreSQL parses.
+    return [{**event, "timestamp": event["timestamp"].isoformat()} for event in loaded]
+
+
+class ErrorBodySchema(Schema):
+    """The one error shape: code, status, message and, for bad input, errors per field."""
+
+    code = fields.Integer(required=True)
+    status = fields.String(required=True)
+    message = fields.String(required=True)
+    errors = fields.Dict(metadata={"description": "Messages per field (per array index)."})
+
+
+class TopicStatsSchema(Schema):
+    """Counters of one topic."""
+
+    stored = fields.Integer(required=True)
+    duplicates = fields.Integer(required=True)
+    failed = fields.Integer(required=True)
+
+
+class StatsSchema(Schema):
+    """Counters that add up: received = stored + duplicates + failed + queued."""
+
+    total_received_queued = fields.Integer(required=True)
+    unique_processed_db = fields.Integer(required=True)
+    estimated_duplicate_dropped = fields.Integer(required=True)
+    failed_events = fields.Integer(required=True)
+    queued_events = fields.Integer(required=True)
+    uptime_seconds = fields.Float(required=True)
+    topics = fields.Dict(keys=fields.String(), values=fields.Nested(TopicStatsSchema))
+
+
+class DeadLetterSchema(Schema):
+    """An event the database refused, with the reason."""
+
+    id = fields.Integer(required=True)
+    batch_id = fields.String(required=True)
+    topic = fields.String(required=True)
+    event_id = fields.String(required=True)
+    event = fields.String(required=True, metadata={"description": "The event as JSON text."})
+    error = fields.String(required=True)
+    failed_at = fields.AwareDateTime(required=True, format="iso")
+
+
+class HealthSchema(Schema):
+    """Liveness or readiness and the state of each dependency."""
+
+    status = fields.String(required=True)
+    checks = fields.Dict(keys=fields.String(), values=fields.String())

@@ -1,0 +1,328 @@
+"""Queries: storing batches idempotently, counting them, and reading events back."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import Counter
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import datetime
+from typing import Any
+from typing import TypeVar
+
+import orjson
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import and_
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import tuple_
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import StatementError
+
+from app.db import batches
+from app.db import dead_letters
+from app.db import events
+from app.db import topic_stats
+
+DEDUP_CONSTRAINT = "uq_events_topic_event_id"
+EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
+
+Event = Mapping[str, Any]
+T = TypeVar("T")
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch did to the database; `replayed` means it was already processed."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    replayed: bool = False
+    per_topic: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _key(event: Event) -> tuple[str, str]:
+    return (event["topic"], event["event_id"])
+
+
+def _is_poison(exc: Exception) -> bool:
+    """Tell data the database refuses from failures worth retrying (connection, deadlock)."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    # psycopg2 refuses some values (e.g. NUL in a string) before sending them.
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+
+
+def _insert_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
+    """Insert rows, skipping existing keys; return the topic of every row stored."""
+    stmt = (
+        insert(events)
+        .values([{name: row[name] for name in EVENT_FIELDS} for row in rows])
+        .on_conflict_do_nothing(constraint=DEDUP_CONSTRAINT)
+        .returning(events.c.topic)
+    )
+    return list(conn.execute(stmt).scalars())
+
+
+def _insert_one_by_one(
+    conn: Connection, batch_id: str, rows: Sequence[Event]
+) -> tuple[list[str], list[Event]]:
+    """Insert rows separately, so one refused row cannot take the others down."""
+    stored: list[str] = []
+    refused: list[Event] = []
+    for row in rows:
+        try:
+            with conn.begin_nested():
+                stored.extend(_insert_events(conn, [row]))
+        except Exception as exc:
+            if not _is_poison(exc):
+                raise
+            refused.append(row)
+            _dead_letter(conn, batch_id, row, exc)
+    return stored, refused
+
+
+def _dead_letter(conn: Connection, batch_id: str, row: Event, exc: Exception) -> None:
+    reason = str(getattr(exc, "orig", None) or exc).replace("\x00", "\\0")
+    conn.execute(
+        insert(dead_letters).values(
+            batch_id=batch_id,
+            topic=str(row.get("topic", "")).replace("\x00", "\\0"),
+            event_id=str(row.get("event_id", "")).replace("\x00", "\\0"),
+            # JSON text escapes NUL as \u0000, which a text column can hold.
+            event=orjson.dumps(dict(row)).decode(),
+            error=reason.strip()[:2000],
+        )
+    )
+
+
+def claim_batch(conn: Connection, batch_id: str, received: int) -> bool:
+    """Record the batch in the ledger; False when an earlier delivery already committed it."""
+    stmt = (
+        insert(batches)
+        .values(batch_id=batch_id, received=received)
+        .on_conflict_do_nothing(index_elements=[batches.c.batch_id])
+        .returning(batches.c.batch_id)
+    )
+    return conn.execute(stmt).first() is not None
+
+
+def store_batch(conn: Connection, batch_id: str, rows: Sequence[Event]) -> BatchOutcome:
+    """Store a batch exactly once and add it to the counters, all in the caller's transaction."""
+    if not claim_batch(conn, batch_id, len(rows)):
+        return BatchOutcome(received=len(rows), replayed=True)
+
+    # Sorting by key makes concurrent batches with overlapping keys lock rows
+    # in the same order, so they wait for each other instead of deadlocking.
+    # The sort is stable, so the first copy of a key in the batch wins.
+    first_copies: dict[tuple[str, str], Event] = {}
+    for row in rows:
+        first_copies.setdefault(_key(row), row)
+    unique_rows = [first_copies[k] for k in sorted(first_copies)]
+
+    refused: list[Event] = []
+    try:
+        with conn.begin_nested():
+            stored_topics = _insert_events(conn, unique_rows) if unique_rows else []
+    except Exception as exc:
+        if not _is_poison(exc):
+            raise
+        stored_topics, refused = _insert_one_by_one(conn, batch_id, unique_rows)
+
+    outcome = _count(rows, stored_topics, refused)
+    conn.execute(
+        update(batches)
+        .where(batches.c.batch_id == batch_id)
+        .values(stored=outcome.stored, duplicates=outcome.duplicates, failed=outcome.failed)
+    )
+    _add_to_topic_stats(conn, outcome.per_topic)
+    return outcome
+
+
+def _count(
+    rows: Sequence[Event], stored_topics: Iterable[str], refused: Sequence[Event]
+) -> BatchOutcome:
+    received = Counter(row["topic"] for row in rows)
+    stored = Counter(stored_topics)
+    failed = Counter(row["topic"] for row in refused)
+    per_topic = {
+        topic: {
+            "received": n,
+            "stored": stored[topic],
+            "failed": failed[topic],
+            "duplicates": n - stored[topic] - failed[topic],
+        }
+        for topic, n in received.items()
+    }
+    return BatchOutcome(
+        received=len(rows),
+        stored=sum(stored.values()),
+        failed=len(refused),
+        duplicates=len(rows) - sum(stored.values()) - len(refused),
+        per_topic=per_topic,
+    )
+
+
+def _add_to_topic_stats(conn: Connection, per_topic: Mapping[str, Mapping[str, int]]) -> None:
+    if not per_topic:
+        return
+    rows = [{"topic": topic, **per_topic[topic]} for topic in sorted(per_topic)]
+    stmt = insert(topic_stats).values(rows)
+    counters = ("received", "stored", "duplicates", "failed")
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[topic_stats.c.topic],
+        set_={name: topic_stats.c[name] + stmt.excluded[name] for name in counters},
+    )
+    conn.execute(stmt)
+
+
+@dataclass
+class Totals:
+    """Processed counters from the ledger, overall and per topic."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    topics: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def read_totals(conn: Connection) -> Totals:
+    """Sum the per-topic counters (one row per topic; never scans events)."""
+    totals = Totals()
+    for row in conn.execute(select(topic_stats).order_by(topic_stats.c.topic)).mappings():
+        totals.received += row["received"]
+        totals.stored += row["stored"]
+        totals.duplicates += row["duplicates"]
+        totals.failed += row["failed"]
+        totals.topics[row["topic"]] = {
+            "stored": row["stored"],
+            "duplicates": row["duplicates"],
+            "failed": row["failed"],
+        }
+    return totals
+
+
+def processed_batches(conn: Connection, batch_ids: Sequence[str]) -> set[str]:
+    """Return which of these batch ids the ledger already holds."""
+    if not batch_ids:
+        return set()
+    stmt = select(batches.c.batch_id).where(batches.c.batch_id == func.any(list(batch_ids)))
+    return set(conn.execute(stmt).scalars())
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor that we did not issue."""
+
+
+def encode_cursor(txid: int, row_id: int) -> str:
+    """Turn a position into an opaque, URL-safe cursor."""
+    return base64.urlsafe_b64encode(f"{txid}.{row_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, int]:
+    """Parse a cursor made by encode_cursor, or raise InvalidCursor."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        txid, row_id = raw.split(".")
+        return int(txid), int(row_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidCursor("cursor is not one this API issued") from None
+
+
+def list_events(
+    conn: Connection,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    topic: str | None = None,
+    source: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Return one page of stored events, oldest first, and the cursor of the next page."""
+    # Only rows written by transactions older than every running one: a
+    # transaction still in flight may commit rows that sort before rows we
+    # have already shown, and a cursor must never jump over them.
+    horizon = func.txid_snapshot_xmin(func.txid_current_snapshot())
+    conditions = [events.c.txid < horizon]
+    if cursor is not None:
+        txid, row_id = decode_cursor(cursor)
+        conditions.append(tuple_(events.c.txid, events.c.id) > tuple_(txid, row_id))
+    if topic is not None:
+        conditions.append(events.c.topic == topic)
+    if source is not None:
+        conditions.append(events.c.source == source)
+    if since is not None:
+        conditions.append(events.c.timestamp >= since)
+    if until is not None:
+        conditions.append(events.c.timestamp < until)
+    stmt = (
+        select(events)
+        .where(and_(*conditions))
+        .order_by(events.c.txid, events.c.id)
+        .limit(limit + 1)
+    )
+    rows = conn.execute(stmt).mappings().all()
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1]["txid"], page[-1]["id"]) if len(rows) > limit else None
+    items = [{name: row[name] for name in (*EVENT_FIELDS, "stored_at")} for row in page]
+    return items, next_cursor
+
+
+def list_dead_letters(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """Return the newest dead letters that have not been replayed."""
+    stmt = (
+        select(dead_letters)
+        .where(dead_letters.c.replayed_at.is_(None))
+        .order_by(dead_letters.c.id.desc())
+        .limit(limit)
+    )
+    return [dict(row) for row in conn.execute(stmt).mappings()]
+
+
+__all__ = [
+    "BatchOutcome",
+    "InvalidCursor",
+    "Totals",
+    "claim_batch",
+    "decode_cursor",
+    "encode_cursor",
+    "list_dead_letters",
+    "list_events",
+    "processed_batches",
+    "read_totals",
+    "run_in_transaction",
+    "store_batch",
+]
+
+
+# PostgreSQL aborts one side of a deadlock or serialization conflict; running
+# the whole transaction again is the documented answer.
+_RETRYABLE_SQLSTATES = {"40P01", "40001"}
+
+
+def run_in_transaction(engine: Engine, work: Callable[[Connection], T], attempts: int = 5) -> T:
+    """Run work in one transaction, again when PostgreSQL aborted it for a deadlock."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                return work(conn)
+        except OperationalError as exc:
+            code = getattr(exc.orig, "pgcode", None)
+            if code not in _RETRYABLE_SQLSTATES or attempt == attempts:
+                raise
+    raise AssertionError("unreachable")

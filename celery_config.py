@@ -1,0 +1,45 @@
+"""Celery settings (lowercase, loaded with config_from_object); values come from app.config."""
+
+from app.config import load_settings
+
+_settings = load_settings()
+
+broker_url = _settings.redis_url
+broker_connection_retry_on_startup = True
+# Workers keep trying to reach the broker for as long as it is away.
+broker_connection_max_retries = None
+broker_transport_options = {
+    # A message fetched by a worker that then died becomes visible again after this.
+    "visibility_timeout": _settings.visibility_timeout,
+    "unacked_restore_interval": _settings.restore_interval,
+    # Scan on every sweep, so restore_interval alone sets how fast we recover.
+    "unacked_restore_throttle": 1,
+    "socket_connect_timeout": _settings.broker_timeout,
+    "socket_keepalive": True,
+    "health_check_interval": 10,
+}
+# A dead broker must give the API a fast 503, not a request that hangs in retries.
+task_publish_retry_policy = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.1,
+    "interval_max": 0.1,
+}
+
+task_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+
+# At-least-once delivery: a message is acknowledged only after its batch has
+# committed, and a worker killed mid-task hands its message back to the queue.
+# The insert is idempotent, so a redelivered batch costs nothing.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+# A task whose broker connection dropped cannot acknowledge anymore; stop it
+# and let redelivery run it again instead of finishing it for nothing.
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+worker_hijack_root_logger = True
+worker_send_task_events = True
+task_send_sent_event = False
