@@ -1,0 +1,234 @@
+"""Locust load test: single and batched publishes with a known share of duplicates.
+
+Always bounded, headless, with the host given (the API must already run):
+
+    locust -f locustfile.py --headless -u 50 -r 10 -t 30s --host http://127.0.0.1:8080 \
+        --csv reports/locust --html reports/locust.html
+
+Only a 202 counts as a success. Every DUPLICATE_EVERY-th event a user publishes re-sends
+an event that user already had accepted, so once users are warmed up about 1 in
+DUPLICATE_EVERY (10%) of the events are duplicates; the tally counts them exactly.
+Topics carry a per-run prefix, so this run's counters can be told apart in GET /stats.
+At the end the tally of events answered 202 is logged; with LOCUST_VERIFY=1 the
+listener then polls GET /stats until the run's topics are drained and compares stored
+and duplicates with the tally (exit code 1 on a mismatch).
+
+Environment: API_TOKEN (bearer token, optional), LOCUST_RUN_ID (topic prefix; default
+random per process), LOCUST_VERIFY=1, LOCUST_VERIFY_TIMEOUT (seconds, default 120).
+Verification needs the single-process runner: each process keeps its own tally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import uuid
+from datetime import UTC
+from datetime import datetime
+from typing import Any
+
+import requests
+from locust import HttpUser
+from locust import between
+from locust import events
+from locust import task
+from locust.env import Environment
+from locust.runners import MasterRunner
+
+RUN_ID = os.environ.get("LOCUST_RUN_ID") or f"locust-{uuid.uuid4().hex[:8]}"
+TOPICS = tuple(f"{RUN_ID}.{name}" for name in ("orders", "payments", "auth", "audit"))
+DUPLICATE_EVERY = 10
+BATCH_SIZE = 100
+# Events kept per user as candidates for re-sending; bounds memory on long runs.
+POOL_SIZE = 1000
+
+logger = logging.getLogger(__name__)
+
+
+class Tally:
+    """Events this process had answered 202: every copy, and distinct (topic, event_id)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.keys: set[tuple[str, str]] = set()
+        self.failed_requests = 0
+
+    def accept(self, batch: list[dict[str, Any]]) -> None:
+        """Count events the API accepted."""
+        self.total += len(batch)
+        self.keys.update((event["topic"], event["event_id"]) for event in batch)
+
+    @property
+    def unique(self) -> int:
+        return len(self.keys)
+
+    @property
+    def duplicates(self) -> int:
+        return self.total - self.unique
+
+
+TALLY = Tally()
+
+
+def auth_headers() -> dict[str, str]:
+    """Return the Authorization header when API_TOKEN is set."""
+    token = os.environ.get("API_TOKEN", "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class Publisher(HttpUser):
+    """Base for publishing users: builds events, re-sends some, counts only 202s."""
+
+    abstract = True
+
+    def on_start(self) -> None:
+        self.client.headers.update(auth_headers())
+        self.sent = 0
+        self.pool: list[dict[str, Any]] = []
+
+    def next_event(self) -> dict[str, Any]:
+        """Return a new event, or every DUPLICATE_EVERY-th time one already accepted."""
+        self.sent += 1
+        if self.sent % DUPLICATE_EVERY == 0 and self.pool:
+            return random.choice(self.pool)
+        return {
+            "topic": random.choice(TOPICS),
+            "event_id": str(uuid.uuid4()),
+            "timestamp": datetime.now(UTC).isoformat(),
+            "source": "locust",
+            "payload": {"n": self.sent, "level": random.choice(("info", "warn", "error"))},
+        }
+
+    def publish(self, batch: list[dict[str, Any]], body: Any, name: str) -> None:
+        """POST body to /publish and tally the batch only when the API answers 202."""
+        with self.client.post("/publish", json=body, name=name, catch_response=True) as response:
+            if response.status_code != 202:
+                TALLY.failed_requests += 1
+                response.failure(f"expected 202, got {response.status_code}: {response.text[:200]}")
+                return
+            try:
+                accepted = response.json()["accepted"]
+            except (ValueError, KeyError, TypeError):
+                accepted = None
+            if accepted != len(batch):
+                TALLY.failed_requests += 1
+                response.failure(f"accepted {accepted!r}, sent {len(batch)}")
+                return
+            response.success()
+        TALLY.accept(batch)
+        # Only accepted events may be re-sent: a re-send of a rejected one is no duplicate.
+        self.pool.extend(event for event in batch if len(self.pool) < POOL_SIZE)
+
+
+class SingleEventPublisher(Publisher):
+    """Publishes one event object per request."""
+
+    weight = 5
+    wait_time = between(0.05, 0.2)
+
+    @task
+    def publish_one(self) -> None:
+        event = self.next_event()
+        self.publish([event], event, name="/publish [1 event]")
+
+
+class BatchPublisher(Publisher):
+    """Publishes arrays of BATCH_SIZE events per request."""
+
+    weight = 5
+    wait_time = between(0.2, 0.5)
+
+    @task
+    def publish_batch(self) -> None:
+        # A batch never holds the same event twice: duplicates come from earlier batches.
+        batch: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while len(batch) < BATCH_SIZE:
+            event = self.next_event()
+            if event["event_id"] not in seen:
+                seen.add(event["event_id"])
+                batch.append(event)
+        self.publish(batch, batch, name=f"/publish [{BATCH_SIZE} events]")
+
+
+class Reader(HttpUser):
+    """Reads back this run's events and the counters now and then."""
+
+    weight = 1
+    wait_time = between(1, 2)
+
+    def on_start(self) -> None:
+        self.client.headers.update(auth_headers())
+
+    @task(3)
+    def read_events(self) -> None:
+        params = {"topic": random.choice(TOPICS), "limit": 50}
+        with self.client.get(
+            "/events", params=params, name="/events?topic=[run]", catch_response=True
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"expected 200, got {response.status_code}")
+
+    @task(1)
+    def read_stats(self) -> None:
+        with self.client.get("/stats", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"expected 200, got {response.status_code}")
+
+
+def run_counters(host: str) -> dict[str, int]:
+    """Sum stored, duplicates and failed over this run's topics from GET /stats."""
+    response = requests.get(f"{host.rstrip('/')}/stats", headers=auth_headers(), timeout=10)
+    response.raise_for_status()
+    topics = response.json().get("topics", {})
+    sums = {"stored": 0, "duplicates": 0, "failed": 0}
+    for topic in TOPICS:
+        for key in sums:
+            sums[key] += topics.get(topic, {}).get(key, 0)
+    return sums
+
+
+def verify(environment: Environment) -> bool:
+    """Poll /stats until every accepted event is accounted for, then compare with the tally."""
+    timeout = float(os.environ.get("LOCUST_VERIFY_TIMEOUT", "120"))
+    deadline = time.monotonic() + timeout
+    counters: dict[str, int] = {}
+    while True:
+        try:
+            counters = run_counters(environment.host or "")
+        except requests.RequestException as exc:
+            logger.warning("verify: GET /stats failed: %s", exc)
+        if counters and sum(counters.values()) >= TALLY.total:
+            break
+        if time.monotonic() >= deadline:
+            logger.error("verify: gave up after %.0f s waiting for the queue to drain", timeout)
+            break
+        time.sleep(0.5)
+    expected = {"stored": TALLY.unique, "duplicates": TALLY.duplicates, "failed": 0}
+    ok = counters == expected
+    log = logger.info if ok else logger.error
+    verdict = "OK" if ok else "MISMATCH"
+    log("verify: run %s expected %s, /stats has %s: %s", RUN_ID, expected, counters, verdict)
+    if not ok and TALLY.failed_requests:
+        # A request that failed after its batch was queued (a timeout, say) is stored
+        # but not in the tally, so failures make an exact match impossible to promise.
+        logger.error("verify: %d publish requests failed", TALLY.failed_requests)
+    return ok
+
+
+@events.test_stop.add_listener
+def report(environment: Environment, **_: Any) -> None:
+    """Print the tally and, with LOCUST_VERIFY=1, check it against GET /stats."""
+    if isinstance(environment.runner, MasterRunner):
+        return  # The workers hold the tallies.
+    logger.info(
+        "tally: run %s had %d events answered 202, %d unique, %d duplicates",
+        RUN_ID,
+        TALLY.total,
+        TALLY.unique,
+        TALLY.duplicates,
+    )
+    if os.environ.get("LOCUST_VERIFY") == "1" and not verify(environment):
+        environment.process_exit_code = 1

@@ -1,0 +1,5 @@
+"""Entry point for `python -m publisher`."""
+
+from publisher.cli import main
+
+raise SystemExit(main())

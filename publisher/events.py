@@ -1,0 +1,70 @@
+"""Pure event generation: a planned run with an exact number of duplicates, and batching."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC
+from datetime import datetime
+from typing import Any
+
+
+def duplicate_count(count: int, duplicate_ratio: float) -> int:
+    """Return how many of `count` events are copies for this ratio."""
+    return round(count * duplicate_ratio)
+
+
+def plan_events(
+    count: int,
+    duplicate_ratio: float,
+    topics: list[str],
+    source: str,
+    seed: int | None = None,
+    *,
+    run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Return `count` shuffled events of which exactly `round(count * ratio)` are copies."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if not 0.0 <= duplicate_ratio < 1.0:
+        raise ValueError(f"duplicate ratio must be in [0, 1), got {duplicate_ratio}")
+    if not topics:
+        raise ValueError("at least one topic is needed")
+    copies = duplicate_count(count, duplicate_ratio)
+    unique = count - copies
+    if count > 0 and unique == 0:
+        raise ValueError(f"{count} events at ratio {duplicate_ratio} leave nothing to copy")
+    rng = random.Random(seed)
+    # The run id is random even with a seed, so that two seeded runs never share keys.
+    run = run_id or uuid.uuid4().hex[:12]
+    originals = [
+        {
+            "topic": topics[i % len(topics)],
+            "event_id": f"{run}-{i:07d}",
+            "timestamp": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "source": source,
+            "payload": {"seq": i, "message": f"event {i} of run {run}"},
+        }
+        for i in range(unique)
+    ]
+    duplicates = [_copy(rng.choice(originals)) for _ in range(copies)]
+    events = originals + duplicates
+    # A full shuffle spreads the copies over all batches instead of the last ones.
+    rng.shuffle(events)
+    return events
+
+
+def _copy(event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "payload": dict(event["payload"])}
+
+
+def batched(events: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """Split events into consecutive batches of at most `size`."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [events[start : start + size] for start in range(0, len(events), size)]
+
+
+def event_key(event: dict[str, Any]) -> tuple[str, str]:
+    """Return the dedup key the aggregator uses: (topic, event_id)."""
+    return event["topic"], event["event_id"]

@@ -1,0 +1,1 @@
+"""Operational scripts: private services, the demo and the test runner."""

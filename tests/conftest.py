@@ -1,0 +1,166 @@
+"""Real services for tests: a throwaway database, a private Redis, gunicorn and Celery."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import make_url
+from sqlalchemy import text
+
+from app.db import make_engine
+from scripts.services import PostgresServer
+from scripts.services import RedisServer
+from scripts.services import create_database
+from scripts.services import drop_database
+from scripts.services import find_pg_bindir
+from scripts.services import find_redis_server
+from scripts.services import free_port
+from tests.processes import Api
+from tests.processes import Worker
+
+ROOT = Path(__file__).parent.parent
+TABLES = "events, batches, topic_stats, dead_letters"
+
+
+def alembic_config(database_url: str) -> Config:
+    """Return an Alembic config for the repository's migrations on database_url."""
+    config = Config(toml_file=str(ROOT / "pyproject.toml"))
+    config.set_main_option("sqlalchemy.url", database_url)
+    return config
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Run `alembic upgrade` against database_url, the way deploys do."""
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            config = alembic_config(database_url)
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def scratch_dir() -> Iterator[Path]:
+    """A directory an unprivileged PostgreSQL account can reach, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="agg-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(scratch_dir: Path) -> Iterator[str]:
+    """URL of a PostgreSQL server: DATABASE_URL's when given, else a private one."""
+    if os.environ.get("DATABASE_URL"):
+        yield str(make_url(os.environ["DATABASE_URL"]).set(database="postgres"))
+        return
+    server = PostgresServer(scratch_dir / "pg", free_port(), find_pg_bindir(), durable=False)
+    server.start()
+    yield server.url()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database migrated to head, dropped at the end of the session."""
+    name = f"agg_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    create_database(pg_server_url, name)
+    url = str(make_url(pg_server_url).set(database=name))
+    migrate(url)
+    yield url
+    drop_database(pg_server_url, name)
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def conn(engine: Engine) -> Iterator[Connection]:
+    """A connection inside a transaction that is rolled back after the test."""
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        yield connection
+        transaction.rollback()
+
+
+@pytest.fixture(scope="session")
+def redis_server(scratch_dir: Path) -> Iterator[RedisServer]:
+    """A private redis-server (AOF on) for the whole session."""
+    server = RedisServer(scratch_dir / "redis", free_port(), find_redis_server())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_env(database_url: str, redis_server: RedisServer) -> dict[str, str]:
+    """Environment for API and worker processes: short timeouts so faults resolve quickly."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_server.url,
+        "BROKER_VISIBILITY_TIMEOUT": "5",
+        "BROKER_RESTORE_INTERVAL": "1",
+        "TASK_RETRY_BACKOFF_MAX": "2",
+    }
+
+
+@pytest.fixture(scope="session")
+def logs(scratch_dir: Path) -> Path:
+    path = scratch_dir / "logs"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def api(stack_env: dict[str, str], logs: Path) -> Iterator[Api]:
+    """gunicorn with 3 workers, shared by the tests of a session."""
+    server = Api(stack_env, logs / "api.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env: dict[str, str], logs: Path) -> Iterator[Worker]:
+    """A Celery worker with 2 pool processes, shared by the tests of a session."""
+    process = Worker(stack_env, logs / "worker.log").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def clean(engine: Engine, redis_server: RedisServer) -> None:
+    """Empty the tables and the pending marks; end-to-end tests share committed data."""
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {TABLES}"))
+    redis.Redis.from_url(redis_server.url).delete("aggregator:pending")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Attach the API and worker logs to a failing test's report."""
+    report = yield
+    if report.failed and call.when == "call":
+        for fixture in ("api", "worker"):
+            process = item.funcargs.get(fixture) if hasattr(item, "funcargs") else None
+            log = getattr(process, "log", None)
+            if log is not None and Path(log).exists():
+                tail = Path(log).read_text(errors="replace")[-4000:]
+                report.sections.append((f"{fixture} log ({log})", tail))
+    return report

@@ -1,0 +1,150 @@
+"""Real gunicorn and Celery worker processes for the tests, started with mirakuru."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+from mirakuru import HTTPExecutor
+from mirakuru import SimpleExecutor
+
+from scripts.services import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05
+) -> None:
+    """Poll condition until it holds or the deadline passes (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout} s: {condition}")
+
+
+def alive(pid: int) -> bool:
+    """Tell whether a process runs (a zombie waiting to be reaped does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class Api:
+    """gunicorn serving create_app() on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 3) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            str(BIN / "gunicorn"),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(workers),
+            "app:create_app()",
+        ]
+        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.executor = HTTPExecutor(
+            command,
+            url=f"{self.url}/health",
+            status=200,
+            timeout=60,
+            envvars={**os.environ, **env, "GUNICORN_ACCESS_LOG": ""},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(Path(__file__).parent.parent),
+        )
+
+    def start(self) -> Api:
+        self.executor.start()
+        return self
+
+    def stop(self) -> None:
+        self.executor.stop()
+        self._log_file.close()
+
+    def worker_pids(self) -> list[int]:
+        """Return the pids of gunicorn's worker processes."""
+        return [child.pid for child in psutil.Process(self.executor.process.pid).children()]
+
+
+class Worker:
+    """A Celery worker (prefork) whose log tells when it is ready."""
+
+    def __init__(
+        self, env: dict[str, str], log: Path, concurrency: int = 2, name: str = "w"
+    ) -> None:
+        self.log = log
+        self._offset = log.stat().st_size if log.exists() else 0
+        command = [
+            str(BIN / "celery"),
+            "-A",
+            "tasks",
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            f"{name}-{free_port()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.executor = SimpleExecutor(
+            command,
+            timeout=60,
+            envvars={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(Path(__file__).parent.parent),
+        )
+
+    def output(self) -> str:
+        """Return what this worker has logged since it started."""
+        with open(self.log, "rb") as handle:
+            handle.seek(self._offset)
+            return handle.read().decode(errors="replace")
+
+    def start(self) -> Worker:
+        self.executor.start()
+        wait_until(lambda: " ready." in self.output(), timeout=60)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.executor.process.pid
+
+    def children(self) -> list[int]:
+        """Return the pids of the prefork pool processes."""
+        return [child.pid for child in psutil.Process(self.pid).children()]
+
+    def kill_all(self) -> None:
+        """SIGKILL the main process and its pool, as a crashed machine would."""
+        pids = [self.pid, *self.children()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.executor.process.wait()
+        wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10)
+        self._log_file.close()
+
+    def stop(self) -> None:
+        if self.executor.running():
+            self.executor.stop()
+        self._log_file.close()

@@ -1,0 +1,209 @@
+"""docker-compose.yml and the Dockerfile agree with the code: services, volumes, entry points."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+SHARED_ENV: dict[str, str] = COMPOSE["x-app-env"]
+APP_SERVICES = ("migrate", "aggregator", "worker", "flower")
+
+
+def command(name: str) -> list[str]:
+    cmd = SERVICES[name]["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(word) for word in cmd]
+
+
+def healthcheck(name: str) -> str:
+    test = SERVICES[name]["healthcheck"]["test"]
+    return test if isinstance(test, str) else " ".join(test)
+
+
+def mounts(name: str) -> dict[str, str]:
+    """Map each mount target of a service to its source (short volume syntax)."""
+    pairs = (entry.split(":")[:2] for entry in SERVICES[name].get("volumes", []))
+    return {target: source for source, target in pairs}
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            found.append((keyword.upper(), rest.strip()))
+    return found
+
+
+def test_every_service_is_defined() -> None:
+    expected = {"postgres", "redis", "migrate", "aggregator", "worker", "publisher", "flower"}
+    assert expected <= set(SERVICES)
+
+
+def test_postgres_has_pg_isready_healthcheck_and_named_volume() -> None:
+    assert SERVICES["postgres"]["image"].split(":")[0] == "postgres"
+    assert "pg_isready" in healthcheck("postgres")
+    source = mounts("postgres")["/var/lib/postgresql/data"]
+    assert source in COMPOSE["volumes"]
+
+
+def test_postgres_password_comes_from_the_environment() -> None:
+    password = SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert password.startswith("${POSTGRES_PASSWORD")
+    assert "${POSTGRES_PASSWORD" in SHARED_ENV["DATABASE_URL"]
+
+
+def test_redis_keeps_an_append_only_file_on_a_named_volume() -> None:
+    words = command("redis")
+    assert words[0] == "redis-server"
+    assert words[words.index("--appendonly") + 1] == "yes"
+    assert words[words.index("--appendfsync") + 1] == "everysec"
+    assert mounts("redis")["/data"] in COMPOSE["volumes"]
+    assert healthcheck("redis").endswith("redis-cli ping")
+
+
+@pytest.mark.parametrize("name", ["postgres", "redis"])
+def test_data_stores_publish_no_host_ports(name: str) -> None:
+    assert "ports" not in SERVICES[name]
+
+
+def test_aggregator_scales_across_a_port_range() -> None:
+    aggregator = SERVICES["aggregator"]
+    assert aggregator["ports"] == ["8080-8082:8080"]
+    assert "container_name" not in aggregator
+    assert "/health" in healthcheck("aggregator")
+
+
+def test_worker_can_be_scaled() -> None:
+    worker = SERVICES["worker"]
+    assert "container_name" not in worker
+    assert "ports" not in worker
+
+
+def test_migrate_runs_once_before_the_api_and_the_worker() -> None:
+    assert command("migrate") == ["alembic", "upgrade", "head"]
+    assert SERVICES["migrate"]["restart"] == "no"
+    assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("aggregator", "worker"):
+        depends_on = SERVICES[name]["depends_on"]
+        assert depends_on["migrate"]["condition"] == "service_completed_successfully"
+        assert depends_on["postgres"]["condition"] == "service_healthy"
+        assert depends_on["redis"]["condition"] == "service_healthy"
+
+
+def test_publisher_is_one_shot_and_waits_for_a_healthy_api() -> None:
+    publisher = SERVICES["publisher"]
+    assert publisher["restart"] == "no"
+    assert publisher["profiles"] == ["publish"]
+    assert publisher["depends_on"]["aggregator"]["condition"] == "service_healthy"
+    assert "API_TOKEN" in publisher["environment"]
+
+
+def test_flower_requires_basic_auth() -> None:
+    words = command("flower")
+    assert words[:4] == ["celery", "-A", "tasks", "flower"]
+    assert any(word.startswith("--basic-auth=") for word in words)
+    assert SERVICES["flower"]["ports"] == ["5555:5555"]
+
+
+def test_shared_environment_names_are_read_by_app_config() -> None:
+    config_source = (ROOT / "app" / "config.py").read_text()
+    assert {"DATABASE_URL", "REDIS_URL"} <= set(SHARED_ENV)
+    for name in SHARED_ENV:
+        assert f'"{name}"' in config_source, f"app/config.py never reads {name}"
+    assert '"API_TOKENS"' in config_source
+    assert "API_TOKENS" in SERVICES["aggregator"]["environment"]
+
+
+def test_shared_environment_points_at_the_compose_services() -> None:
+    assert SHARED_ENV["DATABASE_URL"].startswith("postgresql+psycopg2://")
+    assert "@postgres:5432/" in SHARED_ENV["DATABASE_URL"]
+    assert SHARED_ENV["REDIS_URL"] == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_get_the_shared_environment(name: str) -> None:
+    environment = SERVICES[name]["environment"]
+    for key, value in SHARED_ENV.items():
+        assert environment[key] == value
+
+
+def test_gunicorn_serves_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> None:
+    words = command("aggregator")
+    assert words[0] == "gunicorn"
+    assert words[words.index("--bind") + 1] == "0.0.0.0:8080"
+    assert words[-1] == "app:create_app()"
+    # Resolve the target the way gunicorn does; the factory connects to nothing.
+    from gunicorn.util import import_app
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    application = import_app(words[-1])
+    routes = {rule.rule for rule in application.url_map.iter_rules()}
+    assert {"/health", "/ready", "/publish", "/stats", "/events"} <= routes
+
+
+@pytest.mark.parametrize("name", ["worker", "flower"])
+def test_celery_commands_find_the_tasks_app(name: str) -> None:
+    words = command(name)
+    assert words[:3] == ["celery", "-A", "tasks"]
+    from celery.app.utils import find_app
+
+    import tasks
+
+    assert find_app(words[2]) is tasks.celery_app
+
+
+def test_worker_concurrency_is_configurable() -> None:
+    words = command("worker")
+    assert words[3] == "worker"
+    assert words[words.index("--concurrency") + 1] == "${WORKER_CONCURRENCY:-2}"
+
+
+def test_publisher_command_runs_the_publisher_package() -> None:
+    words = command("publisher")
+    assert words[:3] == ["python", "-m", "publisher"]
+    assert words[words.index("--url") + 1] == "http://aggregator:8080"
+    assert "--verify" in words
+    assert (ROOT / "publisher" / "__main__.py").is_file()
+
+
+def test_alembic_finds_its_configuration() -> None:
+    assert (ROOT / "migrations" / "env.py").is_file()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["alembic"]["script_location"].endswith("migrations")
+
+
+def test_every_build_context_has_a_dockerfile() -> None:
+    built = {name: svc["build"] for name, svc in SERVICES.items() if "build" in svc}
+    assert set(APP_SERVICES) | {"publisher"} <= set(built)
+    for name, build in built.items():
+        build = {"context": build} if isinstance(build, str) else build
+        context = build.get("context", ".")
+        dockerfile = build.get("dockerfile", "Dockerfile")
+        assert (ROOT / context / dockerfile).is_file(), f"{name}: no {dockerfile} in {context}"
+
+
+def test_dockerfile_runs_the_app_factory_as_a_non_root_user() -> None:
+    instructions = dockerfile_instructions(ROOT / "Dockerfile")
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    starts = [rest for keyword, rest in instructions if keyword in {"CMD", "ENTRYPOINT"}]
+    assert starts and "create_app" in starts[-1]
+    assert "0.0.0.0:8080" in starts[-1]
+    users = [rest for keyword, rest in instructions if keyword == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".venv", ".git", ".local", ".env"} <= ignored
