@@ -1,4 +1,4 @@
-"""Locust load test: single and batched publishes with a known share of duplicates.
+r"""Locust load test: single and batched publishes with a known share of duplicates.
 
 Always bounded, headless, with the host given (the API must already run):
 
@@ -119,7 +119,7 @@ class Publisher(HttpUser):
             response.success()
         TALLY.accept(batch)
         # Only accepted events may be re-sent: a re-send of a rejected one is no duplicate.
-        self.pool.extend(event for event in batch if len(self.pool) < POOL_SIZE)
+        self.pool.extend(batch[: POOL_SIZE - len(self.pool)])
 
 
 class SingleEventPublisher(Publisher):

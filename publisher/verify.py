@@ -89,7 +89,10 @@ def fetch_stats(pool: urllib3.PoolManager, url: str, headers: dict[str, str]) ->
     except HTTPError as exc:
         raise StatsUnavailable(f"{type(exc).__name__}: {exc}") from exc
     if response.status == 200:
-        return orjson.loads(response.data)
+        try:
+            return orjson.loads(response.data)
+        except orjson.JSONDecodeError as exc:
+            raise StatsUnavailable(f"/stats answered malformed JSON: {exc}") from exc
     if 400 <= response.status < 500 and response.status != 429:
         raise StatsRefused(f"HTTP {response.status}: {response.data[:200]!r}")
     raise StatsUnavailable(f"HTTP {response.status}")

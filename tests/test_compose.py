@@ -23,6 +23,11 @@ def command(name: str) -> list[str]:
     return shlex.split(cmd) if isinstance(cmd, str) else [str(word) for word in cmd]
 
 
+def with_defaults(word: str) -> str:
+    """Substitute each ${VAR:-default} with its default, as compose does when VAR is unset."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", word)
+
+
 def healthcheck(name: str) -> str:
     test = SERVICES[name]["healthcheck"]["test"]
     return test if isinstance(test, str) else " ".join(test)
@@ -176,6 +181,12 @@ def test_publisher_command_runs_the_publisher_package() -> None:
     assert words[words.index("--url") + 1] == "http://aggregator:8080"
     assert "--verify" in words
     assert (ROOT / "publisher" / "__main__.py").is_file()
+    # The options the service passes are ones the CLI accepts, with valid values.
+    from publisher.cli import build_parser
+
+    args = build_parser({}).parse_args([with_defaults(word) for word in words[3:]])
+    assert args.url == "http://aggregator:8080"
+    assert args.verify is True
 
 
 def test_alembic_finds_its_configuration() -> None:

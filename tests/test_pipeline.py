@@ -15,6 +15,9 @@ from sqlalchemy import select
 
 from app.db import batches
 from app.db import events
+from publisher.client import PublishConfig
+from publisher.client import publish as publish_run
+from publisher.verify import wait_and_verify
 from scripts.services import RedisServer
 from tasks import celery_app
 from tasks.ingest import store_batch
@@ -254,3 +257,25 @@ def test_event_the_database_refuses_is_dead_lettered_and_others_stored(
     with engine.connect() as conn:
         ledger = conn.execute(select(batches).where(batches.c.batch_id == "poison-batch")).one()
     assert (ledger.received, ledger.stored, ledger.duplicates, ledger.failed) == (3, 2, 0, 1)
+
+
+@pytest.mark.parametrize("batch_size, count", [(100, 3000), (1, 300)])
+def test_publisher_run_verifies_exactly(url: str, batch_size: int, count: int) -> None:
+    config = PublishConfig(
+        url=url,
+        count=count,
+        duplicate_ratio=0.1,
+        batch_size=batch_size,
+        concurrency=8,
+        topics=3,
+        progress=False,
+    )
+    summary = publish_run(config)
+    assert summary.errors == 0
+    assert (summary.sent, summary.unique) == (count, count - count // 10)
+    result = wait_and_verify(url, summary, timeout=60, poll=0.2)
+    assert result.ok, result.message
+    figures = stats(url)
+    assert figures["unique_processed_db"] == summary.unique
+    assert figures["estimated_duplicate_dropped"] == summary.duplicates
+    assert_adds_up(figures)

@@ -1,0 +1,171 @@
+"""Workers SIGKILLed mid-batch: the batch is redelivered, stored once and counted once.
+
+These tests run their own broker, API and workers, so the session's worker
+cannot take the messages they are about to kill.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from sqlalchemy import Engine
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import text
+
+from app.db import batches
+from app.db import events
+from scripts.services import RedisServer
+from scripts.services import find_redis_server
+from scripts.services import free_port
+from tests.processes import Api
+from tests.processes import Worker
+from tests.processes import wait_until
+from tests.test_pipeline import assert_adds_up
+from tests.test_pipeline import make_event
+from tests.test_pipeline import settled_stats
+
+
+@pytest.fixture(scope="module")
+def broker(scratch_dir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(scratch_dir / "redis-crash", free_port(), find_redis_server())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def crash_env(stack_env: dict[str, str], broker: RedisServer) -> dict[str, str]:
+    return {**stack_env, "REDIS_URL": broker.url}
+
+
+@pytest.fixture(scope="module")
+def crash_api(crash_env: dict[str, str], logs: Path) -> Iterator[Api]:
+    server = Api(crash_env, logs / "crash-api.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workers(crash_env: dict[str, str], logs: Path) -> Iterator[list[Worker]]:
+    """Start workers on demand; stop whatever is left at the end."""
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+def start_worker(workers: list[Worker], env: dict[str, str], logs: Path) -> Worker:
+    worker = Worker(env, logs / "crash-worker.log", concurrency=2).start()
+    workers.append(worker)
+    return worker
+
+
+class TableLock:
+    """Hold a lock the worker's counter update needs, so a task stops mid-transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.connection = engine.connect()
+        self.transaction = self.connection.begin()
+        self.connection.execute(text("LOCK TABLE topic_stats IN SHARE ROW EXCLUSIVE MODE"))
+
+    def wait_for_blocked_tasks(self, count: int) -> None:
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'log-aggregator'"
+            " AND wait_event_type = 'Lock' AND datname = current_database()"
+        )
+
+        def blocked() -> bool:
+            # A new transaction each time: pg_stat_activity is frozen within one.
+            with self.connection.engine.connect() as probe:
+                return probe.execute(query).scalar() == count
+
+        wait_until(blocked, timeout=30)
+
+    def release(self) -> None:
+        self.transaction.rollback()
+        self.connection.close()
+
+
+def publish(url: str, body: Any) -> None:
+    response = requests.post(f"{url}/publish", json=body, timeout=30)
+    assert response.status_code == 202, response.text
+
+
+def assert_broker_empty(broker: RedisServer) -> None:
+    client = redis.Redis.from_url(broker.url)
+    wait_until(lambda: client.llen("celery") == 0 and client.hlen("unacked") == 0, timeout=30)
+
+
+def assert_stored_once(engine: Engine, unique: int, batch_count: int) -> None:
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(events)).scalar() == unique
+        assert conn.execute(select(func.count()).select_from(batches)).scalar() == batch_count
+
+
+def test_killed_pool_process_mid_batch_is_redelivered(
+    crash_api: Api,
+    crash_env: dict[str, str],
+    workers: list[Worker],
+    logs: Path,
+    engine: Engine,
+    broker: RedisServer,
+    clean: None,
+) -> None:
+    worker = start_worker(workers, crash_env, logs)
+    lock = TableLock(engine)
+    try:
+        publish(crash_api.url, [make_event(f"c-{i}") for i in range(200)])
+        lock.wait_for_blocked_tasks(1)
+        for pid in worker.children():
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: "WorkerLostError" in worker.output(), timeout=30)
+    finally:
+        lock.release()
+    figures = settled_stats(crash_api.url, received=200)
+    assert (figures["unique_processed_db"], figures["estimated_duplicate_dropped"]) == (200, 0)
+    assert figures["total_received_queued"] == 200
+    assert_adds_up(figures)
+    assert_stored_once(engine, unique=200, batch_count=1)
+    assert_broker_empty(broker)
+
+
+def test_killed_main_process_mid_batch_is_redelivered_after_visibility_timeout(
+    crash_api: Api,
+    crash_env: dict[str, str],
+    workers: list[Worker],
+    logs: Path,
+    engine: Engine,
+    broker: RedisServer,
+    clean: None,
+) -> None:
+    worker = start_worker(workers, crash_env, logs)
+    lock = TableLock(engine)
+    try:
+        # Two batches running (blocked on the lock) and one waiting in the queue,
+        # with overlapping keys so the redelivered ones meet each other's rows.
+        for start in (0, 100, 200):
+            publish(crash_api.url, [make_event(f"m-{i}") for i in range(start, start + 150)])
+        lock.wait_for_blocked_tasks(2)
+        worker.kill_all()
+    finally:
+        lock.release()
+    # Nothing was acknowledged: the messages wait in the unacked set until the
+    # visibility timeout (5 s in tests) and a new worker puts them back.
+    client = redis.Redis.from_url(broker.url)
+    assert client.hlen("unacked") >= 2
+    start_worker(workers, crash_env, logs)
+    figures = settled_stats(crash_api.url, received=450)
+    assert figures["unique_processed_db"] == 350
+    assert figures["estimated_duplicate_dropped"] == 100
+    assert figures["total_received_queued"] == 450
+    assert_adds_up(figures)
+    assert_stored_once(engine, unique=350, batch_count=3)
+    assert_broker_empty(broker)

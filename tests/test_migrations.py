@@ -1,0 +1,67 @@
+"""Migrations go up, down and up again, and match the tables in app.db."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect
+from sqlalchemy import make_url
+
+from app.db import make_engine
+from scripts.services import create_database
+from scripts.services import drop_database
+from tests.conftest import alembic_config
+
+
+@pytest.fixture
+def empty_database(pg_server_url: str) -> Iterator[str]:
+    name = f"agg_migrate_{uuid.uuid4().hex[:8]}"
+    create_database(pg_server_url, name)
+    yield str(make_url(pg_server_url).set(database=name))
+    drop_database(pg_server_url, name)
+
+
+def tables_and_constraints(url: str) -> tuple[set[str], list[str]]:
+    engine = make_engine(url)
+    try:
+        inspector = inspect(engine)
+        tables = set(inspector.get_table_names()) - {"alembic_version"}
+        uniques = [u["name"] for u in inspector.get_unique_constraints("events")] if tables else []
+        return tables, uniques
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
+    def run(step: str, revision: str) -> None:
+        engine = make_engine(empty_database)
+        try:
+            with engine.begin() as conn:
+                config = alembic_config(empty_database)
+                config.attributes["connection"] = conn
+                getattr(command, step)(config, revision)
+        finally:
+            engine.dispose()
+
+    run("upgrade", "head")
+    tables, uniques = tables_and_constraints(empty_database)
+    assert tables == {"events", "batches", "topic_stats", "dead_letters"}
+    assert uniques == ["uq_events_topic_event_id"]
+    run("downgrade", "base")
+    assert tables_and_constraints(empty_database) == (set(), [])
+    run("upgrade", "head")
+    assert tables_and_constraints(empty_database)[0] == tables
+
+
+def test_models_match_migrations(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            config = alembic_config(database_url)
+            config.attributes["connection"] = conn
+            command.check(config)
+    finally:
+        engine.dispose()
