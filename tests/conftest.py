@@ -26,8 +26,8 @@ from scripts.services import drop_database
 from scripts.services import find_pg_bindir
 from scripts.services import find_redis_server
 from scripts.services import free_port
-from tests.processes import Api
-from tests.processes import Worker
+from scripts.stack import Api
+from scripts.stack import Worker
 
 ROOT = Path(__file__).parent.parent
 TABLES = "events, batches, topic_stats, dead_letters"
@@ -93,9 +93,14 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def conn(engine: Engine) -> Iterator[Connection]:
-    """A connection inside a transaction that is rolled back after the test."""
+    """A connection inside a transaction that is rolled back after the test.
+
+    The tables are emptied inside it, so the test sees none of the committed
+    data of end-to-end tests, and gets it back afterwards.
+    """
     with engine.connect() as connection:
         transaction = connection.begin()
+        connection.execute(text(f"TRUNCATE {TABLES}"))
         yield connection
         transaction.rollback()
 

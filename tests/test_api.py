@@ -8,8 +8,8 @@ import orjson
 import pytest
 import requests
 
-from tests.processes import Api
-from tests.processes import Worker
+from scripts.stack import Api
+from scripts.stack import Worker
 
 
 def event(event_id: str = "e-1", **overrides: object) -> dict[str, object]:

@@ -25,9 +25,9 @@ from app.db import events
 from scripts.services import RedisServer
 from scripts.services import find_redis_server
 from scripts.services import free_port
-from tests.processes import Api
-from tests.processes import Worker
-from tests.processes import wait_until
+from scripts.stack import Api
+from scripts.stack import Worker
+from scripts.stack import wait_until
 from tests.test_pipeline import assert_adds_up
 from tests.test_pipeline import make_event
 from tests.test_pipeline import settled_stats

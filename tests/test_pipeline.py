@@ -19,11 +19,11 @@ from publisher.client import PublishConfig
 from publisher.client import publish as publish_run
 from publisher.verify import wait_and_verify
 from scripts.services import RedisServer
+from scripts.stack import Api
+from scripts.stack import Worker
+from scripts.stack import wait_until
 from tasks import celery_app
 from tasks.ingest import store_batch
-from tests.processes import Api
-from tests.processes import Worker
-from tests.processes import wait_until
 
 
 def make_event(event_id: str, topic: str = "orders", **payload: Any) -> dict[str, Any]:

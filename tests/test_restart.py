@@ -11,9 +11,9 @@ from scripts.services import RedisServer
 from scripts.services import find_pg_bindir
 from scripts.services import find_redis_server
 from scripts.services import free_port
+from scripts.stack import Api
+from scripts.stack import Worker
 from tests.conftest import migrate
-from tests.processes import Api
-from tests.processes import Worker
 from tests.test_pipeline import assert_adds_up
 from tests.test_pipeline import make_event
 from tests.test_pipeline import settled_stats

@@ -95,6 +95,8 @@ def test_cursor_round_trips() -> None:
 @pytest.fixture
 def committed(engine: Engine) -> Iterator[Engine]:
     """Pages only show committed transactions, so these tests commit and clean up."""
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {TABLES}"))
     yield engine
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {TABLES}"))

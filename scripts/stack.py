@@ -1,4 +1,4 @@
-"""Real gunicorn and Celery worker processes for the tests, started with mirakuru."""
+"""Real gunicorn, Celery worker and Flower processes, started with mirakuru (tests, demo, bench)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from mirakuru import SimpleExecutor
 from scripts.services import free_port
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_until(
@@ -42,8 +43,10 @@ def alive(pid: int) -> bool:
 class Api:
     """gunicorn serving create_app() on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], log: Path, workers: int = 3) -> None:
-        self.port = free_port()
+    def __init__(
+        self, env: dict[str, str], log: Path, workers: int = 3, port: int | None = None
+    ) -> None:
+        self.port = free_port(port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [
@@ -64,7 +67,7 @@ class Api:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            cwd=str(Path(__file__).parent.parent),
+            cwd=str(ROOT),
         )
 
     def start(self) -> Api:
@@ -110,7 +113,7 @@ class Worker:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            cwd=str(Path(__file__).parent.parent),
+            cwd=str(ROOT),
         )
 
     def output(self) -> str:
@@ -147,4 +150,44 @@ class Worker:
     def stop(self) -> None:
         if self.executor.running():
             self.executor.stop()
+        self._log_file.close()
+
+
+class Flower:
+    """Flower on loopback, behind HTTP basic auth, for watching workers and queues."""
+
+    def __init__(self, env: dict[str, str], log: Path, auth: str, port: int | None = None) -> None:
+        self.port = free_port(port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            str(BIN / "celery"),
+            "-A",
+            "tasks",
+            "flower",
+            f"--port={self.port}",
+            "--address=127.0.0.1",
+            f"--basic-auth={auth}",
+        ]
+        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.executor = HTTPExecutor(
+            command,
+            url=f"{self.url}/healthcheck",
+            # Basic auth covers every page, so "up" means it answers at all.
+            status=r"(200|401)",
+            method="GET",
+            timeout=60,
+            envvars={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
+        )
+
+    def start(self) -> Flower:
+        self.executor.start()
+        return self
+
+    def stop(self) -> None:
+        self.executor.stop()
         self._log_file.close()
