@@ -86,6 +86,8 @@ dead_letters = Table(
     Column("failed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("replayed_at", DateTime(timezone=True), nullable=True),
     Index(None, "topic", "event_id"),
+    # A redelivered batch refuses the same rows again; one letter per row.
+    UniqueConstraint("batch_id", "topic", "event_id"),
 )
 
 

@@ -16,13 +16,23 @@ from typing import Any
 from typing import TypeVar
 
 import orjson
+from sqlalchemy import BigInteger
 from sqlalchemy import Connection
+from sqlalchemy import DateTime
 from sqlalchemy import Engine
+from sqlalchemy import Insert
+from sqlalchemy import Text
 from sqlalchemy import and_
+from sqlalchemy import bindparam
+from sqlalchemy import cast
+from sqlalchemy import column
+from sqlalchemy import exists
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import tuple_
-from sqlalchemy import update
+from sqlalchemy import values
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError
 from sqlalchemy.exc import DBAPIError
@@ -36,6 +46,7 @@ from app.db import events
 from app.db import topic_stats
 
 DEDUP_CONSTRAINT = "uq_events_topic_event_id"
+DEAD_LETTER_CONSTRAINT = "uq_dead_letters_batch_id_topic_event_id"
 EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
 
 Event = Mapping[str, Any]
@@ -66,15 +77,49 @@ def _is_poison(exc: Exception) -> bool:
     return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
 
 
-def _insert_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
-    """Insert rows, skipping existing keys; return the topic of every row stored."""
-    stmt = (
+def _events_statement() -> Insert:
+    # One statement shape for any batch size: the rows travel as five arrays
+    # and unnest() turns them back into rows, so SQLAlchemy compiles this once
+    # and caches it (a VALUES list would be compiled anew for every batch).
+    rows = (
+        func.unnest(
+            bindparam("topics", type_=ARRAY(Text)),
+            bindparam("event_ids", type_=ARRAY(Text)),
+            bindparam("timestamps", type_=ARRAY(Text)),
+            bindparam("sources", type_=ARRAY(Text)),
+            bindparam("payloads", type_=ARRAY(Text)),
+        )
+        .table_valued("topic", "event_id", "timestamp", "source", "payload")
+        .render_derived("incoming")
+    )
+    source = select(
+        rows.c.topic,
+        rows.c.event_id,
+        cast(rows.c.timestamp, DateTime(timezone=True)),
+        rows.c.source,
+        cast(rows.c.payload, JSONB),
+    )
+    return (
         insert(events)
-        .values([{name: row[name] for name in EVENT_FIELDS} for row in rows])
+        .from_select(list(EVENT_FIELDS), source)
         .on_conflict_do_nothing(constraint=DEDUP_CONSTRAINT)
         .returning(events.c.topic)
     )
-    return list(conn.execute(stmt).scalars())
+
+
+_INSERT_EVENTS = _events_statement()
+
+
+def _insert_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
+    """Insert rows in order, skipping existing keys; return the topic of every row stored."""
+    params = {
+        "topics": [row["topic"] for row in rows],
+        "event_ids": [row["event_id"] for row in rows],
+        "timestamps": [row["timestamp"] for row in rows],
+        "sources": [row["source"] for row in rows],
+        "payloads": [orjson.dumps(row["payload"]).decode() for row in rows],
+    }
+    return list(conn.execute(_INSERT_EVENTS, params).scalars())
 
 
 def _insert_one_by_one(
@@ -95,39 +140,77 @@ def _insert_one_by_one(
     return stored, refused
 
 
+def _clean(value: object) -> str:
+    # Text columns cannot hold NUL either; show it escaped.
+    return str(value).replace("\x00", "\\0")
+
+
 def _dead_letter(conn: Connection, batch_id: str, row: Event, exc: Exception) -> None:
-    reason = str(getattr(exc, "orig", None) or exc).replace("\x00", "\\0")
-    conn.execute(
-        insert(dead_letters).values(
+    stmt = (
+        insert(dead_letters)
+        .values(
             batch_id=batch_id,
-            topic=str(row.get("topic", "")).replace("\x00", "\\0"),
-            event_id=str(row.get("event_id", "")).replace("\x00", "\\0"),
+            topic=_clean(row.get("topic", "")),
+            event_id=_clean(row.get("event_id", "")),
             # JSON text escapes NUL as \u0000, which a text column can hold.
             event=orjson.dumps(dict(row)).decode(),
-            error=reason.strip()[:2000],
+            error=_clean(getattr(exc, "orig", None) or exc).strip()[:2000],
         )
+        # A redelivered batch refuses the same rows again; keep one letter each.
+        .on_conflict_do_nothing(constraint=DEAD_LETTER_CONSTRAINT)
     )
+    conn.execute(stmt)
 
 
-def claim_batch(conn: Connection, batch_id: str, received: int) -> bool:
-    """Record the batch in the ledger; False when an earlier delivery already committed it."""
-    stmt = (
+def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> bool:
+    """Write the ledger row and add to the topic counters; False if the batch was recorded."""
+    ledger = (
         insert(batches)
-        .values(batch_id=batch_id, received=received)
+        .values(
+            batch_id=batch_id,
+            received=outcome.received,
+            stored=outcome.stored,
+            duplicates=outcome.duplicates,
+            failed=outcome.failed,
+        )
         .on_conflict_do_nothing(index_elements=[batches.c.batch_id])
         .returning(batches.c.batch_id)
+        .cte("ledger")
     )
-    return conn.execute(stmt).first() is not None
+    counters = ("received", "stored", "duplicates", "failed")
+    per_topic = values(
+        column("topic", Text), *(column(name, BigInteger) for name in counters), name="per_topic"
+    ).data(
+        [
+            (topic, *(outcome.per_topic[topic][name] for name in counters))
+            for topic in sorted(outcome.per_topic)
+        ]
+    )
+    add = insert(topic_stats).from_select(
+        ["topic", *counters],
+        # Only when the ledger row is new: a replayed batch must not count twice.
+        select(per_topic).where(exists(select(ledger.c.batch_id))).order_by(per_topic.c.topic),
+    )
+    add = add.on_conflict_do_update(
+        index_elements=[topic_stats.c.topic],
+        set_={name: topic_stats.c[name] + add.excluded[name] for name in counters},
+    )
+    stmt = select(func.count()).select_from(ledger).add_cte(add.cte("counted"))
+    return conn.execute(stmt).scalar_one() == 1
 
 
 def store_batch(conn: Connection, batch_id: str, rows: Sequence[Event]) -> BatchOutcome:
-    """Store a batch exactly once and add it to the counters, all in the caller's transaction."""
-    if not claim_batch(conn, batch_id, len(rows)):
-        return BatchOutcome(received=len(rows), replayed=True)
+    """Store a batch exactly once and add it to the counters, all in the caller's transaction.
 
+    A batch delivered again after it committed finds every key taken and its
+    ledger row present, so it stores nothing and counts nothing. A delivery
+    racing the first one waits on its row locks and then finds the same.
+    """
+    if not rows:
+        return BatchOutcome()
     # Sorting by key makes concurrent batches with overlapping keys lock rows
     # in the same order, so they wait for each other instead of deadlocking.
-    # The sort is stable, so the first copy of a key in the batch wins.
+    # The first copy of a key in the batch wins.
     first_copies: dict[tuple[str, str], Event] = {}
     for row in rows:
         first_copies.setdefault(_key(row), row)
@@ -136,19 +219,15 @@ def store_batch(conn: Connection, batch_id: str, rows: Sequence[Event]) -> Batch
     refused: list[Event] = []
     try:
         with conn.begin_nested():
-            stored_topics = _insert_events(conn, unique_rows) if unique_rows else []
+            stored_topics = _insert_events(conn, unique_rows)
     except Exception as exc:
         if not _is_poison(exc):
             raise
         stored_topics, refused = _insert_one_by_one(conn, batch_id, unique_rows)
 
     outcome = _count(rows, stored_topics, refused)
-    conn.execute(
-        update(batches)
-        .where(batches.c.batch_id == batch_id)
-        .values(stored=outcome.stored, duplicates=outcome.duplicates, failed=outcome.failed)
-    )
-    _add_to_topic_stats(conn, outcome.per_topic)
+    if not _record(conn, batch_id, outcome):
+        return BatchOutcome(received=len(rows), replayed=True)
     return outcome
 
 
@@ -174,19 +253,6 @@ def _count(
         duplicates=len(rows) - sum(stored.values()) - len(refused),
         per_topic=per_topic,
     )
-
-
-def _add_to_topic_stats(conn: Connection, per_topic: Mapping[str, Mapping[str, int]]) -> None:
-    if not per_topic:
-        return
-    rows = [{"topic": topic, **per_topic[topic]} for topic in sorted(per_topic)]
-    stmt = insert(topic_stats).values(rows)
-    counters = ("received", "stored", "duplicates", "failed")
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[topic_stats.c.topic],
-        set_={name: topic_stats.c[name] + stmt.excluded[name] for name in counters},
-    )
-    conn.execute(stmt)
 
 
 @dataclass
@@ -298,7 +364,6 @@ __all__ = [
     "BatchOutcome",
     "InvalidCursor",
     "Totals",
-    "claim_batch",
     "decode_cursor",
     "encode_cursor",
     "list_dead_letters",

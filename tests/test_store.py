@@ -76,6 +76,15 @@ def test_refused_row_is_dead_lettered_and_the_rest_stored(conn: Connection) -> N
     assert store.read_totals(conn).failed == 1
 
 
+def test_redelivered_poison_batch_adds_no_second_letter(conn: Connection) -> None:
+    batch = [row("1"), row("2", text="nul\x00")]
+    store.store_batch(conn, "b1", batch)
+    again = store.store_batch(conn, "b1", batch)
+    assert again.replayed
+    assert count(conn, dead_letters) == 1
+    assert store.read_totals(conn).failed == 1
+
+
 def test_processed_batches_names_only_ledger_rows(conn: Connection) -> None:
     store.store_batch(conn, "b1", [row("1")])
     assert store.processed_batches(conn, ["b1", "b2"]) == {"b1"}
