@@ -35,9 +35,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         socket_connect_timeout=settings.broker_timeout,
     )
     app.extensions["started_at"] = time.monotonic()
+    app.config["GROUP_COMMIT_BELOW"] = settings.group_commit_below
 
     from app.api import BLUEPRINTS
+    from app.auth import init_auth
     from app.errors import register_error_handlers
+    from app.publish import GroupCommit
     from app.schemas import EventSchema
     from tasks import celery_app
 
@@ -47,7 +50,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         "socket_timeout": settings.broker_timeout,
     }
 
+    app.extensions["group_commit"] = GroupCommit(
+        app.extensions["redis"],
+        max_events=settings.group_commit_max_events,
+        linger=settings.group_commit_linger_ms / 1000,
+    )
+
     api = Api(app)
+    init_auth(app, settings)
     api.spec.components.schema("Event", schema=EventSchema)
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)

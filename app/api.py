@@ -102,7 +102,10 @@ PUBLISH_BODY = {
 def publish_events() -> dict[str, int]:
     """Accept one event or an array of up to 1,000, as one queued batch."""
     events = load_events(_json_body())
-    publish.enqueue(_redis(), events)
+    if len(events) < current_app.config["GROUP_COMMIT_BELOW"]:
+        current_app.extensions["group_commit"].submit(events)
+    else:
+        publish.enqueue(_redis(), events)
     return {"accepted": len(events)}
 
 

@@ -37,7 +37,15 @@ class Settings:
     # few KiB each fit comfortably).
     max_body_bytes: int = 8 * 1024 * 1024
     pool_size: int = 5
+    # Requests with fewer events than this wait up to linger_ms for other
+    # requests of the same process and share one task with them.
+    group_commit_below: int = 100
+    group_commit_max_events: int = 1000
+    group_commit_linger_ms: float = 2.0
     api_tokens: tuple[str, ...] = field(default=())
+    # Requests per client (token, or address without tokens), counted in Redis.
+    # Flask-Limiter notation; empty turns limiting off.
+    rate_limit: str = "5000 per second"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -91,5 +99,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retry_backoff_max=_int(env, "TASK_RETRY_BACKOFF_MAX", Settings.retry_backoff_max),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", Settings.max_body_bytes),
         pool_size=_int(env, "DB_POOL_SIZE", Settings.pool_size),
+        group_commit_below=_int(env, "GROUP_COMMIT_BELOW", Settings.group_commit_below),
+        group_commit_max_events=_int(
+            env, "GROUP_COMMIT_MAX_EVENTS", Settings.group_commit_max_events
+        ),
+        group_commit_linger_ms=_float(
+            env, "GROUP_COMMIT_LINGER_MS", Settings.group_commit_linger_ms
+        ),
         api_tokens=tokens,
+        rate_limit=env.get("RATE_LIMIT", Settings.rate_limit).strip(),
     )

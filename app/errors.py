@@ -18,9 +18,12 @@ from werkzeug.exceptions import InternalServerError
 from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.exceptions import UnprocessableEntity
 
+from app.publish import BrokerUnavailable
+
 logger = logging.getLogger(__name__)
 
 BROKER_ERRORS = (
+    BrokerUnavailable,
     kombu.exceptions.OperationalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,

@@ -5,7 +5,8 @@ import os
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# Enough threads that concurrent small requests meet in group commit (app/publish.py).
+threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 # Never preload: the app factory must run after the fork (one engine per process).
 preload_app = False
 timeout = 30

@@ -21,16 +21,15 @@ from sqlalchemy import Connection
 from sqlalchemy import DateTime
 from sqlalchemy import Engine
 from sqlalchemy import Insert
+from sqlalchemy import Select
 from sqlalchemy import Text
 from sqlalchemy import and_
 from sqlalchemy import bindparam
 from sqlalchemy import cast
-from sqlalchemy import column
 from sqlalchemy import exists
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import tuple_
-from sqlalchemy import values
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert
@@ -47,6 +46,7 @@ from app.db import topic_stats
 
 DEDUP_CONSTRAINT = "uq_events_topic_event_id"
 DEAD_LETTER_CONSTRAINT = "uq_dead_letters_batch_id_topic_event_id"
+COUNTERS = ("received", "stored", "duplicates", "failed")
 EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
 
 Event = Mapping[str, Any]
@@ -162,41 +162,58 @@ def _dead_letter(conn: Connection, batch_id: str, row: Event, exc: Exception) ->
     conn.execute(stmt)
 
 
-def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> bool:
-    """Write the ledger row and add to the topic counters; False if the batch was recorded."""
+def _record_statement() -> Select[tuple[int]]:
     ledger = (
         insert(batches)
         .values(
-            batch_id=batch_id,
-            received=outcome.received,
-            stored=outcome.stored,
-            duplicates=outcome.duplicates,
-            failed=outcome.failed,
+            batch_id=bindparam("batch_id"),
+            received=bindparam("received"),
+            stored=bindparam("stored"),
+            duplicates=bindparam("duplicates"),
+            failed=bindparam("failed"),
         )
         .on_conflict_do_nothing(index_elements=[batches.c.batch_id])
         .returning(batches.c.batch_id)
         .cte("ledger")
     )
-    counters = ("received", "stored", "duplicates", "failed")
-    per_topic = values(
-        column("topic", Text), *(column(name, BigInteger) for name in counters), name="per_topic"
-    ).data(
-        [
-            (topic, *(outcome.per_topic[topic][name] for name in counters))
-            for topic in sorted(outcome.per_topic)
-        ]
+    per_topic = (
+        func.unnest(
+            bindparam("topics", type_=ARRAY(Text)),
+            *(bindparam(f"topic_{name}", type_=ARRAY(BigInteger)) for name in COUNTERS),
+        )
+        .table_valued("topic", *COUNTERS)
+        .render_derived("per_topic")
     )
     add = insert(topic_stats).from_select(
-        ["topic", *counters],
+        ["topic", *COUNTERS],
         # Only when the ledger row is new: a replayed batch must not count twice.
         select(per_topic).where(exists(select(ledger.c.batch_id))).order_by(per_topic.c.topic),
     )
     add = add.on_conflict_do_update(
         index_elements=[topic_stats.c.topic],
-        set_={name: topic_stats.c[name] + add.excluded[name] for name in counters},
+        set_={name: topic_stats.c[name] + add.excluded[name] for name in COUNTERS},
     )
-    stmt = select(func.count()).select_from(ledger).add_cte(add.cte("counted"))
-    return conn.execute(stmt).scalar_one() == 1
+    return select(func.count()).select_from(ledger).add_cte(add.cte("counted"))
+
+
+# Like _INSERT_EVENTS, one cached statement whatever the number of topics.
+_RECORD = _record_statement()
+
+
+def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> bool:
+    """Write the ledger row and add to the topic counters; False if the batch was recorded."""
+    topics = sorted(outcome.per_topic)
+    params: dict[str, Any] = {
+        "batch_id": batch_id,
+        "received": outcome.received,
+        "stored": outcome.stored,
+        "duplicates": outcome.duplicates,
+        "failed": outcome.failed,
+        "topics": topics,
+    }
+    for name in COUNTERS:
+        params[f"topic_{name}"] = [outcome.per_topic[topic][name] for topic in topics]
+    return conn.execute(_RECORD, params).scalar_one() == 1
 
 
 def store_batch(conn: Connection, batch_id: str, rows: Sequence[Event]) -> BatchOutcome:

@@ -1,0 +1,1 @@
+"""Benchmarks: one bounded command each, on loopback, stopping everything they start."""

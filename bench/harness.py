@@ -1,0 +1,402 @@
+"""Shared pieces of the benchmarks: private services, migrations, process accounting, output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import UTC
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg2
+import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import make_url
+
+from app.db import make_engine
+from app.db import metadata
+from app.pending import PENDING_KEY
+from scripts.services import PostgresServer
+from scripts.services import RedisServer
+from scripts.services import create_database
+from scripts.services import drop_database
+from scripts.services import find_pg_bindir
+from scripts.services import find_redis_server
+from scripts.services import free_port
+from scripts.stack import ROOT
+
+RESULTS = ROOT / "bench" / "results"
+LOOPBACK = {"127.0.0.1", "localhost", "::1", None, ""}
+
+
+def log(message: str) -> None:
+    """Print a progress line to stderr, so stdout holds only the result tables."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def plain_dsn(url: str) -> str:
+    """Turn a SQLAlchemy URL into a libpq DSN for psycopg2 (password kept)."""
+    parsed = make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+def with_database(url: str, database: str) -> str:
+    """Return url pointing at another database on the same server (password kept)."""
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """Yield a temp directory the postgres/nobody account can traverse; remove it afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Services:
+    """Where the benchmark's PostgreSQL database and Redis are, and who runs them."""
+
+    database_url: str
+    redis_url: str
+    private_postgres: bool
+    private_redis: bool
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Return the environment for API and worker processes."""
+        return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url}
+
+
+@contextlib.contextmanager
+def bench_services(
+    base: Path, *, durable: bool, redis_aof: bool, prefix: str = "agg_bench"
+) -> Iterator[Services]:
+    """Yield a fresh database and a Redis: DATABASE_URL/REDIS_URL when set, else private ones.
+
+    The benchmark truncates and fills tables, so it always works in a database
+    of its own (created here, dropped on the way out), even on a given server.
+    """
+    started: list[PostgresServer | RedisServer] = []
+    server_url: str | None = None
+    database: str | None = None
+    try:
+        if os.environ.get("DATABASE_URL"):
+            server_url = with_database(os.environ["DATABASE_URL"], "postgres")
+            private_postgres = False
+        else:
+            pg = PostgresServer(base / "pg", free_port(), find_pg_bindir(), durable=durable)
+            started.append(pg)
+            pg.start()
+            server_url = pg.url()
+            private_postgres = True
+            log(f"started PostgreSQL on 127.0.0.1:{pg.port} (durable={durable})")
+        database = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        create_database(server_url, database)
+        database_url = with_database(server_url, database)
+        if os.environ.get("REDIS_URL"):
+            redis_url = os.environ["REDIS_URL"]
+            private_redis = False
+        else:
+            rs = RedisServer(base / "redis", free_port(), find_redis_server(), appendonly=redis_aof)
+            started.append(rs)
+            rs.start()
+            redis_url = rs.url
+            private_redis = True
+            log(f"started Redis on 127.0.0.1:{rs.port} (appendonly={redis_aof})")
+        yield Services(database_url, redis_url, private_postgres, private_redis)
+    finally:
+        if server_url is not None and database is not None:
+            try:
+                drop_database(server_url, database)
+            except psycopg2.Error as exc:
+                log(f"could not drop database {database}: {exc}")
+        for server in reversed(started):
+            server.stop()
+            if isinstance(server, PostgresServer):
+                shutil.rmtree(server.sockdir, ignore_errors=True)
+
+
+def migrate(database_url: str) -> None:
+    """Run `alembic upgrade head` on database_url, the way deploys (and tests) do."""
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            config = Config(toml_file=str(ROOT / "pyproject.toml"))
+            config.set_main_option("sqlalchemy.url", database_url)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def app_tables() -> list[str]:
+    """Return the names of every table the application defines."""
+    return [table.name for table in metadata.sorted_tables]
+
+
+def truncate_app_tables(services: Services) -> None:
+    """Empty the application's tables (and the pending marks of a private Redis)."""
+    conn = psycopg2.connect(plain_dsn(services.database_url))
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(f"TRUNCATE {', '.join(app_tables())}")
+    finally:
+        conn.close()
+    if services.private_redis:
+        client = redis.Redis.from_url(services.redis_url)
+        try:
+            client.delete(PENDING_KEY)
+        finally:
+            client.close()
+
+
+def _local_process(pid: int, name_part: str) -> int | None:
+    """Return pid when it is a local process whose name contains name_part."""
+    with contextlib.suppress(psutil.Error):
+        if name_part in psutil.Process(pid).name():
+            return pid
+    return None
+
+
+def postmaster_pid(database_url: str) -> int | None:
+    """Find the PostgreSQL server process when the server runs on this machine."""
+    if make_url(database_url).host not in LOOPBACK:
+        return None
+    conn = psycopg2.connect(plain_dsn(database_url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            backend = cur.fetchone()[0]
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(backend).parent()
+            if parent is not None:
+                return _local_process(parent.pid, "postgres")
+    finally:
+        conn.close()
+    return None
+
+
+def redis_pid(redis_url: str) -> int | None:
+    """Find the redis-server process when it runs on this machine."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        host = client.connection_pool.connection_kwargs.get("host")
+        if host not in LOOPBACK:
+            return None
+        return _local_process(int(client.info("server")["process_id"]), "redis")
+    finally:
+        client.close()
+
+
+def server_versions(services: Services) -> dict[str, str]:
+    """Return the PostgreSQL and Redis versions, for the JSON record."""
+    conn = psycopg2.connect(plain_dsn(services.database_url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            pg_version = cur.fetchone()[0]
+    finally:
+        conn.close()
+    client = redis.Redis.from_url(services.redis_url)
+    try:
+        redis_version = str(client.info("server")["redis_version"])
+    finally:
+        client.close()
+    return {"postgresql": pg_version, "redis": redis_version}
+
+
+def machine() -> dict[str, Any]:
+    """Describe the machine and interpreter the numbers come from."""
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def warn_if_busy() -> None:
+    """Say so when other work is running: the numbers of a busy machine are not comparable."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    if load > cpus / 2:
+        log(f"warning: 1-minute load average is {load:.1f} on {cpus} CPUs; results will be noisy")
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds of a process group at one moment."""
+
+    per_process: dict[tuple[int, float], float]
+    reaped: float
+
+
+@dataclass
+class ProcessGroup:
+    """A process and (optionally) its descendants, accounted together."""
+
+    name: str
+    pid: int | None
+    descendants: bool = True
+
+    def processes(self) -> list[psutil.Process]:
+        """Return the live processes of the group (empty when the root is unknown or gone)."""
+        if self.pid is None:
+            return []
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)] if self.descendants else [root]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu(self) -> CpuSnapshot | None:
+        """Return the group's CPU seconds, per process plus what its root has reaped."""
+        procs = self.processes()
+        if not procs:
+            return None
+        per_process: dict[tuple[int, float], float] = {}
+        reaped = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                per_process[(proc.pid, proc.create_time())] = times.user + times.system
+                if self.descendants and proc.pid == self.pid:
+                    # Children that exited (e.g. a PostgreSQL backend whose
+                    # connection closed) are added here once their parent reaps them.
+                    reaped = times.children_user + times.children_system
+        return CpuSnapshot(per_process, reaped)
+
+    def rss(self) -> int:
+        """Return the summed resident set size of the group's processes, in bytes."""
+        total = 0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+
+def cpu_seconds(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float | None:
+    """Return the CPU seconds a group used between two snapshots."""
+    if before is None or after is None:
+        return None
+    used = after.reaped - before.reaped
+    for key, seconds in after.per_process.items():
+        used += seconds - before.per_process.get(key, 0.0)
+    for key, seconds in before.per_process.items():
+        # A process that exited in between shows up in `reaped` with its whole
+        # life's CPU; only the part after the first snapshot belongs here.
+        if key not in after.per_process:
+            used -= seconds
+    return max(used, 0.0)
+
+
+@dataclass
+class RssSampler:
+    """Sample each group's summed RSS in a thread and keep the peak."""
+
+    groups: Sequence[ProcessGroup]
+    interval: float = 0.2
+    peaks: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        for group in self.groups:
+            self.peaks[group.name] = max(self.peaks.get(group.name, 0), group.rss())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self.peaks = {}
+        self._stop.clear()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+
+def median(values: Sequence[float]) -> float:
+    """Return the median of values (0.0 when empty)."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    """Format a number with thousands separators, or '-' when missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, float | int):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Render rows as a Markdown table under a title: `left` text columns, then numbers."""
+    widths = [
+        max(len(headers[i]), *(len(row[i]) for row in rows)) if rows else len(headers[i])
+        for i in range(len(headers))
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.ljust(w) if i < left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = (
+        "|"
+        + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+        + "|"
+    )
+    return "\n".join([f"\n{title}", "", line(headers), rule, *(line(row) for row in rows)])
+
+
+def write_json(path: Path | None, kind: str, document: dict[str, Any]) -> Path:
+    """Write the result document to path, or bench/results/<kind>-<timestamp>.json."""
+    if path is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS / f"{kind}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def log_tail(path: Path, limit: int = 3000) -> str:
+    """Return the end of a log file, for reports of a failed run."""
+    if not path.exists():
+        return ""
+    return path.read_text(errors="replace")[-limit:]

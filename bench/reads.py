@@ -1,0 +1,398 @@
+"""Read latency of /stats and /events on a large events table filled with COPY.
+
+    python -m bench.reads [--rows 10000000] [--topics 100] [--requests 2000] [--warmup 200]
+
+Starts a private PostgreSQL and Redis (or uses DATABASE_URL/REDIS_URL, in a throwaway
+database), migrates, fills `events` with COPY (plus matching `batches` and `topic_stats`),
+runs VACUUM ANALYZE, starts the API only, and times sequential GETs over loopback.
+10,000,000 rows take a few minutes to fill; --rows 200000 gives a quick check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import sys
+import time
+import urllib.parse
+from collections.abc import Sequence
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg2
+import urllib3
+
+from app.store import encode_cursor
+from bench.harness import app_tables
+from bench.harness import bench_services
+from bench.harness import fmt
+from bench.harness import log
+from bench.harness import log_tail
+from bench.harness import machine
+from bench.harness import median
+from bench.harness import migrate
+from bench.harness import plain_dsn
+from bench.harness import scratch_dir
+from bench.harness import server_versions
+from bench.harness import table
+from bench.harness import warn_if_busy
+from bench.harness import write_json
+from publisher.client import percentile
+from scripts.stack import Api
+
+# Rows written by one simulated transaction: the worker commits a batch of 500 at a time.
+ROWS_PER_TXID = 500
+# Every tenth stored event is counted as having arrived twice, so the ledger has duplicates.
+DUPLICATE_EVERY = 10
+BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+COPY_COLUMNS = '(id, topic, event_id, "timestamp", source, payload, txid)'
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.reads", description=__doc__.split("\n")[0]
+    )
+    add = parser.add_argument
+    add("--rows", type=int, default=10_000_000, help="events to load (default 10,000,000)")
+    add("--topics", type=int, default=100, help="distinct topics (default 100)")
+    add("--requests", type=int, default=2000, help="timed requests per case (default 2000)")
+    add("--warmup", type=int, default=200, help="untimed requests per case first (default 200)")
+    add("--api-workers", type=int, default=3, help="gunicorn worker processes (default 3)")
+    add("--seed", type=int, default=1, help="seed for topics and cursor positions")
+    add("--json", type=Path, default=None, help="default bench/results/reads-<timestamp>.json")
+    args = parser.parse_args(argv)
+    if args.rows < ROWS_PER_TXID or args.topics < 1 or args.requests < 1 or args.warmup < 0:
+        parser.error(f"--rows >= {ROWS_PER_TXID}, --topics and --requests >= 1, --warmup >= 0")
+    return args
+
+
+def topic_names(topics: int) -> list[str]:
+    """Return the topic names the fill uses."""
+    return [f"topic-{k:04d}" for k in range(topics)]
+
+
+class RowStream:
+    """A file-like object that generates COPY text rows for events on demand."""
+
+    def __init__(self, rows: int, topics: list[str], base_txid: int, chunk: int = 20000) -> None:
+        self.rows = rows
+        self.topics = topics
+        self.base_txid = base_txid
+        self.chunk = chunk
+        self.next_id = 1
+        self.buffer = ""
+        self.reported = 0
+
+    def _generate(self) -> str:
+        start, end = self.next_id, min(self.next_id + self.chunk, self.rows + 1)
+        self.next_id = end
+        topics, n_topics, base = self.topics, len(self.topics), self.base_txid
+        # One timestamp per 100 events (100 events/s), formatted once each.
+        first = start // 100
+        stamps = [
+            (BASE_TIME + timedelta(seconds=s)).isoformat() for s in range(first, end // 100 + 1)
+        ]
+        lines = [
+            f"{i}\t{topics[i % n_topics]}\tev-{i:010d}\t{stamps[i // 100 - first]}\tbench\t"
+            f'{{"seq": {i}, "message": "event {i} of the read benchmark"}}\t'
+            f"{base + (i - 1) // ROWS_PER_TXID}\n"
+            for i in range(start, end)
+        ]
+        if end - 1 - self.reported >= 1_000_000:
+            self.reported = end - 1
+            log(f"fill: {end - 1:,} of {self.rows:,} rows sent")
+        return "".join(lines)
+
+    def read(self, size: int = -1) -> str:
+        """Return up to size characters of COPY text (everything left when size < 0)."""
+        while (size < 0 or len(self.buffer) < size) and self.next_id <= self.rows:
+            self.buffer += self._generate()
+        if size < 0:
+            size = len(self.buffer)
+        out, self.buffer = self.buffer[:size], self.buffer[size:]
+        return out
+
+
+def _definitions(cur: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Return (constraints, plain indexes) of events as (name, definition) pairs."""
+    cur.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'events'::regclass AND contype IN ('p', 'u', 'x')"
+        " ORDER BY contype, conname"
+    )
+    constraints = list(cur.fetchall())
+    cur.execute(
+        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index"
+        " WHERE indrelid = 'events'::regclass AND indexrelid NOT IN"
+        " (SELECT conindid FROM pg_constraint WHERE conrelid = 'events'::regclass)"
+        " ORDER BY 1"
+    )
+    return constraints, list(cur.fetchall())
+
+
+def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
+    """Load rows into events with COPY, rebuild its keys and indexes, and fill the counters."""
+    timings: dict[str, float] = {}
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET maintenance_work_mem = '1GB'")
+            # Rows get transaction ids of their own (one per simulated batch), all
+            # after this one; they are made visible to /events by burning xids below.
+            cur.execute("SELECT txid_current()")
+            base_txid = cur.fetchone()[0] + 1
+            last_txid = base_txid + (rows - 1) // ROWS_PER_TXID
+            # Building the keys and indexes once after the load is several times
+            # faster than maintaining them row by row; their definitions are
+            # read from the catalog, so whatever the migrations made comes back.
+            constraints, indexes = _definitions(cur)
+            for name, _ in indexes:
+                cur.execute(f'DROP INDEX "{name}"')
+            for name, _ in constraints:
+                cur.execute(f'ALTER TABLE events DROP CONSTRAINT "{name}"')
+            cur.execute(f"TRUNCATE {', '.join(app_tables())}")
+            started = time.perf_counter()
+            # FREEZE: the table was truncated in this transaction, so rows can be
+            # written frozen and no later pass has to set hint bits on 10M rows.
+            cur.copy_expert(
+                f"COPY events {COPY_COLUMNS} FROM STDIN WITH (FREEZE)",
+                RowStream(rows, topics, base_txid),
+                size=1 << 20,
+            )
+            timings["copy"] = time.perf_counter() - started
+            conn.commit()
+
+            started = time.perf_counter()
+            for name, definition in constraints:
+                cur.execute(f'ALTER TABLE events ADD CONSTRAINT "{name}" {definition}')
+                conn.commit()
+            for _, definition in indexes:
+                cur.execute(definition)
+                conn.commit()
+            timings["indexes"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            cur.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), %s)", (rows,))
+            counters = (
+                f"count(*) + count(*) FILTER (WHERE id % {DUPLICATE_EVERY} = 0), count(*),"
+                f" count(*) FILTER (WHERE id % {DUPLICATE_EVERY} = 0), 0"
+            )
+            cur.execute(
+                "INSERT INTO topic_stats (topic, received, stored, duplicates, failed)"
+                f" SELECT topic, {counters} FROM events GROUP BY topic"
+            )
+            cur.execute(
+                "INSERT INTO batches (batch_id, received, stored, duplicates, failed)"
+                f" SELECT 'fill-' || txid, {counters} FROM events GROUP BY txid"
+            )
+            conn.commit()
+            timings["counters"] = time.perf_counter() - started
+
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            started = time.perf_counter()
+            cur.execute("VACUUM (ANALYZE) events, batches, topic_stats")
+            timings["vacuum_analyze"] = time.perf_counter() - started
+            # Each COMMIT ends a transaction that took an xid, until the newest
+            # xid is past the last simulated one: then every row is older than
+            # any running transaction, which is what /events requires.
+            cur.execute(
+                f"DO $$ BEGIN WHILE txid_current() <= {last_txid} LOOP COMMIT; END LOOP; END $$"
+            )
+            cur.execute("SELECT pg_size_pretty(pg_total_relation_size('events'))")
+            size = cur.fetchone()[0]
+    finally:
+        conn.close()
+    total = sum(timings.values())
+    return {
+        "rows": rows,
+        "topics": len(topics),
+        "transactions": last_txid - base_txid + 1,
+        "events_size": size,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "total_seconds": round(total, 2),
+        "copy_rows_per_second": round(rows / timings["copy"], 1),
+    }
+
+
+def sample_positions(dsn: str, rows: int, count: int, rng: random.Random) -> list[str]:
+    """Return cursors (encode_cursor) of count randomly chosen stored rows."""
+    ids = rng.sample(range(1, rows + 1), min(count, rows))
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT txid, id FROM events WHERE id = ANY(%s)", (ids,))
+            positions = cur.fetchall()
+    finally:
+        conn.close()
+    rng.shuffle(positions)
+    cursors = [encode_cursor(txid, row_id) for txid, row_id in positions]
+    while len(cursors) < count:
+        cursors.extend(cursors[: count - len(cursors)])
+    return cursors
+
+
+def build_cases(
+    topics: list[str], cursors: list[str], count: int, rng: random.Random
+) -> dict[str, list[str]]:
+    """Return, per case, the request paths to time, in order."""
+
+    def events(**query: str) -> str:
+        return "/events?" + urllib.parse.urlencode({"limit": "100", **query})
+
+    return {
+        "/stats": ["/stats"] * count,
+        "/events, first page": [events()] * count,
+        "/events, random cursor": [events(cursor=cursors[i]) for i in range(count)],
+        "/events, random topic, first page": [
+            events(topic=rng.choice(topics)) for _ in range(count)
+        ],
+        "/events, random topic + cursor": [
+            events(topic=rng.choice(topics), cursor=cursors[-1 - i]) for i in range(count)
+        ],
+    }
+
+
+def time_case(base_url: str, paths: list[str], warmup: int) -> dict[str, Any]:
+    """GET each path in turn on one keep-alive connection; time all but the warm-up ones."""
+    pool = urllib3.PoolManager(maxsize=1)
+    latencies: list[float] = []
+    page_sizes: list[int] = []
+    errors = 0
+    first_error: str | None = None
+    try:
+        for number, path in enumerate(paths):
+            started = time.perf_counter()
+            response = pool.request("GET", base_url + path, retries=False, timeout=30.0)
+            elapsed = time.perf_counter() - started
+            if number < warmup:
+                continue
+            latencies.append(elapsed)
+            if response.status != 200:
+                errors += 1
+                first_error = first_error or f"HTTP {response.status}: {response.data[:200]!r}"
+                continue
+            body = orjson.loads(response.data)
+            if "events" in body:
+                page_sizes.append(len(body["events"]))
+    finally:
+        pool.clear()
+    return {
+        "requests": len(latencies),
+        "p50_ms": round(percentile(latencies, 50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 99) * 1000, 2),
+        "max_ms": round(max(latencies, default=0.0) * 1000, 2),
+        "mean_ms": round(sum(latencies) / max(len(latencies), 1) * 1000, 2),
+        "median_rows_per_page": median(page_sizes) if page_sizes else None,
+        "errors": errors,
+        "first_error": first_error,
+    }
+
+
+def render(document: dict[str, Any]) -> str:
+    """Render the result document as text tables."""
+    filled = document["fill"]
+    seconds = filled["seconds"]
+    fill_rows = [
+        [
+            fmt(filled["rows"]),
+            fmt(filled["topics"]),
+            filled["events_size"],
+            f"{seconds['copy']:.1f}",
+            fmt(filled["copy_rows_per_second"]),
+            f"{seconds['indexes']:.1f}",
+            f"{seconds['counters'] + seconds['vacuum_analyze']:.1f}",
+            f"{filled['total_seconds']:.1f}",
+        ]
+    ]
+    out = [
+        table(
+            "Fill (COPY, then keys and indexes, counters, VACUUM ANALYZE)",
+            [
+                "rows",
+                "topics",
+                "events size",
+                "COPY s",
+                "COPY rows/s",
+                "index s",
+                "rest s",
+                "total s",
+            ],
+            fill_rows,
+            left=0,
+        )
+    ]
+    rows = [
+        [
+            case,
+            fmt(result["requests"]),
+            fmt(result["p50_ms"], 2),
+            fmt(result["p99_ms"], 2),
+            fmt(result["max_ms"], 2),
+            fmt(1000 / result["mean_ms"] if result["mean_ms"] else None),
+            fmt(result["median_rows_per_page"]),
+            fmt(result["errors"]),
+        ]
+        for case, result in document["cases"].items()
+    ]
+    headers = ["case", "requests", "p50 ms", "p99 ms", "max ms", "req/s", "rows/page", "errors"]
+    title = f"Sequential reads over loopback, {filled['rows']:,} events, limit=100"
+    out.append(table(title, headers, rows))
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Fill, measure, print the tables and write the JSON; non-zero if a request failed."""
+    args = parse_args(argv)
+    warn_if_busy()
+    rng = random.Random(args.seed)
+    topics = topic_names(args.topics)
+    document: dict[str, Any] = {
+        "kind": "reads",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine(),
+        "cases": {},
+    }
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(scratch_dir("agg-reads-"))
+        # Reads do not depend on commit durability; fsync off makes the fill faster.
+        services = stack.enter_context(bench_services(base, durable=False, redis_aof=False))
+        migrate(services.database_url)
+        document["services"] = {
+            **server_versions(services),
+            "private_postgres": services.private_postgres,
+            "private_redis": services.private_redis,
+        }
+        dsn = plain_dsn(services.database_url)
+        log(f"fill: {args.rows:,} events over {args.topics} topics")
+        document["fill"] = fill(dsn, args.rows, topics)
+        log(f"fill: done in {document['fill']['total_seconds']:.1f} s")
+        per_case = args.warmup + args.requests
+        cursors = sample_positions(dsn, args.rows, per_case, rng)
+        cases = build_cases(topics, cursors, per_case, rng)
+        api = Api(services.env, base / "api.log", workers=args.api_workers).start()
+        stack.callback(api.stop)
+        for case, paths in cases.items():
+            log(f"timing {case}: {args.warmup} warm-up + {args.requests} requests")
+            document["cases"][case] = time_case(api.url, paths, args.warmup)
+        failed = any(result["errors"] for result in document["cases"].values())
+        if failed:
+            print(log_tail(api.log), file=sys.stderr)
+    document["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    document["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(render(document))
+    path = write_json(args.json, "reads", document)
+    print(f"\nJSON: {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
