@@ -14,6 +14,7 @@ from marshmallow import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy import text
 from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import NotFound
 from werkzeug.exceptions import UnsupportedMediaType
 
 from app import publish
@@ -24,6 +25,7 @@ from app.schemas import ErrorBodySchema
 from app.schemas import EventPageSchema
 from app.schemas import EventQuerySchema
 from app.schemas import HealthSchema
+from app.schemas import ReplayResultSchema
 from app.schemas import StatsSchema
 from app.schemas import load_events
 from app.stats import collect_stats
@@ -36,6 +38,7 @@ health_blp = Blueprint("health", __name__, description="Liveness and readiness."
 ERROR_DESCRIPTIONS = {
     400: "Malformed JSON.",
     401: "Missing or wrong bearer token.",
+    404: "No such resource.",
     413: "Body too large.",
     415: "Content type is not application/json.",
     422: "Invalid fields, with messages per field (and per array index for batches).",
@@ -138,6 +141,21 @@ def dead_letters() -> list[dict[str, Any]]:
     """Return the newest events the database refused, with the reason."""
     with _engine().connect() as conn:
         return store.list_dead_letters(conn)
+
+
+@dead_letters_blp.route("/dead-letters/<int:letter_id>/replay", methods=["POST"])
+@dead_letters_blp.response(200, ReplayResultSchema)
+@documents_errors(404, 422, 503)
+def replay_dead_letter(letter_id: int) -> dict[str, Any]:
+    """Store a dead-lettered event again, after the cause was fixed."""
+    try:
+        with _engine().begin() as conn:
+            result = store.replay_dead_letter(conn, letter_id)
+    except store.ReplayRefused as exc:
+        raise ValidationError({"event": [f"the database still refuses it: {exc}"]}) from None
+    if result is None:
+        raise NotFound(f"no dead letter {letter_id} waiting for replay")
+    return {"id": letter_id, "result": result}
 
 
 @health_blp.route("/health", methods=["GET"])

@@ -168,3 +168,10 @@ class HealthSchema(Schema):
 
     status = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class ReplayResultSchema(Schema):
+    """What replaying a dead letter did."""
+
+    id = fields.Integer(required=True)
+    result = fields.String(required=True, validate=validate.OneOf(["stored", "duplicate"]))

@@ -30,6 +30,7 @@ from sqlalchemy import exists
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import tuple_
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert
@@ -387,6 +388,8 @@ __all__ = [
     "list_events",
     "processed_batches",
     "read_totals",
+    "replay_dead_letter",
+    "ReplayRefused",
     "run_in_transaction",
     "store_batch",
 ]
@@ -408,3 +411,45 @@ def run_in_transaction(engine: Engine, work: Callable[[Connection], T], attempts
             if code not in _RETRYABLE_SQLSTATES or attempt == attempts:
                 raise
     raise AssertionError("unreachable")
+
+
+class ReplayRefused(Exception):
+    """The database still refuses a dead-lettered event."""
+
+
+def replay_dead_letter(conn: Connection, letter_id: int) -> str | None:
+    """Store a dead-lettered event again and move it from failed to stored (or duplicates).
+
+    Returns "stored" or "duplicate", or None when there is no such letter still
+    waiting. The counters keep adding up: the event was already received.
+    """
+    letter = conn.execute(
+        select(dead_letters)
+        .where(dead_letters.c.id == letter_id, dead_letters.c.replayed_at.is_(None))
+        .with_for_update()
+    ).one_or_none()
+    if letter is None:
+        return None
+    event = orjson.loads(letter.event)
+    try:
+        with conn.begin_nested():
+            stored = bool(_insert_events(conn, [event]))
+    except Exception as exc:
+        if not _is_poison(exc):
+            raise
+        raise ReplayRefused(_clean(getattr(exc, "orig", None) or exc).strip()) from None
+    moved_to = "stored" if stored else "duplicates"
+    conn.execute(
+        update(dead_letters).where(dead_letters.c.id == letter_id).values(replayed_at=func.now())
+    )
+    conn.execute(
+        update(topic_stats)
+        .where(topic_stats.c.topic == letter.topic)
+        .values({"failed": topic_stats.c.failed - 1, moved_to: topic_stats.c[moved_to] + 1})
+    )
+    conn.execute(
+        update(batches)
+        .where(batches.c.batch_id == letter.batch_id)
+        .values({"failed": batches.c.failed - 1, moved_to: batches.c[moved_to] + 1})
+    )
+    return "stored" if stored else "duplicate"

@@ -47,6 +47,9 @@ def main(argv: list[str]) -> int:
         )
 
         banner("API (gunicorn, 3 workers), worker (Celery, 2 processes), Flower")
+        # Publishing and reading need a token; this run makes one unless given some.
+        token = os.environ.get("API_TOKENS", "").split(",")[0] or secrets.token_urlsafe(24)
+        env["API_TOKENS"] = os.environ.get("API_TOKENS") or token
         api = Api(env, logs / "api.log", workers=3, port=8080).start()
         stack.callback(api.stop)
         worker = Worker(env, logs / "worker.log", concurrency=2, name="demo").start()
@@ -57,14 +60,19 @@ def main(argv: list[str]) -> int:
         ).start()
         stack.callback(flower.stop)
         print(f"API     {api.url}  (logs: {logs})")
+        print(f"Token   {token}  (curl -H 'Authorization: Bearer {token}' {api.url}/stats)")
         print(f"Flower  {flower.url}  user admin, password {flower_password}")
 
         banner("python -m publisher --verify " + " ".join(argv))
         command = [sys.executable, "-m", "publisher", "--url", api.url, "--verify", *argv]
-        published = subprocess.run(command, env={**os.environ, **env}, cwd=ROOT)
+        # The token goes by environment, not argv, so `ps` does not show it.
+        published = subprocess.run(command, env={**os.environ, **env, "API_TOKEN": token}, cwd=ROOT)
 
         banner("GET /stats")
-        with urllib.request.urlopen(f"{api.url}/stats", timeout=10) as response:
+        request = urllib.request.Request(
+            f"{api.url}/stats", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
             print(json.dumps(json.load(response), indent=2, sort_keys=True))
 
         banner("stopping what this run started")

@@ -12,6 +12,7 @@ import requests
 from sqlalchemy import Engine
 from sqlalchemy import func
 from sqlalchemy import select
+from sqlalchemy import text
 
 from app.db import batches
 from app.db import events
@@ -279,3 +280,35 @@ def test_publisher_run_verifies_exactly(url: str, batch_size: int, count: int) -
     assert figures["unique_processed_db"] == summary.unique
     assert figures["estimated_duplicate_dropped"] == summary.duplicates
     assert_adds_up(figures)
+
+
+def test_dead_letter_is_replayed_after_the_cause_is_fixed(url: str, engine: Engine) -> None:
+    # A rule the database enforces and validation does not know about.
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "ALTER TABLE events ADD CONSTRAINT ck_events_not_blocked"
+                " CHECK (source <> 'blocked')"
+            )
+        )
+    try:
+        publish(url, [make_event("z-1"), {**make_event("z-2"), "source": "blocked"}])
+        figures = settled_stats(url, received=2)
+        assert (figures["unique_processed_db"], figures["failed_events"]) == (1, 1)
+        [letter] = requests.get(f"{url}/dead-letters", timeout=10).json()
+        assert "ck_events_not_blocked" in letter["error"]
+        refused = requests.post(f"{url}/dead-letters/{letter['id']}/replay", timeout=10)
+        assert refused.status_code == 422
+        assert "still refuses" in refused.json()["errors"]["event"][0]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE events DROP CONSTRAINT IF EXISTS ck_events_not_blocked"))
+    replayed = requests.post(f"{url}/dead-letters/{letter['id']}/replay", timeout=10)
+    assert replayed.json() == {"id": letter["id"], "result": "stored"}
+    figures = stats(url)
+    assert (figures["unique_processed_db"], figures["failed_events"]) == (2, 0)
+    assert figures["total_received_queued"] == 2
+    assert_adds_up(figures)
+    assert requests.get(f"{url}/dead-letters", timeout=10).json() == []
+    again = requests.post(f"{url}/dead-letters/{letter['id']}/replay", timeout=10)
+    assert again.status_code == 404
