@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api import BLUEPRINTS
     from app.auth import init_auth
     from app.errors import register_error_handlers
+    from app.metrics import init_metrics
     from app.publish import GroupCommit
     from app.schemas import EventSchema
     from tasks import celery_app
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     api = Api(app)
     init_auth(app, settings)
+    init_metrics(app)
     api.spec.components.schema("Event", schema=EventSchema)
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)

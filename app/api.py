@@ -19,6 +19,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from app import publish
 from app import store
+from app.metrics import ACCEPTED
 from app.schemas import AcceptedSchema
 from app.schemas import DeadLetterSchema
 from app.schemas import ErrorBodySchema
@@ -109,6 +110,7 @@ def publish_events() -> dict[str, int]:
         current_app.extensions["group_commit"].submit(events)
     else:
         publish.enqueue(_redis(), events)
+    ACCEPTED.inc(len(events))
     return {"accepted": len(events)}
 
 

@@ -1,6 +1,9 @@
 """Gunicorn settings; the repository's gunicorn.conf.py loads them for the plain command."""
 
 import os
+import tempfile
+
+from prometheus_client import multiprocess
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
@@ -15,3 +18,13 @@ keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
 errorlog = "-"
 control_socket_disable = True
+
+# Metrics of all workers add up only through a shared directory; make one if
+# none was given. Set here, in the master, so every worker inherits it.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aggregator-metrics-")
+
+
+def child_exit(server: object, worker: object) -> None:
+    """Fold a finished worker's live gauges out of /metrics."""
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from app import pending
+from app.metrics import TASK_EVENTS
 from tasks.ingest import store_batch
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def enqueue(client: redis.Redis, events: Events) -> str:
     batch_id = uuid.uuid4().hex
     # The task id is the batch id, so Flower and the ledger name the same thing.
     store_batch.apply_async(args=(batch_id, events), task_id=batch_id)
+    TASK_EVENTS.observe(len(events))
     try:
         pending.record(client, batch_id, len(events))
     except redis.RedisError:

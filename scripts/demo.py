@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -47,6 +48,11 @@ def main(argv: list[str]) -> int:
         )
 
         banner("API (gunicorn, 3 workers), worker (Celery, 2 processes), Flower")
+        # API and worker write metrics to one directory, so /metrics shows both.
+        metrics = STATE / "metrics"
+        shutil.rmtree(metrics, ignore_errors=True)
+        metrics.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
         # Publishing and reading need a token; this run makes one unless given some.
         token = os.environ.get("API_TOKENS", "").split(",")[0] or secrets.token_urlsafe(24)
         env["API_TOKENS"] = os.environ.get("API_TOKENS") or token

@@ -9,6 +9,8 @@ from celery.utils.log import get_task_logger
 
 from app import pending
 from app.config import load_settings
+from app.metrics import TASK_DURATION
+from app.metrics import TASK_OUTCOMES
 from app.store import run_in_transaction
 from app.store import store_batch as store_batch_in
 from tasks import celery_app
@@ -32,7 +34,14 @@ _settings = load_settings()
 )
 def store_batch(batch_id: str, events: list[dict[str, Any]]) -> None:
     """Store one accepted batch exactly once."""
-    outcome = run_in_transaction(get_engine(), lambda conn: store_batch_in(conn, batch_id, events))
+    with TASK_DURATION.time():
+        outcome = run_in_transaction(
+            get_engine(), lambda conn: store_batch_in(conn, batch_id, events)
+        )
+    if not outcome.replayed:
+        TASK_OUTCOMES.labels("stored").inc(outcome.stored)
+        TASK_OUTCOMES.labels("duplicate").inc(outcome.duplicates)
+        TASK_OUTCOMES.labels("failed").inc(outcome.failed)
     try:
         pending.forget(get_redis(), [batch_id])
     except redis.RedisError:

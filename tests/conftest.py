@@ -115,9 +115,12 @@ def redis_server(scratch_dir: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def stack_env(database_url: str, redis_server: RedisServer) -> dict[str, str]:
+def stack_env(database_url: str, redis_server: RedisServer, scratch_dir: Path) -> dict[str, str]:
     """Environment for API and worker processes: short timeouts so faults resolve quickly."""
+    metrics = scratch_dir / "metrics"
+    metrics.mkdir(exist_ok=True)
     return {
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics),
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_server.url,
         "BROKER_VISIBILITY_TIMEOUT": "5",

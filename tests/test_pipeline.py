@@ -312,3 +312,22 @@ def test_dead_letter_is_replayed_after_the_cause_is_fixed(url: str, engine: Engi
     assert requests.get(f"{url}/dead-letters", timeout=10).json() == []
     again = requests.post(f"{url}/dead-letters/{letter['id']}/replay", timeout=10)
     assert again.status_code == 404
+
+
+def test_metrics_add_up_across_processes(url: str) -> None:
+    publish(url, [make_event(f"mt-{i}") for i in range(30)])
+    publish(url, make_event("mt-0"))
+    settled_stats(url, received=31)
+    body = requests.get(f"{url}/metrics", timeout=10).text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['aggregator_events{outcome="stored"}'] == 30
+    assert samples['aggregator_events{outcome="duplicates"}'] == 1
+    assert samples['aggregator_broker_messages{state="ready"}'] == 0
+    # Written by the Celery worker processes, read by the API through the shared directory.
+    assert samples["aggregator_task_duration_seconds_count"] >= 2
+    assert samples['aggregator_worker_events_total{outcome="stored"}'] >= 30
+    assert any(k.startswith("aggregator_http_requests_total{") for k in samples)

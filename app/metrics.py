@@ -1,0 +1,117 @@
+"""Prometheus metrics: request and task instruments, and exact counters read at scrape time.
+
+Processes write to PROMETHEUS_MULTIPROC_DIR (prometheus_client reads that
+variable itself, at import), so /metrics adds up every gunicorn worker, and
+every Celery process that shares the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import redis
+from flask import Flask
+from flask import Response
+from flask import g
+from flask import request
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Histogram
+from prometheus_client import generate_latest
+from prometheus_client import multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+
+from app import pending
+from app.store import read_totals
+
+REQUESTS = Counter(
+    "aggregator_http_requests_total", "HTTP requests answered.", ["endpoint", "method", "status"]
+)
+LATENCY = Histogram(
+    "aggregator_http_request_duration_seconds",
+    "Time to answer an HTTP request.",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+ACCEPTED = Counter("aggregator_events_accepted_total", "Events answered 202 by /publish.")
+TASK_EVENTS = Histogram(
+    "aggregator_task_events",
+    "Events per task put on the broker.",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+TASK_DURATION = Histogram(
+    "aggregator_task_duration_seconds",
+    "Time a worker spent storing one batch (transaction included).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+TASK_OUTCOMES = Counter(
+    "aggregator_worker_events_total", "Events handled by workers, by outcome.", ["outcome"]
+)
+
+
+class StatsCollector(Collector):
+    """Exact counters from the ledger and the queue depth from Redis, read at scrape time."""
+
+    def __init__(self, engine: Engine, client: redis.Redis) -> None:
+        self._engine = engine
+        self._client = client
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._engine.connect() as conn:
+            totals = read_totals(conn)
+        events = GaugeMetricFamily(
+            "aggregator_events", "Events processed, by outcome (exact).", labels=["outcome"]
+        )
+        for outcome in ("received", "stored", "duplicates", "failed"):
+            events.add_metric([outcome], getattr(totals, outcome))
+        yield events
+        queue = GaugeMetricFamily(
+            "aggregator_broker_messages", "Messages on the broker, by state.", labels=["state"]
+        )
+        queue.add_metric(["ready"], self._client.llen("celery"))
+        queue.add_metric(["unacked"], self._client.hlen("unacked"))
+        yield queue
+        marks = GaugeMetricFamily("aggregator_pending_batches", "Batches accepted, not stored.")
+        marks.add_metric([], self._client.hlen(pending.PENDING_KEY))
+        yield marks
+
+
+def _registry() -> CollectorRegistry:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return registry
+
+
+def init_metrics(app: Flask) -> None:
+    """Time every request and serve GET /metrics."""
+    stats = StatsCollector(app.extensions["engine"], app.extensions["redis"])
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        endpoint = request.endpoint or "unmatched"
+        if "started" in g:
+            LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
+        REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Expose metrics in the Prometheus text format."""
+        registry = _registry()
+        body = generate_latest(registry)
+        extra = CollectorRegistry(auto_describe=False)
+        extra.register(stats)
+        return Response(body + generate_latest(extra), mimetype=CONTENT_TYPE_LATEST)
