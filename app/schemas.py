@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -38,10 +40,29 @@ def _check_payload(value: Any, depth: int = 1) -> None:
             _check_payload(item, depth + 1)
 
 
+# In the OpenAPI document too, so clients (and fuzzers) know NUL is refused.
+NO_NUL = validate.Regexp(r"^[^\x00]*$", error="must not contain NUL (\\u0000) characters")
+
+
+class UtcDateTime(fields.AwareDateTime):
+    """An ISO-8601 date-time with an offset, converted to UTC.
+
+    PostgreSQL accepts offsets up to 15:59 only, Python up to 23:59; converting
+    here makes every valid offset storable (timestamptz keeps UTC anyway).
+    """
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise ValidationError("must be within years 1 to 9999 in UTC") from None
+
+
 def _text(**kwargs: Any) -> fields.String:
     return fields.String(
         required=True,
-        validate=[validate.Length(min=1, max=MAX_STRING), reject_unstorable],
+        validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL],
         **kwargs,
     )
 
@@ -54,7 +75,7 @@ class EventSchema(Schema):
 
     topic = _text(metadata={"example": "orders"})
     event_id = _text(metadata={"example": "2f1c7c1e-0b7d-4a53-9d1c-5b0f5d7c9a10"})
-    timestamp = fields.AwareDateTime(
+    timestamp = UtcDateTime(
         required=True,
         format="iso",
         metadata={"description": "ISO-8601 date-time with a UTC offset."},
@@ -63,7 +84,10 @@ class EventSchema(Schema):
     payload = fields.Dict(
         required=True,
         keys=fields.String(),
-        metadata={"description": f"JSON object, at most {MAX_PAYLOAD_BYTES} bytes serialized."},
+        metadata={
+            "description": f"JSON object: at most {MAX_PAYLOAD_BYTES} bytes serialized, "
+            f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string."
+        },
     )
 
     @validates("payload")
@@ -85,12 +109,12 @@ class EventQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    topic = fields.String(validate=validate.Length(min=1, max=MAX_STRING))
-    source = fields.String(validate=validate.Length(min=1, max=MAX_STRING))
-    since = fields.AwareDateTime(format="iso", metadata={"description": "timestamp >= since"})
-    until = fields.AwareDateTime(format="iso", metadata={"description": "timestamp < until"})
+    topic = fields.String(validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL])
+    source = fields.String(validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL])
+    since = UtcDateTime(format="iso", metadata={"description": "timestamp >= since"})
+    until = UtcDateTime(format="iso", metadata={"description": "timestamp < until"})
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
-    cursor = fields.String(validate=validate.Length(min=1, max=200))
+    cursor = fields.String(validate=[validate.Length(min=1, max=200), NO_NUL])
 
 
 class EventPageSchema(Schema):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from app.config import SettingsError
@@ -33,8 +38,17 @@ def errors_of(body: Any) -> dict[Any, Any]:
 
 def test_single_event_is_normalised() -> None:
     [loaded] = load_events(event(timestamp="2026-01-01T01:00:00+01:00"))
-    assert loaded["timestamp"] == "2026-01-01T01:00:00+01:00"
+    assert loaded["timestamp"] == "2026-01-01T00:00:00+00:00"
     assert loaded["payload"] == {"a": [1, {"b": None}]}
+
+
+def test_offsets_postgresql_cannot_store_are_converted_to_utc() -> None:
+    [loaded] = load_events(event(timestamp="2026-01-01T00:00:00-17:35"))
+    assert loaded["timestamp"] == "2026-01-01T17:35:00+00:00"
+
+
+def test_timestamps_that_leave_the_calendar_in_utc_are_refused() -> None:
+    assert "timestamp" in errors_of(event(timestamp="0001-01-01T00:00:00+05:00"))
 
 
 def test_batch_errors_are_keyed_by_index() -> None:
@@ -70,3 +84,45 @@ def test_settings_come_from_the_environment() -> None:
 def test_malformed_settings_fail_loudly(environ: dict[str, str]) -> None:
     with pytest.raises(SettingsError):
         load_settings(environ)
+
+
+# Property tests: any event inside the documented limits is accepted unchanged
+# (timestamps as the same instant in UTC), and a NUL anywhere is always refused.
+texts = st.text(min_size=1, max_size=255).filter(lambda s: "\x00" not in s)
+json_leaves = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | texts
+payloads = st.dictionaries(
+    texts,
+    st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=4), max_leaves=10),
+    max_size=5,
+)
+moments = st.datetimes(
+    min_value=datetime(1000, 1, 1),
+    max_value=datetime(9000, 1, 1),
+    # ISO 8601 offsets are whole minutes.
+    timezones=st.integers(-23 * 60, 23 * 60).map(lambda m: timezone(timedelta(minutes=m))),
+)
+
+
+@given(topic=texts, event_id=texts, source=texts, moment=moments, payload=payloads)
+def test_any_event_within_limits_is_accepted(
+    topic: str, event_id: str, source: str, moment: datetime, payload: dict[str, Any]
+) -> None:
+    body = event(topic=topic, event_id=event_id, source=source, payload=payload)
+    body["timestamp"] = moment.isoformat()
+    [loaded] = load_events(body)
+    assert (loaded["topic"], loaded["event_id"], loaded["source"]) == (topic, event_id, source)
+    assert loaded["payload"] == payload
+    stored = datetime.fromisoformat(loaded["timestamp"])
+    assert stored == moment
+    assert stored.utcoffset() == timedelta(0)
+
+
+@given(
+    field=st.sampled_from(["topic", "event_id", "source", "payload"]),
+    prefix=st.text(max_size=5),
+    suffix=st.text(max_size=5),
+)
+def test_nul_anywhere_is_refused(field: str, prefix: str, suffix: str) -> None:
+    value = f"{prefix}\x00{suffix}"
+    body = event(payload={"nested": [value]}) if field == "payload" else event(**{field: value})
+    assert field in errors_of(body)

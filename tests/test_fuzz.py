@@ -1,0 +1,120 @@
+"""Fuzzing the HTTP API from its own OpenAPI document, and hostile bodies.
+
+schemathesis generates valid and invalid requests for every documented
+operation; every answer must be documented and never a 5xx. The run is bounded
+so CI stays fast; FUZZ_EXAMPLES raises the number of cases per operation.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck
+from hypothesis import settings
+
+from app import create_app
+from app.config import Settings
+from scripts.stack import Api
+from scripts.stack import Worker
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+
+
+def _document() -> dict[str, object]:
+    # The same document GET /openapi.json serves (test_api checks that one);
+    # building the app opens no connection.
+    return create_app(Settings()).test_client().get("/openapi.json").get_json()
+
+
+schema = schemathesis.openapi.from_dict(_document())
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_document(case: schemathesis.Case, api: Api, worker: Worker) -> None:
+    # A document cannot say "no NUL anywhere inside payload" or bound its depth
+    # and size, so a schema-valid payload may still get a (documented) 422.
+    case.call_and_validate(
+        base_url=api.url,
+        timeout=30,
+        excluded_checks=[schemathesis.checks.positive_data_acceptance],
+    )
+
+
+@pytest.fixture
+def url(api: Api, worker: Worker) -> str:
+    return api.url
+
+
+def post_raw(url: str, body: bytes, content_type: str = "application/json") -> requests.Response:
+    return requests.post(
+        f"{url}/publish", data=body, headers={"Content-Type": content_type}, timeout=60
+    )
+
+
+def still_serving(url: str) -> None:
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_hundred_megabyte_body_is_refused_unread(url: str) -> None:
+    # Content-Length alone decides: the server answers before the body arrives.
+    with socket.create_connection(url.removeprefix("http://").split(":")) as sock:  # type: ignore[arg-type]
+        sock.sendall(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 104857600\r\n\r\n["
+        )
+        sock.settimeout(10)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413")
+    still_serving(url)
+
+
+def test_million_element_array_is_refused(url: str) -> None:
+    response = post_raw(url, b"[" + b",".join([b"{}"] * 1_000_000) + b"]")
+    assert response.status_code == 422
+    assert "1 to 1000" in response.json()["errors"]["_schema"][0]
+    still_serving(url)
+
+
+def test_ten_thousand_levels_of_nesting_are_refused(url: str) -> None:
+    payload = b"[" * 10_000 + b"]" * 10_000
+    body = b'{"topic":"t","event_id":"e","timestamp":"2026-01-01T00:00:00Z","source":"s","payload":'
+    response = post_raw(url, body + payload + b"}")
+    assert response.status_code == 400
+    assert "JSON" in response.json()["message"]
+    still_serving(url)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe{}", b'{"topic": "\xc3\x28"}', b'{"topic": "\\ud800"}', b"\x00"],
+)
+def test_invalid_utf8_and_lone_surrogates_are_400(url: str, body: bytes) -> None:
+    response = post_raw(url, body)
+    assert response.status_code == 400, response.text
+    still_serving(url)
+
+
+def test_huge_string_is_refused(url: str) -> None:
+    event = {
+        "topic": "t" * 1_000_000,
+        "event_id": "e",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "source": "s",
+        "payload": {},
+    }
+    response = requests.post(f"{url}/publish", json=event, timeout=60)
+    assert response.status_code == 422
+    assert list(response.json()["errors"]) == ["topic"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", "application/xml"],
+)
+def test_wrong_content_types_are_415(url: str, content_type: str) -> None:
+    assert post_raw(url, b"{}", content_type).status_code == 415
