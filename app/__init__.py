@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         RETRY_AFTER=settings.retry_after,
+        BODY_READ_TIMEOUT=settings.body_read_timeout,
     )
     # Gunicorn runs this factory in each worker after the fork, so every
     # process gets its own pool; nothing connects until the first request.

@@ -14,7 +14,9 @@ from marshmallow import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy import text
 from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import RequestTimeout
 from werkzeug.exceptions import UnsupportedMediaType
 
 from app import publish
@@ -40,6 +42,7 @@ ERROR_DESCRIPTIONS = {
     400: "Malformed JSON.",
     401: "Missing or wrong bearer token.",
     404: "No such resource.",
+    408: "The body stalled or ended early.",
     413: "Body too large.",
     415: "Content type is not application/json.",
     422: "Invalid fields, with messages per field (and per array index for batches).",
@@ -72,8 +75,17 @@ def _redis() -> redis.Redis:
 def _json_body() -> Any:
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
+    # gunicorn hands us its socket: bound each read, so a client that stalls
+    # mid-body is cut off instead of holding this thread.
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(current_app.config["BODY_READ_TIMEOUT"])
     try:
-        return orjson.loads(request.get_data(cache=False))
+        body = request.get_data(cache=False)
+    except (TimeoutError, ClientDisconnected):
+        raise RequestTimeout("the body stalled or ended before Content-Length") from None
+    try:
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
 
@@ -102,7 +114,7 @@ PUBLISH_BODY = {
 @events_blp.route("/publish/batch", methods=["POST"], endpoint="publish_batch")
 @events_blp.doc(requestBody=PUBLISH_BODY)
 @events_blp.response(202, AcceptedSchema, description="The whole batch is on the queue.")
-@documents_errors(400, 413, 415, 422, 503)
+@documents_errors(400, 408, 413, 415, 422, 503)
 def publish_events() -> dict[str, int]:
     """Accept one event or an array of up to 1,000, as one queued batch."""
     events = load_events(_json_body())

@@ -36,6 +36,9 @@ class Settings:
     # Request bodies above this get 413 before they are read (1,000 events of a
     # few KiB each fit comfortably).
     max_body_bytes: int = 8 * 1024 * 1024
+    # A client that stops sending its body for this long is cut off, so slow
+    # clients cannot hold the server's threads.
+    body_read_timeout: float = 10.0
     pool_size: int = 5
     # Requests with fewer events than this wait up to linger_ms for other
     # requests of the same process and share one task with them.
@@ -98,6 +101,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retry_after=_int(env, "RETRY_AFTER", Settings.retry_after),
         retry_backoff_max=_int(env, "TASK_RETRY_BACKOFF_MAX", Settings.retry_backoff_max),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", Settings.max_body_bytes),
+        body_read_timeout=_float(env, "BODY_READ_TIMEOUT", Settings.body_read_timeout),
         pool_size=_int(env, "DB_POOL_SIZE", Settings.pool_size),
         group_commit_below=_int(env, "GROUP_COMMIT_BELOW", Settings.group_commit_below),
         group_commit_max_events=_int(

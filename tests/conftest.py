@@ -126,6 +126,7 @@ def stack_env(database_url: str, redis_server: RedisServer, scratch_dir: Path) -
         "BROKER_VISIBILITY_TIMEOUT": "5",
         "BROKER_RESTORE_INTERVAL": "1",
         "TASK_RETRY_BACKOFF_MAX": "2",
+        "BODY_READ_TIMEOUT": "2",
     }
 
 

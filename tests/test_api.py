@@ -206,3 +206,22 @@ def test_slow_client_does_not_block_others(url: str) -> None:
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_client_that_stalls_mid_body_is_cut_off(url: str) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        # BODY_READ_TIMEOUT is 2 s in tests; the answer must come without more bytes.
+        sock.settimeout(20)
+        answer = b""
+        while b'"code"' not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b'"code":408' in answer
