@@ -40,6 +40,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _process_options(env: dict[str, str], log_file: object) -> dict[str, object]:
+    """Options every process here is started with: our env on top of ours, output to a log."""
+    return {
+        "timeout": 60,
+        "envvars": {**os.environ, **env},
+        "stdin": subprocess.DEVNULL,
+        "stdout": log_file,
+        "stderr": subprocess.STDOUT,
+        "cwd": str(ROOT),
+    }
+
+
 class Api:
     """gunicorn serving create_app() on a free loopback port."""
 
@@ -62,12 +74,7 @@ class Api:
             command,
             url=f"{self.url}/health",
             status=200,
-            timeout=60,
-            envvars={**os.environ, **env, "GUNICORN_ACCESS_LOG": ""},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
+            **_process_options({**env, "GUNICORN_ACCESS_LOG": ""}, self._log_file),
         )
 
     def start(self) -> Api:
@@ -106,15 +113,7 @@ class Worker:
             "--without-mingle",
         ]
         self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.executor = SimpleExecutor(
-            command,
-            timeout=60,
-            envvars={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
-        )
+        self.executor = SimpleExecutor(command, **_process_options(env, self._log_file))
 
     def output(self) -> str:
         """Return what this worker has logged since it started."""
@@ -176,12 +175,7 @@ class Flower:
             # Basic auth covers every page, so "up" means it answers at all.
             status=r"(200|401)",
             method="GET",
-            timeout=60,
-            envvars={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
+            **_process_options(env, self._log_file),
         )
 
     def start(self) -> Flower:
