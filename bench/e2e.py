@@ -41,7 +41,9 @@ from bench.harness import ProcessGroup
 from bench.harness import RssSampler
 from bench.harness import Services
 from bench.harness import bench_services
+from bench.harness import code_digest
 from bench.harness import cpu_seconds
+from bench.harness import describe
 from bench.harness import fmt
 from bench.harness import log
 from bench.harness import log_tail
@@ -227,7 +229,9 @@ def _timed(label: str, rows: int, expected: int, run: Callable[[], int]) -> dict
     return result
 
 
-def measure_ceiling(services: Services, count: int, duplicates: float, batch: int) -> dict:
+def measure_ceiling(
+    services: Services, count: int, duplicates: float, batch: int
+) -> dict[str, Any]:
     """Measure raw insert rates on a scratch copy of events (same columns, keys and indexes)."""
     events = ceiling_events(count, duplicates)
     rows = _as_tuples(events)
@@ -292,14 +296,16 @@ def running_stack(
     """Start gunicorn and one Celery worker; stop both on the way out."""
     tag = f"api{api_workers}-wrk{worker_processes}"
     with contextlib.ExitStack() as stack:
+        # Stops are registered before starts: a worker that never logs "ready"
+        # is still running when start() gives up, and must not outlive us.
         api = Api(services.env, logs / f"api-{tag}.log", workers=api_workers)
-        api.start()
         stack.callback(api.stop)
+        api.start()
         worker = Worker(
             services.env, logs / f"worker-{tag}.log", concurrency=worker_processes, name="bench"
         )
-        worker.start()
         stack.callback(worker.stop)
+        worker.start()
         yield api, worker
 
 
@@ -407,7 +413,7 @@ def render(document: dict[str, Any]) -> str:
     """Render the result document as text tables."""
     ceiling = document["ceiling"]
     chosen = [document["runs"][i] for i in document["median_runs"]]
-    out = []
+    out = [describe(document)]
     repeat = document["args"]["repeat"]
     note = f" (median run of {repeat})" if repeat > 1 else ""
     rows = [
@@ -506,7 +512,7 @@ def render(document: dict[str, Any]) -> str:
                     rate = match[0]["end_to_end_events_per_second"] if match else None
                     cells.append(fmt(rate))
                 rows.append(cells)
-        headers = ["workload", "API procs", *(f"{n} worker procs" for n in workers)]
+        headers = ["workload", "API procs", *(f"worker procs={n}" for n in workers)]
         out.append(table("Scaling: end-to-end events/s", headers, rows))
     return "\n".join(out)
 
@@ -564,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": machine(),
+        "code": code_digest(),
         "runs": [],
     }
     failed = False
@@ -577,7 +584,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             **server_versions(services),
             "private_postgres": services.private_postgres,
             "private_redis": services.private_redis,
-            "postgres_durable": True,
         }
         log(f"PostgreSQL ceiling: {args.events} rows, {args.duplicates:.0%} duplicates")
         document["ceiling"] = measure_ceiling(
@@ -601,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     document["median_runs"] = [document["runs"].index(run) for run in chosen]
     document["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     document["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if code_digest() != document["code"]:
+        document["code"] += " (changed during the run)"
+        log("warning: the application's code changed during the run")
     print(render(document))
     path = write_json(args.json, "e2e", document)
     print(f"\nJSON: {path}")

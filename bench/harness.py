@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -208,12 +209,14 @@ def redis_pid(redis_url: str) -> int | None:
 
 
 def server_versions(services: Services) -> dict[str, str]:
-    """Return the PostgreSQL and Redis versions, for the JSON record."""
+    """Return the PostgreSQL and Redis versions and PostgreSQL's durability settings."""
     conn = psycopg2.connect(plain_dsn(services.database_url))
     try:
         with conn.cursor() as cur:
-            cur.execute("SHOW server_version")
-            pg_version = cur.fetchone()[0]
+            settings = {}
+            for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers"):
+                cur.execute(f"SHOW {name}")
+                settings[name] = cur.fetchone()[0]
     finally:
         conn.close()
     client = redis.Redis.from_url(services.redis_url)
@@ -221,7 +224,11 @@ def server_versions(services: Services) -> dict[str, str]:
         redis_version = str(client.info("server")["redis_version"])
     finally:
         client.close()
-    return {"postgresql": pg_version, "redis": redis_version}
+    return {
+        "postgresql": settings.pop("server_version"),
+        **{f"postgres_{name}": value for name, value in settings.items()},
+        "redis": redis_version,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -233,6 +240,35 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def code_digest() -> str:
+    """Hash the application's source (app/, tasks/, migrations/, celery_config.py, gunicorn conf).
+
+    The API and worker import whatever is on disk when they start, so the
+    digest ties a result to the code it measured without asking git.
+    """
+    digest = hashlib.sha256()
+    files = [ROOT / "celery_config.py", ROOT / "gunicorn.conf.py"]
+    for folder in ("app", "tasks", "migrations"):
+        files.extend(sorted((ROOT / folder).rglob("*.py")))
+    for path in files:
+        if path.exists():
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def describe(document: dict[str, Any]) -> str:
+    """Return one line naming the servers and the machine's load, to print above the tables."""
+    services = document.get("services", {})
+    start = document["machine"]["load_average_at_start"][0]
+    end = document.get("load_average_at_end", [float("nan")])[0]
+    return (
+        f"PostgreSQL {services.get('postgresql', '?')} (fsync {services.get('postgres_fsync')},"
+        f" synchronous_commit {services.get('postgres_synchronous_commit')}),"
+        f" Redis {services.get('redis', '?')}; {document['machine']['cpus']} CPUs,"
+        f" 1-min load {start:.1f} at start, {end:.1f} at end; code {document.get('code')}"
+    )
 
 
 def warn_if_busy() -> None:

@@ -31,6 +31,8 @@ import urllib3
 from app.store import encode_cursor
 from bench.harness import app_tables
 from bench.harness import bench_services
+from bench.harness import code_digest
+from bench.harness import describe
 from bench.harness import fmt
 from bench.harness import log
 from bench.harness import log_tail
@@ -313,6 +315,7 @@ def render(document: dict[str, Any]) -> str:
         ]
     ]
     out = [
+        describe(document),
         table(
             "Fill (COPY, then keys and indexes, counters, VACUUM ANALYZE)",
             [
@@ -327,7 +330,7 @@ def render(document: dict[str, Any]) -> str:
             ],
             fill_rows,
             left=0,
-        )
+        ),
     ]
     rows = [
         [
@@ -359,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": machine(),
+        "code": code_digest(),
         "cases": {},
     }
     with contextlib.ExitStack() as stack:
@@ -378,8 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_case = args.warmup + args.requests
         cursors = sample_positions(dsn, args.rows, per_case, rng)
         cases = build_cases(topics, cursors, per_case, rng)
-        api = Api(services.env, base / "api.log", workers=args.api_workers).start()
+        api = Api(services.env, base / "api.log", workers=args.api_workers)
         stack.callback(api.stop)
+        api.start()
         for case, paths in cases.items():
             log(f"timing {case}: {args.warmup} warm-up + {args.requests} requests")
             document["cases"][case] = time_case(api.url, paths, args.warmup)
@@ -388,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(log_tail(api.log), file=sys.stderr)
     document["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     document["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if code_digest() != document["code"]:
+        document["code"] += " (changed during the run)"
+        log("warning: the application's code changed during the run")
     print(render(document))
     path = write_json(args.json, "reads", document)
     print(f"\nJSON: {path}")

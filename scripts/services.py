@@ -240,6 +240,7 @@ class PostgresServer:
     def stop(self) -> None:
         """Stop the server (fast shutdown: sessions end, data is flushed)."""
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def create_database(self, name: str) -> None:
         """Create a database unless it exists."""

@@ -123,7 +123,12 @@ class Worker:
 
     def start(self) -> Worker:
         self.executor.start()
-        wait_until(lambda: " ready." in self.output(), timeout=60)
+        try:
+            wait_until(lambda: " ready." in self.output(), timeout=60)
+        except TimeoutError:
+            # Never leave a half-started worker behind for the caller to find.
+            self.stop()
+            raise
         return self
 
     @property

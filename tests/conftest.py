@@ -13,6 +13,7 @@ import pytest
 import redis
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import URL
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import make_url
@@ -31,6 +32,11 @@ from scripts.stack import Worker
 
 ROOT = Path(__file__).parent.parent
 TABLES = "events, batches, topic_stats, dead_letters"
+
+
+def _render(url: URL) -> str:
+    # str(url) masks the password as ***; processes we start need the real one.
+    return url.render_as_string(hide_password=False)
 
 
 def alembic_config(database_url: str) -> Config:
@@ -65,7 +71,7 @@ def scratch_dir() -> Iterator[Path]:
 def pg_server_url(scratch_dir: Path) -> Iterator[str]:
     """URL of a PostgreSQL server: DATABASE_URL's when given, else a private one."""
     if os.environ.get("DATABASE_URL"):
-        yield str(make_url(os.environ["DATABASE_URL"]).set(database="postgres"))
+        yield _render(make_url(os.environ["DATABASE_URL"]).set(database="postgres"))
         return
     server = PostgresServer(scratch_dir / "pg", free_port(), find_pg_bindir(), durable=False)
     server.start()
@@ -78,7 +84,7 @@ def database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database migrated to head, dropped at the end of the session."""
     name = f"agg_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     create_database(pg_server_url, name)
-    url = str(make_url(pg_server_url).set(database=name))
+    url = _render(make_url(pg_server_url).set(database=name))
     migrate(url)
     yield url
     drop_database(pg_server_url, name)

@@ -20,7 +20,7 @@ from tests.conftest import alembic_config
 def empty_database(pg_server_url: str) -> Iterator[str]:
     name = f"agg_migrate_{uuid.uuid4().hex[:8]}"
     create_database(pg_server_url, name)
-    yield str(make_url(pg_server_url).set(database=name))
+    yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
     drop_database(pg_server_url, name)
 
 
