@@ -28,7 +28,13 @@ def enqueue(client: redis.Redis, events: Events) -> str:
     """Send one batch to the workers as one task; raise if the broker did not take it."""
     batch_id = uuid.uuid4().hex
     # The task id is the batch id, so Flower and the ledger name the same thing.
-    store_batch.apply_async(args=(batch_id, events), task_id=batch_id)
+    # A short argsrepr spares Celery a saferepr() of every event (~0.2-0.5 ms).
+    store_batch.apply_async(
+        args=(batch_id, events),
+        task_id=batch_id,
+        argsrepr=f"({batch_id!r}, <{len(events)} events>)",
+        kwargsrepr="{}",
+    )
     TASK_EVENTS.observe(len(events))
     try:
         pending.record(client, batch_id, len(events))
