@@ -2,8 +2,12 @@ r"""Locust load test: single and batched publishes with a known share of duplica
 
 Always bounded, headless, with the host given (the API must already run):
 
-    locust -f locustfile.py --headless -u 50 -r 10 -t 30s --host http://127.0.0.1:8080 \
-        --csv reports/locust --html reports/locust.html
+    locust -f locustfile.py --headless -u 50 -r 10 -t 30s --stop-timeout 10 \
+        --host http://127.0.0.1:8080 --csv reports/locust --html reports/locust.html
+
+(--stop-timeout lets each user finish its request in flight; a request killed after
+the server accepted it would be stored but missing from the tally.)
+Or let `python -m bench.loadtest` start a stack of its own and run exactly that.
 
 Only a 202 counts as a success. Every DUPLICATE_EVERY-th event a user publishes re-sends
 an event that user already had accepted, so once users are warmed up about 1 in
