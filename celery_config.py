@@ -43,5 +43,7 @@ worker_prefetch_multiplier = 1
 worker_cancel_long_running_tasks_on_connection_loss = True
 
 worker_hijack_root_logger = True
-worker_send_task_events = True
+# Task events cost three broker messages per task; Flower turns them on
+# (enable_events) while it watches, so they are only paid for when used.
+worker_send_task_events = False
 task_send_sent_event = False
