@@ -423,12 +423,16 @@ def fatal_lines(workers: Workers) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("count", "kills"),
-    [pytest.param(6000, 7, id="6k"), pytest.param(20000, 20, id="20k", marks=pytest.mark.soak)],
+    ("count", "kills", "settle"),
+    [
+        pytest.param(6000, 7, 40, id="6k"),
+        pytest.param(20000, 20, 120, id="20k", marks=pytest.mark.soak),
+    ],
 )
 def test_random_worker_kills_lose_and_double_count_nothing(
     count: int,
     kills: int,
+    settle: float,
     api: Api,
     worker: Workers,
     broker: RedisServer,
@@ -479,7 +483,7 @@ def test_random_worker_kills_lose_and_double_count_nothing(
         broker=broker,
         started=started,
         faults=kills,
-        settle=count / 100,
+        settle=settle,
     )
     # The pool replaces a killed process; then every process of the last worker runs.
     wait_until(
@@ -742,12 +746,16 @@ def retried_tasks(log: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("count", "kills"),
-    [pytest.param(6000, 8, id="6k"), pytest.param(20000, 25, id="20k", marks=pytest.mark.soak)],
+    ("count", "kills", "settle"),
+    [
+        pytest.param(6000, 8, 40, id="6k"),
+        pytest.param(20000, 25, 120, id="20k", marks=pytest.mark.soak),
+    ],
 )
 def test_killed_api_processes_never_acknowledge_what_was_not_enqueued(
     count: int,
     kills: int,
+    settle: float,
     api: Api,
     worker: Workers,
     broker: RedisServer,
@@ -783,7 +791,7 @@ def test_killed_api_processes_never_acknowledge_what_was_not_enqueued(
         broker=broker,
         started=started,
         faults=kills,
-        settle=count / 100,
+        settle=settle,
     )
     wait_until(lambda: len(api.worker_pids()) == 3, timeout=30)
     assert_still_processing(api.url)
@@ -921,4 +929,70 @@ def test_worker_killed_while_sweeping_does_not_stall_redelivery(
         f" (unacked_mutex, {expiry} s) blocks every worker's sweep until it expires"
     )
     assert (figures["unique_processed_db"], figures["total_received_queued"]) == (50, 50)
+    assert_broker_drained(broker)
+
+
+# --- a worker killed between taking a message and recording it --------------------------------
+
+
+def waiting_in_brpop(client: redis.Redis) -> bool:
+    """Tell whether a worker's connection is blocked in BRPOP, waiting for the next message."""
+    return any(c.get("cmd") == "brpop" and "b" in c.get("flags", "") for c in client.client_list())
+
+
+def test_batch_taken_by_a_worker_killed_before_recording_it_is_not_lost(
+    api: Api,
+    worker: Workers,
+    broker: RedisServer,
+    fault_env: dict[str, str],
+    engine: Engine,
+    clean: None,
+) -> None:
+    """kombu takes a message off the queue with BRPOP, and only then records it as unacked.
+
+    A worker killed in between (BRPOP answered, answer not handled yet) takes the message
+    with it: it is neither on the queue nor in the unacked hash, so no sweep brings it back.
+    Here the worker is frozen (SIGSTOP) while its BRPOP waits, a batch is published straight
+    into that BRPOP, and the worker is killed: the batch must still be stored.
+    """
+    started = time.monotonic()
+    current = worker.start()
+    sent = 0
+    with redis.Redis.from_url(broker.url) as client:
+        for attempt in range(5):
+            wait_until(lambda: waiting_in_brpop(client), timeout=10)
+            os.kill(current.pid, signal.SIGSTOP)
+            # BRPOP gives up after 1 s; only a freeze inside one catches the next message.
+            if waiting_in_brpop(client):
+                body = [make_event(f"b{attempt}-{i}") for i in range(50)]
+                response = requests.post(f"{api.url}/publish", json=body, timeout=10)
+                assert response.status_code == 202, response.text
+                sent += len(body)
+                if client.llen("celery") == 0:
+                    break  # The frozen worker's BRPOP took it off the queue.
+            os.kill(current.pid, signal.SIGCONT)
+            wait_until(lambda: stats(api.url)["queued_events"] == 0, timeout=30)
+        else:
+            pytest.fail("the worker was never caught waiting in BRPOP")
+        assert client.hlen("unacked") == 0  # Taken, and recorded nowhere.
+    current.kill_all()
+    worker.start()
+    deadline = int(fault_env["BROKER_VISIBILITY_TIMEOUT"]) + 15
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: stats(api.url)["queued_events"] == 0, timeout=deadline)
+    figures = stats(api.url)
+    report(
+        "worker-killed-after-brpop",
+        events_sent=sent,
+        acknowledged=sent,
+        lost=sent - figures["unique_processed_db"],
+        double_counted=max(0, figures["total_received_queued"] - sent),
+        duration_s=time.monotonic() - started,
+        faults=1,
+    )
+    assert figures["queued_events"] == 0, (
+        f"{figures['queued_events']} events answered 202 never stored: their message left the"
+        " queue in the BRPOP answer of a worker killed before it recorded it in unacked"
+    )
+    assert (figures["unique_processed_db"], figures["total_received_queued"]) == (sent, sent)
     assert_broker_drained(broker)
