@@ -5,6 +5,8 @@ from app.config import load_settings
 _settings = load_settings()
 
 broker_url = _settings.redis_url
+# kombu's Redis transport with a fix: losing the broker mid-task must not end the worker.
+broker_transport = "tasks.broker:Transport"
 broker_connection_retry_on_startup = True
 # Workers keep trying to reach the broker for as long as it is away.
 broker_connection_max_retries = None
@@ -14,6 +16,9 @@ broker_transport_options = {
     "unacked_restore_interval": _settings.restore_interval,
     # Scan on every sweep, so restore_interval alone sets how fast we recover.
     "unacked_restore_throttle": 1,
+    # The sweep lock: a worker killed mid-sweep must not block every sweep for
+    # 300 s. Safe to keep short: each restore runs in a WATCH transaction.
+    "unacked_mutex_expire": 5,
     "socket_connect_timeout": _settings.broker_timeout,
     "socket_keepalive": True,
     "health_check_interval": 10,

@@ -26,6 +26,10 @@ class Settings:
     visibility_timeout: int = 300
     # How often workers sweep for messages whose visibility timeout passed.
     restore_interval: int = 10
+    # An accepted batch still not stored this long after it was sent is sent
+    # again (kombu can lose a message whose worker dies as it fetches it).
+    # Unset, it is three visibility timeouts.
+    resend_after: int = 900
     # Seconds a publish may take before the API answers 503.
     broker_timeout: float = 0.5
     retry_after: int = 2
@@ -97,6 +101,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis://", "rediss://", "unix://")),
         visibility_timeout=_int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout),
         restore_interval=_int(env, "BROKER_RESTORE_INTERVAL", Settings.restore_interval),
+        resend_after=_int(env, "BROKER_RESEND_AFTER", 0)
+        or 3 * _int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout),
         broker_timeout=_float(env, "BROKER_TIMEOUT", Settings.broker_timeout),
         retry_after=_int(env, "RETRY_AFTER", Settings.retry_after),
         retry_backoff_max=_int(env, "TASK_RETRY_BACKOFF_MAX", Settings.retry_backoff_max),

@@ -335,7 +335,9 @@ class RedisServer:
         # A server from an earlier run that was killed before it could stop ours.
         if not pidfile.exists():
             return
-        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+        with contextlib.suppress(
+            ValueError, ProcessLookupError, PermissionError, FileNotFoundError
+        ):
             pid = int(pidfile.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             if b"redis-server" in cmdline and str(self.port).encode() in cmdline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from celery import Celery
 from celery.signals import worker_process_init
+from celery.signals import worker_ready
 from sqlalchemy import Engine
 
 from app.config import load_settings
@@ -45,3 +46,12 @@ def get_redis() -> redis.Redis:
             socket_connect_timeout=settings.broker_timeout,
         )
     return _redis
+
+
+@worker_ready.connect
+def _start_resend_sweeper(**_: object) -> None:
+    """Send again accepted batches the broker lost (see app.pending)."""
+    from tasks.resend import start_sweeper
+
+    settings = load_settings()
+    start_sweeper(get_redis(), settings.resend_after, settings.restore_interval)

@@ -20,6 +20,9 @@ from sqlalchemy import make_url
 from sqlalchemy import text
 
 from app.db import make_engine
+from app.pending import PAYLOAD_KEY
+from app.pending import PENDING_KEY
+from app.pending import SENT_KEY
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
 from scripts.services import create_database
@@ -164,7 +167,7 @@ def clean(engine: Engine, redis_server: RedisServer) -> None:
     """Empty the tables and the pending marks; end-to-end tests share committed data."""
     with engine.begin() as connection:
         connection.execute(text(f"TRUNCATE {TABLES}"))
-    redis.Redis.from_url(redis_server.url).delete("aggregator:pending")
+    redis.Redis.from_url(redis_server.url).delete(PENDING_KEY, PAYLOAD_KEY, SENT_KEY)
 
 
 @pytest.hookimpl(wrapper=True)
