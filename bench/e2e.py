@@ -44,6 +44,7 @@ from bench.harness import bench_services
 from bench.harness import code_digest
 from bench.harness import cpu_seconds
 from bench.harness import describe
+from bench.harness import finish
 from bench.harness import fmt
 from bench.harness import log
 from bench.harness import log_tail
@@ -605,14 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups_of.setdefault(key, []).append(run)
     chosen = [representative(runs) for runs in groups_of.values()]
     document["median_runs"] = [document["runs"].index(run) for run in chosen]
-    document["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    document["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    if code_digest() != document["code"]:
-        document["code"] += " (changed during the run)"
-        log("warning: the application's code changed during the run")
-    print(render(document))
-    path = write_json(args.json, "e2e", document)
-    print(f"\nJSON: {path}")
+    finish(document, "e2e", args.json, render)
     return 1 if failed else 0
 
 

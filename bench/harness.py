@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -436,3 +437,21 @@ def log_tail(path: Path, limit: int = 3000) -> str:
     if not path.exists():
         return ""
     return path.read_text(errors="replace")[-limit:]
+
+
+def finish(
+    document: dict[str, Any],
+    kind: str,
+    json_path: Path | None,
+    render: Callable[[dict[str, Any]], str],
+) -> Path:
+    """Stamp the end of a run, warn if the code changed under it, print it and write the JSON."""
+    document["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    document["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if code_digest() != document["code"]:
+        document["code"] += " (changed during the run)"
+        log("warning: the application's code changed during the run")
+    print(render(document))
+    path = write_json(json_path, kind, document)
+    print(f"\nJSON: {path}")
+    return path

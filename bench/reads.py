@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ from bench.harness import app_tables
 from bench.harness import bench_services
 from bench.harness import code_digest
 from bench.harness import describe
+from bench.harness import finish
 from bench.harness import fmt
 from bench.harness import log
 from bench.harness import log_tail
@@ -44,7 +44,6 @@ from bench.harness import scratch_dir
 from bench.harness import server_versions
 from bench.harness import table
 from bench.harness import warn_if_busy
-from bench.harness import write_json
 from publisher.client import percentile
 from scripts.stack import Api
 
@@ -391,14 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = any(result["errors"] for result in document["cases"].values())
         if failed:
             print(log_tail(api.log), file=sys.stderr)
-    document["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    document["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    if code_digest() != document["code"]:
-        document["code"] += " (changed during the run)"
-        log("warning: the application's code changed during the run")
-    print(render(document))
-    path = write_json(args.json, "reads", document)
-    print(f"\nJSON: {path}")
+    finish(document, "reads", args.json, render)
     return 1 if failed else 0
 
 
