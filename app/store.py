@@ -378,23 +378,6 @@ def list_dead_letters(conn: Connection, limit: int = 100) -> list[dict[str, Any]
     return [dict(row) for row in conn.execute(stmt).mappings()]
 
 
-__all__ = [
-    "BatchOutcome",
-    "InvalidCursor",
-    "Totals",
-    "decode_cursor",
-    "encode_cursor",
-    "list_dead_letters",
-    "list_events",
-    "processed_batches",
-    "read_totals",
-    "replay_dead_letter",
-    "ReplayRefused",
-    "run_in_transaction",
-    "store_batch",
-]
-
-
 # PostgreSQL aborts one side of a deadlock or serialization conflict; running
 # the whole transaction again is the documented answer.
 _RETRYABLE_SQLSTATES = {"40P01", "40001"}
