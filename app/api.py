@@ -114,7 +114,7 @@ PUBLISH_BODY = {
 @events_blp.route("/publish/batch", methods=["POST"], endpoint="publish_batch")
 @events_blp.doc(requestBody=PUBLISH_BODY)
 @events_blp.response(202, AcceptedSchema, description="The whole batch is on the queue.")
-@documents_errors(400, 408, 413, 415, 422, 503)
+@documents_errors(400, 401, 408, 413, 415, 422, 429, 503)
 def publish_events() -> dict[str, int]:
     """Accept one event or an array of up to 1,000, as one queued batch."""
     events = load_events(_json_body())
@@ -129,7 +129,7 @@ def publish_events() -> dict[str, int]:
 @events_blp.route("/events", methods=["GET"])
 @events_blp.arguments(EventQuerySchema, location="query", as_kwargs=True)
 @events_blp.response(200, EventPageSchema)
-@documents_errors(422, 503)
+@documents_errors(401, 422, 429, 503)
 def list_events(limit: int, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
     """Return stored events oldest first, one page at a time."""
     try:
@@ -142,7 +142,7 @@ def list_events(limit: int, cursor: str | None = None, **filters: Any) -> dict[s
 
 @stats_blp.route("/stats", methods=["GET"])
 @stats_blp.response(200, StatsSchema)
-@documents_errors(503)
+@documents_errors(401, 429, 503)
 def stats() -> dict[str, Any]:
     """Return exact counters of everything received, stored, dropped and queued."""
     return collect_stats(_engine(), _redis(), current_app.extensions["started_at"])
@@ -150,7 +150,7 @@ def stats() -> dict[str, Any]:
 
 @dead_letters_blp.route("/dead-letters", methods=["GET"])
 @dead_letters_blp.response(200, DeadLetterSchema(many=True))
-@documents_errors(503)
+@documents_errors(401, 429, 503)
 def dead_letters() -> list[dict[str, Any]]:
     """Return the newest events the database refused, with the reason."""
     with _engine().connect() as conn:
@@ -159,7 +159,7 @@ def dead_letters() -> list[dict[str, Any]]:
 
 @dead_letters_blp.route("/dead-letters/<int:letter_id>/replay", methods=["POST"])
 @dead_letters_blp.response(200, ReplayResultSchema)
-@documents_errors(404, 422, 503)
+@documents_errors(401, 404, 422, 429, 503)
 def replay_dead_letter(letter_id: int) -> dict[str, Any]:
     """Store a dead-lettered event again, after the cause was fixed."""
     try:
