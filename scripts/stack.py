@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
+from typing import Self
 
 import psutil
 from mirakuru import HTTPExecutor
@@ -52,7 +54,22 @@ def _process_options(env: dict[str, str], log_file: object) -> dict[str, object]
     }
 
 
-class Api:
+class _HttpProcess:
+    """A process that is up once it answers HTTP; started and stopped with its log."""
+
+    executor: HTTPExecutor
+    _log_file: IO[bytes]
+
+    def start(self) -> Self:
+        self.executor.start()
+        return self
+
+    def stop(self) -> None:
+        self.executor.stop()
+        self._log_file.close()
+
+
+class Api(_HttpProcess):
     """gunicorn serving create_app() on a free loopback port."""
 
     def __init__(
@@ -76,14 +93,6 @@ class Api:
             status=200,
             **_process_options({**env, "GUNICORN_ACCESS_LOG": ""}, self._log_file),
         )
-
-    def start(self) -> Api:
-        self.executor.start()
-        return self
-
-    def stop(self) -> None:
-        self.executor.stop()
-        self._log_file.close()
 
     def worker_pids(self) -> list[int]:
         """Return the pids of gunicorn's worker processes."""
@@ -157,7 +166,7 @@ class Worker:
         self._log_file.close()
 
 
-class Flower:
+class Flower(_HttpProcess):
     """Flower on loopback, behind HTTP basic auth, for watching workers and queues."""
 
     def __init__(self, env: dict[str, str], log: Path, auth: str, port: int | None = None) -> None:
@@ -182,11 +191,3 @@ class Flower:
             method="GET",
             **_process_options(env, self._log_file),
         )
-
-    def start(self) -> Flower:
-        self.executor.start()
-        return self
-
-    def stop(self) -> None:
-        self.executor.stop()
-        self._log_file.close()
