@@ -7,6 +7,8 @@ import time
 import redis
 from flask import Flask
 from flask_smorest import Api
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.config import Settings
 from app.config import load_settings
@@ -30,10 +32,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Gunicorn runs this factory in each worker after the fork, so every
     # process gets its own pool; nothing connects until the first request.
     app.extensions["engine"] = make_engine(settings.database_url, pool_size=settings.pool_size)
+    # No quiet retries: redis-py's default would stretch a stall into seconds;
+    # the client retries instead, with its idempotency key.
     app.extensions["redis"] = redis.Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.broker_timeout,
         socket_connect_timeout=settings.broker_timeout,
+        retry=Retry(NoBackoff(), 0),
     )
     app.extensions["started_at"] = time.monotonic()
     app.config["GROUP_COMMIT_BELOW"] = settings.group_commit_below
@@ -44,16 +49,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.metrics import init_metrics
     from app.publish import GroupCommit
     from app.schemas import EventSchema
-    from tasks import celery_app
+    from tasks.acceptance import make_acceptor
 
-    # The API only publishes: a read timeout turns a hung broker into a fast 503.
-    celery_app.conf.broker_transport_options = {
-        **celery_app.conf.broker_transport_options,
-        "socket_timeout": settings.broker_timeout,
-    }
-
+    acceptor = make_acceptor(app.extensions["redis"], app.extensions["engine"], settings)
+    app.extensions["acceptor"] = acceptor
     app.extensions["group_commit"] = GroupCommit(
-        app.extensions["redis"],
+        acceptor,
         max_events=settings.group_commit_max_events,
         linger=settings.group_commit_linger_ms / 1000,
     )

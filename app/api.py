@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 import redis
 from flask import current_app
+from flask import g
 from flask import request
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
@@ -19,10 +21,12 @@ from werkzeug.exceptions import NotFound
 from werkzeug.exceptions import RequestTimeout
 from werkzeug.exceptions import UnsupportedMediaType
 
+from app import broker_log
 from app import publish
 from app import store
 from app.metrics import ACCEPTED
 from app.schemas import AcceptedSchema
+from app.schemas import AcknowledgedSchema
 from app.schemas import DeadLetterSchema
 from app.schemas import ErrorBodySchema
 from app.schemas import EventPageSchema
@@ -32,11 +36,18 @@ from app.schemas import ReplayResultSchema
 from app.schemas import StatsSchema
 from app.schemas import load_events
 from app.stats import collect_stats
+from tasks.acceptance import Request
+from tasks.acceptance import fingerprint
+from tasks.acceptance import persistence
 
 events_blp = Blueprint("events", __name__, description="Publish events and read them back.")
 stats_blp = Blueprint("stats", __name__, description="Exact counters.")
 dead_letters_blp = Blueprint("dead_letters", __name__, description="Events the database refused.")
 health_blp = Blueprint("health", __name__, description="Liveness and readiness.")
+broker_blp = Blueprint("broker", __name__, description="Losses of broker data.")
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 200
 
 ERROR_DESCRIPTIONS = {
     400: "Malformed JSON.",
@@ -72,7 +83,8 @@ def _redis() -> redis.Redis:
     return current_app.extensions["redis"]
 
 
-def _json_body() -> Any:
+def _json_body() -> tuple[bytes, Any]:
+    """Return the raw body and its parsed JSON."""
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
     # gunicorn hands us its socket: bound each read, so a client that stalls
@@ -85,9 +97,21 @@ def _json_body() -> Any:
     except (TimeoutError, ClientDisconnected):
         raise RequestTimeout("the body stalled or ended before Content-Length") from None
     try:
-        return orjson.loads(body)
+        return body, orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def _idempotency_key() -> tuple[str, bool]:
+    """Return the request's idempotency key and whether the client chose it."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return uuid.uuid4().hex, False
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not all(" " <= c <= "~" for c in key):
+        raise ValidationError(
+            {IDEMPOTENCY_HEADER: [f"1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"]}
+        )
+    return key, True
 
 
 PUBLISH_BODY = {
@@ -113,17 +137,39 @@ PUBLISH_BODY = {
 @events_blp.route("/publish", methods=["POST"])
 @events_blp.route("/publish/batch", methods=["POST"], endpoint="publish_batch")
 @events_blp.doc(requestBody=PUBLISH_BODY)
-@events_blp.response(202, AcceptedSchema, description="The whole batch is on the queue.")
+@events_blp.doc(
+    parameters=[
+        {
+            "name": IDEMPOTENCY_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
+            "description": "Send the same key with every retry of a request: within"
+            " IDEMPOTENCY_TTL it is accepted and counted once and answered the same 202.",
+        }
+    ]
+)
+@events_blp.response(
+    202, AcceptedSchema, description="The whole batch is durably on the queue, counted once."
+)
 @documents_errors(400, 401, 408, 413, 415, 422, 429, 503)
-def publish_events() -> dict[str, int]:
+def publish_events() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Accept one event or an array of up to 1,000, as one queued batch."""
-    events = load_events(_json_body())
+    key, remember = _idempotency_key()
+    raw, body = _json_body()
+    events = load_events(body)
+    accept = Request(events, g.get("client_id") or "-", key, fingerprint(raw), remember)
     if len(events) < current_app.config["GROUP_COMMIT_BELOW"]:
-        current_app.extensions["group_commit"].submit(events)
+        receipt = current_app.extensions["group_commit"].submit(accept)
     else:
-        publish.enqueue(_redis(), events)
-    ACCEPTED.inc(len(events))
-    return {"accepted": len(events)}
+        receipt = publish.accept_now(current_app.extensions["acceptor"], accept)
+    headers = {IDEMPOTENCY_HEADER: key}
+    if receipt.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        ACCEPTED.inc(receipt.accepted)
+    body = {"accepted": receipt.accepted, "batch_id": receipt.batch_id, "idempotency_key": key}
+    return body, 202, headers
 
 
 @events_blp.route("/events", methods=["GET"])
@@ -183,18 +229,32 @@ def health() -> dict[str, str]:
 @health_blp.response(200, HealthSchema)
 @documents_errors(503)
 def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
-    """Check that the database and the broker answer."""
-    checks = {"database": "ok", "broker": "ok"}
+    """Check the database and the broker, and that no loss of broker data awaits acknowledgement."""
+    checks = {"database": "ok", "broker": "ok", "broker_data_loss": "none"}
     try:
         with _engine().connect() as conn:
             conn.execute(text("SELECT 1"))
+            losses = broker_log.loss_summary(conn)
+        if losses["unacknowledged"]:
+            checks["broker_data_loss"] = (
+                f"{losses['unacknowledged']} unacknowledged (last {losses['last_detected_at']});"
+                " see /stats, then POST /broker/data-loss/acknowledge"
+            )
     except Exception as exc:  # Any failure means not ready; say which.
         checks["database"] = f"down: {type(exc).__name__}"
+        checks["broker_data_loss"] = "unknown"
     try:
         _redis().ping()
+        # Informational: what a 202 survives (README, Reliability).
+        checks["broker_persistence"] = persistence(_redis())
     except Exception as exc:
         checks["broker"] = f"down: {type(exc).__name__}"
-    if all(state == "ok" for state in checks.values()):
+    failing = [
+        checks["database"] != "ok",
+        checks["broker"] != "ok",
+        checks["broker_data_loss"] != "none",
+    ]
+    if not any(failing):
         return {"status": "ready", "checks": checks}
     retry_after = current_app.config["RETRY_AFTER"]
     return (
@@ -204,4 +264,28 @@ def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
     )
 
 
-BLUEPRINTS = (events_blp, stats_blp, dead_letters_blp, health_blp)
+@broker_blp.route("/broker/data-loss", methods=["GET"])
+@broker_blp.response(200)
+@documents_errors(401, 429, 503)
+def broker_data_loss() -> list[dict[str, Any]]:
+    """List every detected loss of broker data, newest first."""
+    with _engine().connect() as conn:
+        return [
+            {
+                key: value.isoformat() if hasattr(value, "isoformat") else value
+                for key, value in loss.items()
+            }
+            for loss in broker_log.list_losses(conn)
+        ]
+
+
+@broker_blp.route("/broker/data-loss/acknowledge", methods=["POST"])
+@broker_blp.response(200, AcknowledgedSchema)
+@documents_errors(401, 429, 503)
+def acknowledge_broker_data_loss() -> dict[str, int]:
+    """Acknowledge detected losses of broker data, so /ready reports ready again."""
+    with _engine().begin() as conn:
+        return {"acknowledged": broker_log.acknowledge_losses(conn)}
+
+
+BLUEPRINTS = (events_blp, stats_blp, dead_letters_blp, health_blp, broker_blp)

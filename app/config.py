@@ -21,21 +21,28 @@ class Settings:
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
-    # Broker: how long a fetched but unacknowledged message stays invisible
-    # before Redis hands it to another worker (covers a SIGKILLed worker).
-    visibility_timeout: int = 300
-    # How often workers sweep for messages whose visibility timeout passed.
-    restore_interval: int = 10
-    # An accepted batch still not stored this long after it was sent is sent
-    # again (kombu can lose a message whose worker dies as it fetches it).
-    # Unset, it is three visibility timeouts.
-    resend_after: int = 900
+    # Broker: a message held by a worker whose main process died is handed to
+    # another worker this long after the dead one last renewed its lease (live
+    # workers renew theirs every third of it, tasks.broker).
+    visibility_timeout: int = 30
+    # How often workers sweep for such messages, and for lost batches.
+    restore_interval: int = 5
+    # A batch pending this long is checked for evidence that the broker lost
+    # it (its message neither queued nor held) and then sent again.
+    resend_after: int = 30
+    # How often workers compare the broker's epoch and sequence with the
+    # checkpoint in PostgreSQL, to notice lost broker data.
+    broker_check_interval: float = 2.0
+    # Accepting stops (503) while the unstored backlog on the broker (messages
+    # and their resend copies) is above this, well before Redis's maxmemory.
+    max_backlog_bytes: int = 256 * 1024 * 1024
+    # How long a request's idempotency record is kept.
+    idempotency_ttl: int = 24 * 3600
     # Seconds a publish may take before the API answers 503.
     broker_timeout: float = 0.5
     retry_after: int = 2
-    # Worker retries on database outages: exponential backoff capped here.
-    # Kept well below visibility_timeout, so a retry held in memory is never
-    # redelivered as a second copy.
+    # While the database is away a worker waits before handing a batch back
+    # to the queue, doubling the wait up to this many seconds.
     retry_backoff_max: int = 30
     # Request bodies above this get 413 before they are read (1,000 events of a
     # few KiB each fit comfortably).
@@ -101,8 +108,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis://", "rediss://", "unix://")),
         visibility_timeout=_int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout),
         restore_interval=_int(env, "BROKER_RESTORE_INTERVAL", Settings.restore_interval),
-        resend_after=_int(env, "BROKER_RESEND_AFTER", 0)
-        or 3 * _int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout),
+        resend_after=_int(env, "BROKER_RESEND_AFTER", Settings.resend_after),
+        broker_check_interval=_float(env, "BROKER_CHECK_INTERVAL", Settings.broker_check_interval),
+        max_backlog_bytes=_int(env, "BROKER_MAX_BACKLOG_BYTES", Settings.max_backlog_bytes),
+        idempotency_ttl=_int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl),
         broker_timeout=_float(env, "BROKER_TIMEOUT", Settings.broker_timeout),
         retry_after=_int(env, "RETRY_AFTER", Settings.retry_after),
         retry_backoff_max=_int(env, "TASK_RETRY_BACKOFF_MAX", Settings.retry_backoff_max),

@@ -47,8 +47,9 @@ events = Table(
     Index(None, "topic", "txid", "id"),
 )
 
-# One row per processed task: claimed first, in the same transaction as the
-# inserts, so a redelivered batch is recognised and never counted twice.
+# One row per processed task, claimed before the events are touched and in the
+# same transaction, so a second copy of a batch waits for the first, then finds
+# the claim and stores and counts nothing.
 batches = Table(
     "batches",
     metadata,
@@ -58,6 +59,11 @@ batches = Table(
     Column("duplicates", Integer, nullable=False, server_default="0"),
     Column("failed", Integer, nullable=False, server_default="0"),
     Column("processed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    # Which acceptance this batch was: the broker's epoch and its sequence number
+    # there (tasks.broker_state compares them with the broker to detect lost data).
+    Column("broker_epoch", Text, nullable=True),
+    Column("broker_seq", BigInteger, nullable=True),
+    Index(None, "broker_epoch", "broker_seq"),
 )
 
 # Running totals per topic, updated with each batch, so /stats reads a few
@@ -88,6 +94,36 @@ dead_letters = Table(
     Index(None, "topic", "event_id"),
     # A redelivered batch refuses the same rows again; one letter per row.
     UniqueConstraint("batch_id", "topic", "event_id"),
+)
+
+
+# Per broker (its URL without credentials): the epoch it holds and how far it had
+# got when last checked, so a broker that lost its data is noticed.
+broker_checkpoints = Table(
+    "broker_checkpoints",
+    metadata,
+    Column("broker", Text, primary_key=True),
+    Column("epoch", Text, nullable=False),
+    Column("seq", BigInteger, nullable=False, server_default="0"),
+    Column("accepted_events", BigInteger, nullable=False, server_default="0"),
+    Column("checked_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+# Every detected loss of broker data, until an operator acknowledges it.
+broker_losses = Table(
+    "broker_losses",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("broker", Text, nullable=False),
+    Column("lost_epoch", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("seq_known", BigInteger, nullable=False),
+    Column("seq_found", BigInteger, nullable=True),
+    Column("events_unaccounted", BigInteger, nullable=False),
+    Column("detected_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("acknowledged_at", DateTime(timezone=True), nullable=True),
+    # One record per lost epoch, however many processes notice it.
+    UniqueConstraint("broker", "lost_epoch"),
 )
 
 

@@ -18,7 +18,9 @@ from werkzeug.exceptions import InternalServerError
 from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.exceptions import UnprocessableEntity
 
-from app.publish import BrokerUnavailable
+from tasks.acceptance import BacklogFull
+from tasks.acceptance import BrokerUnavailable
+from tasks.acceptance import KeyReused
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,9 @@ BROKER_ERRORS = (
     kombu.exceptions.OperationalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    # Refused writes: maxmemory reached, or a replica that cannot take them.
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
     ConnectionError,
 )
 DATABASE_ERRORS = (
@@ -90,6 +95,25 @@ def handle_broker_error(exc: Exception) -> Response:
     return _unavailable("broker")
 
 
+def handle_backlog_full(exc: BacklogFull) -> Response:
+    """Answer with 503 and Retry-After while the broker's backlog is over its budget."""
+    logger.warning("refusing to accept: %s", exc)
+    retry_after = current_app.config["RETRY_AFTER"]
+    return error_response(
+        ServiceUnavailable(retry_after=retry_after),
+        message=f"too much unstored work queued ({exc}); retry in {retry_after} s",
+    )
+
+
+def handle_key_reused(exc: KeyReused) -> Response:
+    """Answer an idempotency key sent again with another body with 422."""
+    return error_response(
+        UnprocessableEntity(),
+        "invalid input",
+        {"Idempotency-Key": [f"key {exc} was already used with a different body"]},
+    )
+
+
 def handle_database_error(exc: Exception) -> Response:
     """Answer a database outage with 503 and Retry-After."""
     logger.warning("database unavailable: %s", str(exc).splitlines()[0])
@@ -106,6 +130,8 @@ def register_error_handlers(app: Flask) -> None:
     """Register one JSON shape for every error."""
     app.register_error_handler(ValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(BacklogFull, handle_backlog_full)
+    app.register_error_handler(KeyReused, handle_key_reused)
     for exc_type in BROKER_ERRORS:
         app.register_error_handler(exc_type, handle_broker_error)
     for exc_type in DATABASE_ERRORS:

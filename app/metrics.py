@@ -23,12 +23,15 @@ from prometheus_client import Counter
 from prometheus_client import Histogram
 from prometheus_client import generate_latest
 from prometheus_client import multiprocess
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
-from app import pending
+from app.broker_log import loss_summary
 from app.store import read_totals
+from tasks.acceptance import depth
+from tasks.acceptance import persistence
 
 REQUESTS = Counter(
     "aggregator_http_requests_total", "HTTP requests answered.", ["endpoint", "method", "status"]
@@ -62,24 +65,46 @@ class StatsCollector(Collector):
         self._engine = engine
         self._client = client
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         with self._engine.connect() as conn:
             totals = read_totals(conn)
+            losses = loss_summary(conn)
         events = GaugeMetricFamily(
             "aggregator_events", "Events processed, by outcome (exact).", labels=["outcome"]
         )
         for outcome in ("received", "stored", "duplicates", "failed"):
             events.add_metric([outcome], getattr(totals, outcome))
         yield events
+        lost = CounterMetricFamily(
+            "aggregator_broker_data_loss",
+            "Losses of broker data detected (flushed, replaced, or restored from an older copy).",
+        )
+        lost.add_metric([], losses["detected"])
+        yield lost
+        unacknowledged = GaugeMetricFamily(
+            "aggregator_broker_data_loss_unacknowledged",
+            "Detected losses of broker data not yet acknowledged by an operator.",
+        )
+        unacknowledged.add_metric([], losses["unacknowledged"])
+        yield unacknowledged
+        figures = depth(self._client)
         queue = GaugeMetricFamily(
             "aggregator_broker_messages", "Messages on the broker, by state.", labels=["state"]
         )
-        queue.add_metric(["ready"], self._client.llen("celery"))
-        queue.add_metric(["unacked"], self._client.hlen("unacked"))
+        queue.add_metric(["ready"], figures.ready)
+        queue.add_metric(["unacked"], figures.unacked)
         yield queue
         marks = GaugeMetricFamily("aggregator_pending_batches", "Batches accepted, not stored.")
-        marks.add_metric([], self._client.hlen(pending.PENDING_KEY))
+        marks.add_metric([], figures.pending)
         yield marks
+        mode = GaugeMetricFamily(
+            "aggregator_broker_persistence",
+            "What a 202 survives: 1 for the broker's AOF fsync policy"
+            " (always, everysec: up to one second lost on a crash, none, unknown).",
+            labels=["appendfsync"],
+        )
+        mode.add_metric([persistence(self._client)], 1)
+        yield mode
 
 
 def _registry() -> CollectorRegistry:

@@ -128,6 +128,13 @@ class AcceptedSchema(Schema):
     """Answer to an accepted publish."""
 
     accepted = fields.Integer(required=True)
+    batch_id = fields.String(
+        required=True, metadata={"description": "The task carrying the events; workers log it."}
+    )
+    idempotency_key = fields.String(
+        required=True,
+        metadata={"description": "The request's Idempotency-Key, or the one the server made up."},
+    )
 
 
 # Schemas hold no per-request state; building them costs more than loading one event.
@@ -168,6 +175,22 @@ class TopicStatsSchema(Schema):
     failed = fields.Integer(required=True)
 
 
+class BrokerDataLossSchema(Schema):
+    """Losses of broker data detected so far (see the README, Reliability)."""
+
+    detected = fields.Integer(required=True)
+    last_detected_at = fields.String(allow_none=True, required=True)
+    unacknowledged = fields.Integer(required=True)
+    events_unaccounted = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Accepted before each loss's last checkpoint and not stored when it"
+            " was detected: an upper bound of what is known lost; acceptances after the"
+            " last checkpoint cannot be known."
+        },
+    )
+
+
 class StatsSchema(Schema):
     """Counters that add up: received = stored + duplicates + failed + queued."""
 
@@ -177,6 +200,7 @@ class StatsSchema(Schema):
     failed_events = fields.Integer(required=True)
     queued_events = fields.Integer(required=True)
     uptime_seconds = fields.Float(required=True)
+    broker_data_loss = fields.Nested(BrokerDataLossSchema, required=True)
     topics = fields.Dict(keys=fields.String(), values=fields.Nested(TopicStatsSchema))
 
 
@@ -197,6 +221,12 @@ class HealthSchema(Schema):
 
     status = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class AcknowledgedSchema(Schema):
+    """How many detected losses of broker data an operator just acknowledged."""
+
+    acknowledged = fields.Integer(required=True)
 
 
 class ReplayResultSchema(Schema):

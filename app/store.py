@@ -26,7 +26,6 @@ from sqlalchemy import Text
 from sqlalchemy import and_
 from sqlalchemy import bindparam
 from sqlalchemy import cast
-from sqlalchemy import exists
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import tuple_
@@ -163,17 +162,30 @@ def _dead_letter(conn: Connection, batch_id: str, row: Event, exc: Exception) ->
     conn.execute(stmt)
 
 
-def _record_statement() -> Select[tuple[int]]:
-    ledger = (
+def _claim_statement() -> Insert:
+    return (
         insert(batches)
         .values(
             batch_id=bindparam("batch_id"),
             received=bindparam("received"),
+            broker_epoch=bindparam("broker_epoch"),
+            broker_seq=bindparam("broker_seq"),
+        )
+        .on_conflict_do_nothing(index_elements=[batches.c.batch_id])
+        .returning(batches.c.batch_id)
+    )
+
+
+def _record_statement() -> Select[tuple[int]]:
+    ledger = (
+        update(batches)
+        # Not named "batch_id": in an UPDATE that name would mean SET batch_id.
+        .where(batches.c.batch_id == bindparam("claimed_id"))
+        .values(
             stored=bindparam("stored"),
             duplicates=bindparam("duplicates"),
             failed=bindparam("failed"),
         )
-        .on_conflict_do_nothing(index_elements=[batches.c.batch_id])
         .returning(batches.c.batch_id)
         .cte("ledger")
     )
@@ -186,9 +198,7 @@ def _record_statement() -> Select[tuple[int]]:
         .render_derived("per_topic")
     )
     add = insert(topic_stats).from_select(
-        ["topic", *COUNTERS],
-        # Only when the ledger row is new: a replayed batch must not count twice.
-        select(per_topic).where(exists(select(ledger.c.batch_id))).order_by(per_topic.c.topic),
+        ["topic", *COUNTERS], select(per_topic).order_by(per_topic.c.topic)
     )
     add = add.on_conflict_do_update(
         index_elements=[topic_stats.c.topic],
@@ -197,16 +207,28 @@ def _record_statement() -> Select[tuple[int]]:
     return select(func.count()).select_from(ledger).add_cte(add.cte("counted"))
 
 
-# Like _INSERT_EVENTS, one cached statement whatever the number of topics.
+# Like _INSERT_EVENTS, cached statements of one shape whatever the batch.
+_CLAIM = _claim_statement()
 _RECORD = _record_statement()
 
 
-def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> bool:
-    """Write the ledger row and add to the topic counters; False if the batch was recorded."""
+def _claim(
+    conn: Connection, batch_id: str, received: int, epoch: str | None, seq: int | None
+) -> bool:
+    """Claim a batch id in the ledger; False if another copy of the batch claimed it first.
+
+    A copy running concurrently waits on the first one's uncommitted row, then
+    finds it (or, if the first rolled back, claims it itself).
+    """
+    params = {"batch_id": batch_id, "received": received, "broker_epoch": epoch, "broker_seq": seq}
+    return conn.execute(_CLAIM, params).first() is not None
+
+
+def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> None:
+    """Write the batch's counts to its ledger row and add them to the topic counters."""
     topics = sorted(outcome.per_topic)
     params: dict[str, Any] = {
-        "batch_id": batch_id,
-        "received": outcome.received,
+        "claimed_id": batch_id,
         "stored": outcome.stored,
         "duplicates": outcome.duplicates,
         "failed": outcome.failed,
@@ -214,18 +236,27 @@ def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> bool:
     }
     for name in COUNTERS:
         params[f"topic_{name}"] = [outcome.per_topic[topic][name] for topic in topics]
-    return conn.execute(_RECORD, params).scalar_one() == 1
+    conn.execute(_RECORD, params).scalar_one()
 
 
-def store_batch(conn: Connection, batch_id: str, rows: Sequence[Event]) -> BatchOutcome:
+def store_batch(
+    conn: Connection,
+    batch_id: str,
+    rows: Sequence[Event],
+    *,
+    epoch: str | None = None,
+    seq: int | None = None,
+) -> BatchOutcome:
     """Store a batch exactly once and add it to the counters, all in the caller's transaction.
 
-    A batch delivered again after it committed finds every key taken and its
-    ledger row present, so it stores nothing and counts nothing. A delivery
-    racing the first one waits on its row locks and then finds the same.
+    The ledger row is claimed first: a copy of a batch that was processed (or
+    is being processed) finds the claim and touches neither events nor
+    counters, so redelivery costs one statement and can never count twice.
     """
     if not rows:
         return BatchOutcome()
+    if not _claim(conn, batch_id, len(rows), epoch, seq):
+        return BatchOutcome(received=len(rows), replayed=True)
     # Sorting by key makes concurrent batches with overlapping keys lock rows
     # in the same order, so they wait for each other instead of deadlocking.
     # The first copy of a key in the batch wins.
@@ -244,8 +275,7 @@ def store_batch(conn: Connection, batch_id: str, rows: Sequence[Event]) -> Batch
         stored_topics, refused = _insert_one_by_one(conn, batch_id, unique_rows)
 
     outcome = _count(rows, stored_topics, refused)
-    if not _record(conn, batch_id, outcome):
-        return BatchOutcome(received=len(rows), replayed=True)
+    _record(conn, batch_id, outcome)
     return outcome
 
 

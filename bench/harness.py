@@ -32,7 +32,6 @@ from sqlalchemy import make_url
 
 from app.db import make_engine
 from app.db import metadata
-from app.pending import PENDING_KEY
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
 from scripts.services import create_database
@@ -41,6 +40,7 @@ from scripts.services import find_pg_bindir
 from scripts.services import find_redis_server
 from scripts.services import free_port
 from scripts.stack import ROOT
+from tasks.pending import forget_everything
 
 RESULTS = ROOT / "bench" / "results"
 LOOPBACK = {"127.0.0.1", "localhost", "::1", None, ""}
@@ -166,7 +166,7 @@ def truncate_app_tables(services: Services) -> None:
     if services.private_redis:
         client = redis.Redis.from_url(services.redis_url)
         try:
-            client.delete(PENDING_KEY)
+            forget_everything(client)
         finally:
             client.close()
 

@@ -275,14 +275,41 @@ def drop_database(server_url: str, name: str) -> None:
         conn.close()
 
 
-class RedisServer:
-    """A redis-server of our own, in the foreground of a child process, with AOF on."""
+def redis_major_version(binary: Path) -> int:
+    """Return the major version of a redis-server binary."""
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True)
+    # "Redis server v=7.0.15 sha=..."
+    version = done.stdout.split("v=", 1)[1].split(".", 1)[0]
+    return int(version)
 
-    def __init__(self, datadir: Path, port: int, binary: Path, appendonly: bool = True) -> None:
+
+class RedisServer:
+    """A redis-server of our own, in the foreground of a child process.
+
+    Durable as in production: AOF on with `appendfsync always`, so a 202 means
+    the acceptance is on disk. Idempotency records are the only keys with a
+    TTL, and `volatile-ttl` makes Redis drop the oldest of them rather than
+    refuse writes when maxmemory is set and reached. `debug=True` allows
+    `DEBUG SLEEP` from loopback (fault tests; Redis 7 refuses it otherwise).
+    """
+
+    def __init__(
+        self,
+        datadir: Path,
+        port: int,
+        binary: Path,
+        appendonly: bool = True,
+        appendfsync: str = "always",
+        debug: bool = False,
+        maxmemory: str | None = None,
+    ) -> None:
         self.datadir = datadir
         self.port = port
         self.binary = binary
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.debug = debug
+        self.maxmemory = maxmemory
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -312,12 +339,18 @@ class RedisServer:
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
+            "--maxmemory-policy",
+            "volatile-ttl",
             "--daemonize",
             "no",
             "--logfile",
             str(self.datadir / "redis.log"),
         ]
+        if self.maxmemory:
+            argv += ["--maxmemory", self.maxmemory]
+        if self.debug and redis_major_version(self.binary) >= 7:
+            argv += ["--enable-debug-command", "local"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 20

@@ -1,4 +1,4 @@
-"""The Celery application and the per-process database engine of its workers."""
+"""The Celery application and the per-process database engine and Redis client of its workers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import redis
 from celery import Celery
 from celery.signals import worker_process_init
 from celery.signals import worker_ready
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import Engine
 
+from app.config import Settings
 from app.config import load_settings
 from app.db import make_engine
 
@@ -16,6 +19,18 @@ celery_app.config_from_object("celery_config")
 
 _engine: Engine | None = None
 _redis: redis.Redis | None = None
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    """Return a Redis client that fails within broker_timeout instead of retrying quietly."""
+    # redis-py retries timeouts by default, which turns a 0.5 s timeout into
+    # several seconds during a stall; callers decide what to do instead.
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.broker_timeout,
+        socket_connect_timeout=settings.broker_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 @worker_process_init.connect
@@ -39,19 +54,21 @@ def get_redis() -> redis.Redis:
     """Return this process's Redis client for the accepted-batches bookkeeping."""
     global _redis
     if _redis is None:
-        settings = load_settings()
-        _redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.broker_timeout,
-            socket_connect_timeout=settings.broker_timeout,
-        )
+        _redis = make_redis(load_settings())
     return _redis
 
 
 @worker_ready.connect
-def _start_resend_sweeper(**_: object) -> None:
-    """Send again accepted batches the broker lost (see app.pending)."""
+def _start_main_process_threads(**_: object) -> None:
+    """In the worker's main process: leases, the resend sweep and the broker watchdog."""
+    from tasks.broker import start_leases
+    from tasks.broker_state import Watchdog
+    from tasks.broker_state import broker_name
     from tasks.resend import start_sweeper
 
     settings = load_settings()
-    start_sweeper(get_redis(), settings.resend_after, settings.restore_interval)
+    start_leases(get_redis(), settings.visibility_timeout / 3)
+    start_sweeper(get_engine(), get_redis(), settings.resend_after, settings.restore_interval)
+    Watchdog(
+        get_engine(), get_redis(), broker_name(settings.redis_url), settings.broker_check_interval
+    ).start()

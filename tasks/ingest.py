@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import redis
+from celery import Task
+from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
 
-from app import pending
 from app.config import load_settings
 from app.metrics import TASK_DURATION
 from app.metrics import TASK_OUTCOMES
@@ -16,36 +19,73 @@ from app.store import store_batch as store_batch_in
 from tasks import celery_app
 from tasks import get_engine
 from tasks import get_redis
+from tasks.messages import STAMP_HEADER
+from tasks.messages import parse_stamp
+from tasks.pending import Scripts
 
 logger = get_task_logger(__name__)
 _settings = load_settings()
 
 
-# Any failure is retried with capped backoff and never acknowledged as done:
-# data the database refuses is dead-lettered inside store_batch, so what is
-# left (database or network down, a deploy in progress) is worth waiting out.
-@celery_app.task(
-    name="tasks.ingest.store_batch",
-    autoretry_for=(Exception,),
-    retry_backoff=True,
-    retry_backoff_max=_settings.retry_backoff_max,
-    retry_jitter=True,
-    max_retries=None,
-)
-def store_batch(batch_id: str, events: list[dict[str, Any]]) -> None:
+class Backoff:
+    """Waits after consecutive failures in this process: doubling, capped, reset by success."""
+
+    def __init__(self, cap: float, first: float = 0.25) -> None:
+        self._cap = cap
+        self._first = first
+        self._failures = 0
+        self._lock = threading.Lock()
+
+    def failed(self) -> float:
+        with self._lock:
+            self._failures += 1
+            return min(self._cap, self._first * 2 ** (self._failures - 1))
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+
+_backoff = Backoff(_settings.retry_backoff_max)
+
+
+# No Celery retry: a retry publishes a new message, and when that publish fails
+# Celery deletes the original (Reject with requeue=False), losing a batch that
+# was answered 202. Instead, any failure waits out a capped backoff here and
+# hands the same message back to the queue; data the database refuses is
+# dead-lettered inside store_batch, so what is left (database or network down,
+# a deploy in progress) is worth waiting out. If even the hand-back fails, the
+# message stays in kombu's unacked hash and comes back after the visibility timeout.
+@celery_app.task(name="tasks.ingest.store_batch", bind=True)
+def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None:
     """Store one accepted batch exactly once."""
-    with TASK_DURATION.time():
-        outcome = run_in_transaction(
-            get_engine(), lambda conn: store_batch_in(conn, batch_id, events)
+    epoch, seq = parse_stamp(self.request.get(STAMP_HEADER))
+    try:
+        with TASK_DURATION.time():
+            outcome = run_in_transaction(
+                get_engine(),
+                lambda conn: store_batch_in(conn, batch_id, events, epoch=epoch, seq=seq),
+            )
+    except Exception as exc:
+        wait = _backoff.failed()
+        logger.warning(
+            "batch %s not stored (%s: %s); back on the queue in %.2f s",
+            batch_id,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+            wait,
         )
+        time.sleep(wait)
+        raise Reject(f"{type(exc).__name__}", requeue=True) from None
+    _backoff.succeeded()
     if not outcome.replayed:
         TASK_OUTCOMES.labels("stored").inc(outcome.stored)
         TASK_OUTCOMES.labels("duplicate").inc(outcome.duplicates)
         TASK_OUTCOMES.labels("failed").inc(outcome.failed)
     try:
-        pending.forget(get_redis(), [batch_id])
+        Scripts(get_redis()).forget([batch_id])
     except redis.RedisError:
-        # /stats recognises a committed batch by its ledger row and cleans up.
+        # The resend sweep recognises a committed batch by its ledger row and forgets it.
         logger.warning("batch %s committed; could not clear its pending mark", batch_id)
     logger.info(
         "batch %s received=%d stored=%d duplicates=%d failed=%d replayed=%s",

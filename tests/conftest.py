@@ -20,9 +20,6 @@ from sqlalchemy import make_url
 from sqlalchemy import text
 
 from app.db import make_engine
-from app.pending import PAYLOAD_KEY
-from app.pending import PENDING_KEY
-from app.pending import SENT_KEY
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
 from scripts.services import create_database
@@ -32,9 +29,10 @@ from scripts.services import find_redis_server
 from scripts.services import free_port
 from scripts.stack import Api
 from scripts.stack import Worker
+from tasks.pending import forget_everything
 
 ROOT = Path(__file__).parent.parent
-TABLES = "events, batches, topic_stats, dead_letters"
+TABLES = "events, batches, topic_stats, dead_letters, broker_checkpoints, broker_losses"
 
 
 def _render(url: URL) -> str:
@@ -167,7 +165,8 @@ def clean(engine: Engine, redis_server: RedisServer) -> None:
     """Empty the tables and the pending marks; end-to-end tests share committed data."""
     with engine.begin() as connection:
         connection.execute(text(f"TRUNCATE {TABLES}"))
-    redis.Redis.from_url(redis_server.url).delete(PENDING_KEY, PAYLOAD_KEY, SENT_KEY)
+    with redis.Redis.from_url(redis_server.url) as client:
+        forget_everything(client)
 
 
 @pytest.hookimpl(wrapper=True)

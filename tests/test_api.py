@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import orjson
@@ -46,15 +47,20 @@ def assert_error(response: requests.Response, code: int) -> dict[str, object]:
 def test_single_event_is_accepted(url: str) -> None:
     response = post(url, event())
     assert response.status_code == 202
-    assert response.json() == {"accepted": 1}
+    body = response.json()
+    assert body["accepted"] == 1
+    # Without an Idempotency-Key the server makes one up and says so.
+    assert re.fullmatch(r"[0-9a-f]{32}", body["batch_id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", body["idempotency_key"])
+    assert response.headers["Idempotency-Key"] == body["idempotency_key"]
 
 
 def test_batch_is_accepted_on_both_paths(url: str) -> None:
     batch = [event(f"e-{i}") for i in range(3)]
-    assert post(url, batch).json() == {"accepted": 3}
+    assert post(url, batch).json()["accepted"] == 3
     response = requests.post(f"{url}/publish/batch", json=batch, timeout=10)
     assert response.status_code == 202
-    assert response.json() == {"accepted": 3}
+    assert response.json()["accepted"] == 3
 
 
 def test_malformed_json_is_400(url: str) -> None:

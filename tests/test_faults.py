@@ -43,7 +43,6 @@ from sqlalchemy import select
 from app.db import batches
 from app.db import events
 from app.db import make_engine
-from app.pending import PENDING_KEY
 from publisher.client import PublishConfig
 from publisher.client import PublishSummary
 from publisher.client import RequestOutcome
@@ -64,6 +63,7 @@ from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import alive
 from scripts.stack import wait_until
+from tasks.pending import PENDING_KEY
 from tests.conftest import migrate
 from tests.test_crash import TableLock
 from tests.test_pipeline import assert_adds_up

@@ -1,0 +1,139 @@
+"""Queries about the broker: its checkpointed epoch and progress, and losses of its data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert
+
+from app.db import batches
+from app.db import broker_checkpoints
+from app.db import broker_losses
+
+# Any constant: checks of one database take this transaction-level advisory
+# lock, so two processes never judge the same broker at once.
+CHECK_LOCK = 0x6167_6772
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """How far a broker had got when it was last checked."""
+
+    epoch: str
+    seq: int
+    accepted_events: int
+
+
+def lock_checks(conn: Connection) -> None:
+    """Serialize broker checks until the caller's transaction ends."""
+    conn.execute(select(func.pg_advisory_xact_lock(CHECK_LOCK)))
+
+
+def read_checkpoint(conn: Connection, broker: str) -> Checkpoint | None:
+    """Return the broker's last checkpoint, or None if it was never checked."""
+    row = conn.execute(
+        select(
+            broker_checkpoints.c.epoch,
+            broker_checkpoints.c.seq,
+            broker_checkpoints.c.accepted_events,
+        ).where(broker_checkpoints.c.broker == broker)
+    ).one_or_none()
+    return None if row is None else Checkpoint(row.epoch, row.seq, row.accepted_events)
+
+
+def save_checkpoint(conn: Connection, broker: str, checkpoint: Checkpoint) -> None:
+    """Record the broker's epoch and progress."""
+    stmt = insert(broker_checkpoints).values(
+        broker=broker,
+        epoch=checkpoint.epoch,
+        seq=checkpoint.seq,
+        accepted_events=checkpoint.accepted_events,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[broker_checkpoints.c.broker],
+        set_={
+            "epoch": stmt.excluded.epoch,
+            "seq": stmt.excluded.seq,
+            "accepted_events": stmt.excluded.accepted_events,
+            "checked_at": func.now(),
+        },
+    )
+    conn.execute(stmt)
+
+
+def ledger_progress(conn: Connection, epoch: str) -> tuple[int, int]:
+    """Return the highest sequence number stored from an epoch, and the events it received."""
+    max_seq, received = conn.execute(
+        select(
+            func.coalesce(func.max(batches.c.broker_seq), 0),
+            func.coalesce(func.sum(batches.c.received), 0),
+        ).where(batches.c.broker_epoch == epoch)
+    ).one()
+    return int(max_seq), int(received)
+
+
+def record_loss(
+    conn: Connection,
+    *,
+    broker: str,
+    lost_epoch: str,
+    reason: str,
+    seq_known: int,
+    seq_found: int | None,
+    events_unaccounted: int,
+) -> bool:
+    """Record a detected loss of broker data once; False if it was recorded already."""
+    stmt = (
+        insert(broker_losses)
+        .values(
+            broker=broker,
+            lost_epoch=lost_epoch,
+            reason=reason,
+            seq_known=seq_known,
+            seq_found=seq_found,
+            events_unaccounted=events_unaccounted,
+        )
+        .on_conflict_do_nothing(constraint="uq_broker_losses_broker_lost_epoch")
+        .returning(broker_losses.c.id)
+    )
+    return conn.execute(stmt).first() is not None
+
+
+def loss_summary(conn: Connection) -> dict[str, Any]:
+    """Return how many losses were detected, the last one's time, and what is unacknowledged."""
+    detected, last, unacknowledged, unaccounted = conn.execute(
+        select(
+            func.count(),
+            func.max(broker_losses.c.detected_at),
+            func.count().filter(broker_losses.c.acknowledged_at.is_(None)),
+            func.coalesce(func.sum(broker_losses.c.events_unaccounted), 0),
+        )
+    ).one()
+    return {
+        "detected": int(detected),
+        "last_detected_at": last.isoformat() if isinstance(last, datetime) else None,
+        "unacknowledged": int(unacknowledged),
+        "events_unaccounted": int(unaccounted),
+    }
+
+
+def list_losses(conn: Connection) -> list[dict[str, Any]]:
+    """Return every detected loss, newest first."""
+    rows = conn.execute(select(broker_losses).order_by(broker_losses.c.id.desc())).mappings()
+    return [dict(row) for row in rows]
+
+
+def acknowledge_losses(conn: Connection) -> int:
+    """Mark every unacknowledged loss as seen by an operator; return how many."""
+    result = conn.execute(
+        update(broker_losses)
+        .where(broker_losses.c.acknowledged_at.is_(None))
+        .values(acknowledged_at=func.now())
+    )
+    return result.rowcount
