@@ -32,7 +32,10 @@ from scripts.stack import Worker
 from tasks.pending import forget_everything
 
 ROOT = Path(__file__).parent.parent
-TABLES = "events, batches, topic_stats, dead_letters, broker_checkpoints, broker_losses"
+# The broker tables first: the workers' broker check reads them before batches, so a
+# TRUNCATE taking its locks in this order cannot deadlock with it; batches before events, as
+# the worker claims its ledger row first.
+TABLES = "broker_checkpoints, broker_losses, batches, events, topic_stats, dead_letters"
 
 
 def _render(url: URL) -> str:

@@ -48,7 +48,14 @@ def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
 
     run("upgrade", "head")
     tables, uniques = tables_and_constraints(empty_database)
-    assert tables == {"events", "batches", "topic_stats", "dead_letters"}
+    assert tables == {
+        "events",
+        "batches",
+        "topic_stats",
+        "dead_letters",
+        "broker_checkpoints",
+        "broker_losses",
+    }
     assert uniques == ["uq_events_topic_event_id"]
     run("downgrade", "base")
     assert tables_and_constraints(empty_database) == (set(), [])
