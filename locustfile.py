@@ -47,6 +47,8 @@ DUPLICATE_EVERY = 10
 BATCH_SIZE = 100
 # Events kept per user as candidates for re-sending; bounds memory on long runs.
 POOL_SIZE = 1000
+# Retries of a request answered 429 or 503, with its Idempotency-Key.
+RETRIES = 3
 
 logger = logging.getLogger(__name__)
 
@@ -106,21 +108,44 @@ class Publisher(HttpUser):
         }
 
     def publish(self, batch: list[dict[str, Any]], body: Any, name: str) -> None:
-        """POST body to /publish and tally the batch only when the API answers 202."""
-        with self.client.post("/publish", json=body, name=name, catch_response=True) as response:
-            if response.status_code != 202:
-                TALLY.failed_requests += 1
-                response.failure(f"expected 202, got {response.status_code}: {response.text[:200]}")
-                return
-            try:
-                accepted = response.json()["accepted"]
-            except (ValueError, KeyError, TypeError):
-                accepted = None
-            if accepted != len(batch):
-                TALLY.failed_requests += 1
-                response.failure(f"accepted {accepted!r}, sent {len(batch)}")
-                return
-            response.success()
+        """POST body to /publish and tally the batch only when the API answers 202.
+
+        A 429 or 503 is retried after its Retry-After with the same Idempotency-Key,
+        so a request that was accepted although its answer was lost counts once.
+        """
+        key = uuid.uuid4().hex
+        for attempt in range(1, RETRIES + 2):
+            with self.client.post(
+                "/publish",
+                json=body,
+                name=name,
+                headers={"Idempotency-Key": key},
+                catch_response=True,
+            ) as response:
+                if response.status_code in (429, 503) and attempt <= RETRIES:
+                    response.failure(f"{response.status_code}, retrying with the same key")
+                    retry_after = response.headers.get("Retry-After", "1")
+                    wait = float(retry_after) if retry_after.isdigit() else 1.0
+                else:
+                    self._settle(response, batch)
+                    return
+            time.sleep(wait)
+
+    def _settle(self, response: Any, batch: list[dict[str, Any]]) -> None:
+        """Mark the final answer a success only if it is a 202 for the whole batch; tally it."""
+        if response.status_code != 202:
+            TALLY.failed_requests += 1
+            response.failure(f"expected 202, got {response.status_code}: {response.text[:200]}")
+            return
+        try:
+            accepted = response.json()["accepted"]
+        except (ValueError, KeyError, TypeError):
+            accepted = None
+        if accepted != len(batch):
+            TALLY.failed_requests += 1
+            response.failure(f"accepted {accepted!r}, sent {len(batch)}")
+            return
+        response.success()
         TALLY.accept(batch)
         # Only accepted events may be re-sent: a re-send of a rejected one is no duplicate.
         self.pool.extend(batch[: POOL_SIZE - len(self.pool)])

@@ -6,6 +6,7 @@ import math
 import secrets
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,17 @@ class RequestOutcome:
     ambiguous_attempts: int
     latency: float
     error: str | None = None
+    # The Idempotency-Key sent with every attempt (None: sent without one).
+    key: str | None = None
+
+    @property
+    def possible_extra_acceptances(self) -> int:
+        """How many more times than answered the API may have accepted this batch."""
+        if self.key is None:
+            return self.ambiguous_attempts  # Each attempt that got through counts.
+        # With a key the API counts the request once, however many attempts got
+        # through: only a request that never got its 202 may still have been accepted.
+        return 0 if self.accepted else min(1, self.ambiguous_attempts)
 
 
 @dataclass
@@ -191,14 +203,21 @@ def send_batch(
     as_object: bool,
     max_retries: int,
     timeout: float,
+    idempotency_key: str | None = None,
 ) -> RequestOutcome:
-    """POST one batch, with retries, and report how it finally ended."""
+    """POST one batch with its own Idempotency-Key, sent again on every retry; report the end."""
     body = encode_body(batch, as_object)
     retry = make_retry(max_retries)
+    key = idempotency_key or uuid.uuid4().hex
     started = time.perf_counter()
     try:
         response = pool.request(
-            "POST", url, body=body, headers=headers, retries=retry, timeout=timeout
+            "POST",
+            url,
+            body=body,
+            headers={**headers, "Idempotency-Key": key},
+            retries=retry,
+            timeout=timeout,
         )
     except HTTPError as exc:
         reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason else exc
@@ -208,7 +227,7 @@ def send_batch(
         error = None if accepted else f"HTTP {response.status}: {_error_message(response.data)}"
     latency = time.perf_counter() - started
     ambiguous = sum(1 for attempt in retry.log if is_ambiguous(attempt))
-    return RequestOutcome(batch, final, accepted, ambiguous, latency, error)
+    return RequestOutcome(batch, final, accepted, ambiguous, latency, error, key)
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -232,7 +251,7 @@ def summarize(
     uncertain_keys = {
         event_key(event)
         for outcome in failed
-        if outcome.ambiguous_attempts
+        if outcome.possible_extra_acceptances
         for event in outcome.events
     }
     latencies = [outcome.latency for outcome in outcomes]
@@ -244,8 +263,10 @@ def summarize(
         duplicates=sent - len(accepted_keys),
         errors=len(failed),
         failed_events=sum(len(outcome.events) for outcome in failed),
-        # Each ambiguous attempt may have delivered its whole batch one extra time.
-        ambiguous=sum(len(outcome.events) * outcome.ambiguous_attempts for outcome in outcomes),
+        # Events the API may have accepted beyond what it answered 202.
+        ambiguous=sum(
+            len(outcome.events) * outcome.possible_extra_acceptances for outcome in outcomes
+        ),
         uncertain_unique=len(uncertain_keys - accepted_keys),
         requests=len(outcomes),
         elapsed=round(elapsed, 3),

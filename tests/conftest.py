@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import URL
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -30,36 +28,13 @@ from scripts.services import free_port
 from scripts.stack import Api
 from scripts.stack import Worker
 from tasks.pending import forget_everything
-
-ROOT = Path(__file__).parent.parent
-# The broker tables first: the workers' broker check reads them before batches, so a
-# TRUNCATE taking its locks in this order cannot deadlock with it; batches before events, as
-# the worker claims its ledger row first.
-TABLES = "broker_checkpoints, broker_losses, batches, events, topic_stats, dead_letters"
+from tests.helpers import TABLES
+from tests.helpers import migrate
 
 
 def _render(url: URL) -> str:
     # str(url) masks the password as ***; processes we start need the real one.
     return url.render_as_string(hide_password=False)
-
-
-def alembic_config(database_url: str) -> Config:
-    """Return an Alembic config for the repository's migrations on database_url."""
-    config = Config(toml_file=str(ROOT / "pyproject.toml"))
-    config.set_main_option("sqlalchemy.url", database_url)
-    return config
-
-
-def migrate(database_url: str, revision: str = "head") -> None:
-    """Run `alembic upgrade` against database_url, the way deploys do."""
-    engine = make_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            config = alembic_config(database_url)
-            config.attributes["connection"] = conn
-            command.upgrade(config, revision)
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,12 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-import requests
 from sqlalchemy import Engine
 from sqlalchemy import func
 from sqlalchemy import select
-from sqlalchemy import text
 
 from app.db import batches
 from app.db import events
@@ -28,9 +25,11 @@ from scripts.services import free_port
 from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import wait_until
-from tests.test_pipeline import assert_adds_up
-from tests.test_pipeline import make_event
-from tests.test_pipeline import settled_stats
+from tests.helpers import TableLock
+from tests.helpers import assert_adds_up
+from tests.helpers import make_event
+from tests.helpers import publish
+from tests.helpers import settled_stats
 
 
 @pytest.fixture(scope="module")
@@ -66,37 +65,6 @@ def start_worker(workers: list[Worker], env: dict[str, str], logs: Path) -> Work
     worker = Worker(env, logs / "crash-worker.log", concurrency=2).start()
     workers.append(worker)
     return worker
-
-
-class TableLock:
-    """Hold a lock the worker's counter update needs, so a task stops mid-transaction."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.connection = engine.connect()
-        self.transaction = self.connection.begin()
-        self.connection.execute(text("LOCK TABLE topic_stats IN SHARE ROW EXCLUSIVE MODE"))
-
-    def wait_for_blocked_tasks(self, count: int) -> None:
-        query = text(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'log-aggregator'"
-            " AND wait_event_type = 'Lock' AND datname = current_database()"
-        )
-
-        def blocked() -> bool:
-            # A new transaction each time: pg_stat_activity is frozen within one.
-            with self.connection.engine.connect() as probe:
-                return probe.execute(query).scalar() == count
-
-        wait_until(blocked, timeout=30)
-
-    def release(self) -> None:
-        self.transaction.rollback()
-        self.connection.close()
-
-
-def publish(url: str, body: Any) -> None:
-    response = requests.post(f"{url}/publish", json=body, timeout=30)
-    assert response.status_code == 202, response.text
 
 
 def assert_broker_empty(broker: RedisServer) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy import make_url
 from app.db import make_engine
 from scripts.services import create_database
 from scripts.services import drop_database
-from tests.conftest import alembic_config
+from tests.helpers import alembic_config
 
 
 @pytest.fixture

@@ -25,49 +25,11 @@ from scripts.stack import Worker
 from scripts.stack import wait_until
 from tasks import celery_app
 from tasks.ingest import store_batch
-
-
-def make_event(event_id: str, topic: str = "orders", **payload: Any) -> dict[str, Any]:
-    return {
-        "topic": topic,
-        "event_id": event_id,
-        "timestamp": "2026-03-01T08:00:00+00:00",
-        "source": "pipeline-test",
-        "payload": payload or {"n": event_id},
-    }
-
-
-def publish(url: str, body: Any) -> requests.Response:
-    response = requests.post(f"{url}/publish", json=body, timeout=30)
-    assert response.status_code == 202, response.text
-    return response
-
-
-def stats(url: str) -> dict[str, Any]:
-    response = requests.get(f"{url}/stats", timeout=10)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def settled_stats(url: str, received: int, timeout: float = 60) -> dict[str, Any]:
-    """Wait until everything received is processed, then return /stats."""
-    snapshot: dict[str, Any] = {}
-
-    def idle() -> bool:
-        snapshot.update(stats(url))
-        return snapshot["queued_events"] == 0 and snapshot["total_received_queued"] >= received
-
-    wait_until(idle, timeout=timeout, interval=0.1)
-    return snapshot
-
-
-def assert_adds_up(figures: dict[str, Any]) -> None:
-    assert figures["total_received_queued"] == (
-        figures["unique_processed_db"]
-        + figures["estimated_duplicate_dropped"]
-        + figures["failed_events"]
-        + figures["queued_events"]
-    )
+from tests.helpers import assert_adds_up
+from tests.helpers import make_event
+from tests.helpers import publish
+from tests.helpers import settled_stats
+from tests.helpers import stats
 
 
 def worker_errors(worker: Worker) -> list[str]:

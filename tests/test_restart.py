@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import requests
-
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
 from scripts.services import find_pg_bindir
@@ -13,16 +11,12 @@ from scripts.services import find_redis_server
 from scripts.services import free_port
 from scripts.stack import Api
 from scripts.stack import Worker
-from tests.conftest import migrate
-from tests.test_pipeline import assert_adds_up
-from tests.test_pipeline import make_event
-from tests.test_pipeline import settled_stats
-from tests.test_pipeline import stats
-
-
-def publish(url: str, body: object) -> None:
-    response = requests.post(f"{url}/publish", json=body, timeout=30)
-    assert response.status_code == 202, response.text
+from tests.helpers import assert_adds_up
+from tests.helpers import make_event
+from tests.helpers import migrate
+from tests.helpers import publish
+from tests.helpers import settled_stats
+from tests.helpers import stats
 
 
 def test_data_and_counters_survive_a_full_restart(scratch_dir: Path, logs: Path) -> None:

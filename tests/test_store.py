@@ -16,7 +16,7 @@ from app import store
 from app.db import batches
 from app.db import dead_letters
 from app.db import events
-from tests.conftest import TABLES
+from tests.helpers import TABLES
 
 
 def row(event_id: str, topic: str = "t", **payload: Any) -> dict[str, Any]:

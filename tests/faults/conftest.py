@@ -1,0 +1,55 @@
+"""Fixtures of the fault suite: every test runs its own broker, API and workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.services import RedisServer
+from scripts.services import find_redis_server
+from scripts.services import free_port
+from scripts.stack import Api
+from tests.faults.harness import Workers
+
+# --- fixtures: a private broker, API and workers per test ------------------------------------
+
+
+@pytest.fixture
+def broker(scratch_dir: Path) -> Iterator[RedisServer]:
+    """A private redis-server with AOF, so an outage test can stop it and find its data again.
+
+    DEBUG is allowed from loopback, so a test can stall it with `DEBUG SLEEP`.
+    """
+    server = RedisServer(
+        scratch_dir / f"redis-faults-{uuid.uuid4().hex[:6]}",
+        free_port(),
+        find_redis_server(),
+        debug=True,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_env(stack_env: dict[str, str], broker: RedisServer) -> dict[str, str]:
+    return {**stack_env, "REDIS_URL": broker.url}
+
+
+@pytest.fixture
+def api(fault_env: dict[str, str], logs: Path) -> Iterator[Api]:
+    """This test's gunicorn (3 workers). Named like the session's, so a failure shows its log."""
+    server = Api(fault_env, logs / "faults-api.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def worker(fault_env: dict[str, str], logs: Path) -> Iterator[Workers]:
+    """Workers started on demand. Named like the session's, so a failure shows their log."""
+    crew = Workers(fault_env, logs / "faults-worker.log")
+    yield crew
+    crew.close()

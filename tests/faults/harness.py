@@ -1,0 +1,396 @@
+"""The fault suite's harness: a publisher run that keeps every answer, workers, and the checks.
+
+Each scenario publishes events with duplicates while a fault happens, waits until the system
+settles and checks: every event answered 202 is stored exactly once, nothing never sent is
+stored, /stats matches what was sent (within the publisher's `ambiguous` tolerance: only requests
+that never got their 202), the broker holds no message, and a fresh batch is still processed
+promptly. When RELIABILITY_REPORT names a file, each scenario appends one JSON line to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from typing import Self
+
+import redis
+import requests
+import urllib3
+from mirakuru.exceptions import ProcessFinishedWithError
+from sqlalchemy import Engine
+from sqlalchemy import func
+from sqlalchemy import select
+
+from app.db import batches
+from app.db import events
+from publisher.client import PublishConfig
+from publisher.client import PublishSummary
+from publisher.client import RequestOutcome
+from publisher.client import send_batch
+from publisher.client import summarize
+from publisher.events import batched
+from publisher.events import event_key
+from publisher.events import plan_events
+from publisher.verify import VerifyResult
+from publisher.verify import wait_and_verify
+from scripts.services import RedisServer
+from scripts.stack import Api
+from scripts.stack import Worker
+from scripts.stack import alive
+from scripts.stack import wait_until
+from tasks.pending import PENDING_KEY
+from tests.helpers import assert_adds_up
+from tests.helpers import make_event
+from tests.helpers import stats
+
+ROOT = Path(__file__).resolve().parent.parent
+Key = tuple[str, str]
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def report(
+    scenario: str,
+    *,
+    events_sent: int,
+    acknowledged: int,
+    lost: int,
+    double_counted: int,
+    duration_s: float,
+    p99_503_ms: float | None = None,
+    faults: int | None = None,
+    ambiguous: int = 0,
+) -> None:
+    """Append this scenario's numbers as one JSON line to $RELIABILITY_REPORT, when it is set."""
+    path = os.environ.get("RELIABILITY_REPORT")
+    if not path:
+        return
+    line = {
+        "scenario": scenario,
+        "events_sent": events_sent,
+        "acknowledged": acknowledged,
+        "lost": lost,
+        "double_counted": double_counted,
+        "p99_503_ms": p99_503_ms,
+        "duration_s": round(duration_s, 2),
+        "faults": faults,
+        "ambiguous": ambiguous,
+    }
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+# --- a publisher run that keeps every answer ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One publish request: when it started and ended (monotonic) and how it ended."""
+
+    started: float
+    finished: float
+    outcome: RequestOutcome
+
+
+class PacedPublisher:
+    """The publisher's own request path (plan_events, send_batch, summarize) in a thread.
+
+    publisher.client.publish returns counts only; the invariants need the keys each answer
+    covered, so this keeps every RequestOutcome. Requests are spread over `spread` seconds
+    (think time, as locust's wait_time) so the run is still going while faults are injected.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        count: int,
+        *,
+        spread: float,
+        batch_size: int = 100,
+        concurrency: int = 4,
+        max_retries: int = 20,
+        timeout: float = 10.0,
+    ) -> None:
+        self.config = PublishConfig(
+            url=url,
+            count=count,
+            duplicate_ratio=0.1,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            topics=3,
+            max_retries=max_retries,
+            timeout=timeout,
+            progress=False,
+        )
+        self.spread = spread
+        self.events = plan_events(count, 0.1, self.config.topic_names(), self.config.source)
+        self.batches = batched(self.events, batch_size)
+        self.sent: list[Sent] = []
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paced-publisher", daemon=True)
+        self._error: BaseException | None = None
+        self._started = 0.0
+        self._elapsed = 0.0
+
+    def __enter__(self) -> Self:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # On a failing test: send nothing more, and let requests in flight end.
+        self._cancel.set()
+        self._thread.join(timeout=60)
+
+    def _send(self, index: int, pool: urllib3.PoolManager) -> None:
+        due = self._started + index * self.spread / len(self.batches)
+        if self._cancel.wait(max(0.0, due - time.monotonic())):
+            return
+        started = time.monotonic()
+        outcome = send_batch(
+            pool,
+            self.config.url.rstrip("/") + "/publish",
+            self.batches[index],
+            headers={"Content-Type": "application/json"},
+            as_object=False,
+            max_retries=self.config.max_retries,
+            timeout=self.config.timeout,
+        )
+        with self._lock:
+            self.sent.append(Sent(started, time.monotonic(), outcome))
+
+    def _run(self) -> None:
+        pool = urllib3.PoolManager(maxsize=self.config.concurrency)
+        try:
+            with ThreadPoolExecutor(self.config.concurrency) as executor:
+                futures = [
+                    executor.submit(self._send, index, pool) for index in range(len(self.batches))
+                ]
+                for future in futures:
+                    future.result()
+        except BaseException as exc:  # Re-raised in the test by wait().
+            self._error = exc
+        finally:
+            pool.clear()
+            self._elapsed = time.monotonic() - self._started
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def answered(self) -> int:
+        """Return how many requests have been answered with 202 so far."""
+        with self._lock:
+            return sum(1 for sent in self.sent if sent.outcome.accepted)
+
+    def wait(self, timeout: float) -> PublishSummary:
+        """Wait for the last request, then summarise the run as the publisher's CLI would."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"publisher still running after {timeout} s"
+        if self._error is not None:
+            raise self._error
+        outcomes = [sent.outcome for sent in self.sent]
+        return summarize(len(self.events), outcomes, self._elapsed, self.config.topic_names())
+
+    def accepted_keys(self) -> set[Key]:
+        return {event_key(e) for s in self.sent if s.outcome.accepted for e in s.outcome.events}
+
+    def maybe_sent_keys(self) -> set[Key]:
+        """Keys of failed requests that may still have reached the API (ambiguous attempts)."""
+        return {
+            event_key(e)
+            for s in self.sent
+            if s.outcome.possible_extra_acceptances
+            for e in s.outcome.events
+        }
+
+
+# --- workers ------------------------------------------------------------------------------
+
+
+class Workers:
+    """The Celery workers of one test, sharing one log; every one started is cleaned up."""
+
+    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 2) -> None:
+        self.env = env
+        self.log = log
+        self.concurrency = concurrency
+        self.started: list[Worker] = []
+        self._offset = log.stat().st_size if log.exists() else 0
+
+    @property
+    def current(self) -> Worker:
+        return self.started[-1]
+
+    def start(self) -> Worker:
+        worker = Worker(self.env, self.log, concurrency=self.concurrency, name="fault").start()
+        self.started.append(worker)
+        return worker
+
+    def output(self) -> str:
+        """Return what this test's workers have logged."""
+        with open(self.log, "rb") as handle:
+            handle.seek(self._offset)
+            return handle.read().decode(errors="replace")
+
+    def close(self) -> None:
+        for worker in self.started:
+            try:
+                worker.stop()
+            except ProcessFinishedWithError:
+                pass  # It had exited with an error already; the test says why.
+            # Pool processes orphaned by a SIGKILLed main process: mirakuru finds them by
+            # their environment marker. Then stop() again only closes the log.
+            worker.executor.kill(sig=signal.SIGKILL)
+            worker.stop()
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def ledger(engine: Engine) -> tuple[int, int]:
+    """Return the number of processed batches and the events they received."""
+    with engine.connect() as conn:
+        rows, received = conn.execute(
+            select(func.count(), func.coalesce(func.sum(batches.c.received), 0))
+        ).one()
+    return rows, received
+
+
+def stored_keys(engine: Engine, topics: list[str]) -> Counter[Key]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(events.c.topic, events.c.event_id).where(events.c.topic.in_(topics))
+        ).all()
+    return Counter((row.topic, row.event_id) for row in rows)
+
+
+def event_count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(events)).scalar_one()
+
+
+def assert_broker_drained(broker: RedisServer) -> None:
+    """No message left on the queue or held unacknowledged, and no pending mark."""
+    with redis.Redis.from_url(broker.url) as client:
+        # Workers forget a batch's pending mark after commit (or their sweep does later).
+        wait_until(
+            lambda: (
+                client.llen("celery") == 0
+                and client.hlen("unacked") == 0
+                and client.hlen(PENDING_KEY) == 0
+            ),
+            timeout=30,
+        )
+
+
+def assert_still_processing(url: str, timeout: float = 10.0) -> None:
+    """A fresh small batch is stored promptly: no worker is stuck or disconnected."""
+    topic = f"fresh-{uuid.uuid4().hex[:8]}"
+    bodies = [[make_event(f"{i}-{j}", topic=topic) for j in range(25)] for i in range(4)]
+
+    def post(body: list[dict[str, Any]]) -> int:
+        return requests.post(f"{url}/publish", json=body, timeout=10).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(post, bodies)) == [202] * 4
+    expected = {"stored": 100, "duplicates": 0, "failed": 0}
+    wait_until(lambda: stats(url)["topics"].get(topic) == expected, timeout=timeout)
+
+
+def double_counted(result: VerifyResult) -> int:
+    """Return how far stored and duplicate counts went above what the tolerance allows."""
+    return max(0, result.observed_stored - result.expected_stored_max) + max(
+        0, result.observed_duplicates - result.expected_duplicates_max
+    )
+
+
+def check_invariants(
+    scenario: str,
+    *,
+    run: PacedPublisher,
+    summary: PublishSummary,
+    api: Api,
+    engine: Engine,
+    broker: RedisServer,
+    started: float,
+    faults: int,
+    p99_503_ms: float | None = None,
+    settle: float = 60,
+) -> None:
+    """Settle, report the scenario's numbers, then check every invariant of a run."""
+    result = wait_and_verify(api.url, summary, timeout=settle, poll=0.2)
+    stored = stored_keys(engine, summary.topics)
+    accepted = run.accepted_keys()
+    lost = accepted - set(stored)
+    never_sent = set(stored) - accepted - run.maybe_sent_keys()
+    report(
+        scenario,
+        events_sent=summary.planned,
+        acknowledged=summary.sent,
+        lost=len(lost),
+        double_counted=double_counted(result),
+        duration_s=time.monotonic() - started,
+        p99_503_ms=p99_503_ms,
+        faults=faults,
+        ambiguous=summary.ambiguous,
+    )
+    assert not lost, f"{len(lost)} events answered 202 were not stored, e.g. {sorted(lost)[:3]}"
+    assert not never_sent, f"stored events never sent: {sorted(never_sent)[:3]}"
+    assert max(stored.values(), default=1) == 1
+    assert result.ok, result.message
+
+    figures = stats(api.url)
+    assert_adds_up(figures)
+    assert (figures["failed_events"], figures["queued_events"]) == (0, 0)
+    assert summary.sent <= figures["total_received_queued"] <= summary.sent + summary.ambiguous
+    # Only this run's events are in the database, each once, and the counters say so.
+    assert figures["unique_processed_db"] == len(stored) == event_count(engine)
+    batch_rows, received = ledger(engine)
+    assert received == figures["total_received_queued"]
+    answered = [s.outcome for s in run.sent if s.outcome.accepted]
+    maybe = sum(s.outcome.possible_extra_acceptances for s in run.sent)
+    assert len(answered) <= batch_rows <= len(answered) + maybe
+    assert_broker_drained(broker)
+
+
+def kill_and_wait(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), timeout=10)
+
+
+def fatal_lines(workers: Workers) -> list[str]:
+    """Return the lines where a worker gave up (Celery logs those as CRITICAL)."""
+    return [line for line in workers.output().splitlines() if "CRITICAL" in line]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One POST /publish while the broker is down: how it was answered, and how fast."""
+
+    status: int
+    latency: float
+    retry_after: str | None
+    body: dict[str, Any]
+
+
+def probe_publish(url: str, event: dict[str, Any]) -> Probe:
+    """POST one event with a 1 s client timeout: a slow answer fails the test."""
+    started = time.perf_counter()
+    response = requests.post(f"{url}/publish", json=event, timeout=1.0)
+    latency = time.perf_counter() - started
+    return Probe(
+        response.status_code, latency, response.headers.get("Retry-After"), response.json()
+    )

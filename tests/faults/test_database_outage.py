@@ -1,0 +1,125 @@
+"""PostgreSQL stopped mid-run: publishing goes on, workers wait, all drains exactly."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from sqlalchemy import Engine
+
+from app.db import make_engine
+from scripts.services import PostgresServer
+from scripts.services import RedisServer
+from scripts.services import find_pg_bindir
+from scripts.services import free_port
+from scripts.stack import Api
+from scripts.stack import wait_until
+from tests.faults.harness import PacedPublisher
+from tests.faults.harness import Workers
+from tests.faults.harness import assert_still_processing
+from tests.faults.harness import check_invariants
+from tests.faults.harness import fatal_lines
+from tests.faults.harness import ledger
+from tests.helpers import migrate
+
+# --- 3. database outage -----------------------------------------------------------------------
+
+
+class TestDatabaseOutage:
+    """PostgreSQL of its own, so it can be stopped; the API and workers use it."""
+
+    @pytest.fixture
+    def postgres(self, scratch_dir: Path) -> Iterator[PostgresServer]:
+        server = PostgresServer(
+            scratch_dir / f"pg-faults-{uuid.uuid4().hex[:6]}",
+            free_port(),
+            find_pg_bindir(),
+            durable=False,
+        )
+        server.start()
+        server.create_database("aggregator")
+        migrate(server.url("aggregator"))
+        yield server
+        server.stop()
+
+    @pytest.fixture
+    def fault_env(
+        self, stack_env: dict[str, str], broker: RedisServer, postgres: PostgresServer
+    ) -> dict[str, str]:
+        return {**stack_env, "REDIS_URL": broker.url, "DATABASE_URL": postgres.url("aggregator")}
+
+    @pytest.fixture
+    def outage_engine(self, postgres: PostgresServer) -> Iterator[Engine]:
+        engine = make_engine(postgres.url("aggregator"))
+        yield engine
+        engine.dispose()
+
+    def test_database_outage_keeps_accepting_and_drains_exactly(
+        self,
+        postgres: PostgresServer,
+        api: Api,
+        worker: Workers,
+        broker: RedisServer,
+        outage_engine: Engine,
+    ) -> None:
+        """PostgreSQL stops mid-run: 202s go on, /stats says 503, workers retry, all drains."""
+        started = time.monotonic()
+        current = worker.start()
+        api_pids = sorted(api.worker_pids())
+        with PacedPublisher(api.url, 3000, spread=6.0, max_retries=20) as run:
+            wait_until(lambda: run.answered() >= 5 and ledger(outage_engine)[0] >= 1, timeout=30)
+            postgres.stop()
+            answered_before = run.answered()
+            retries_before = len(retried_tasks(worker.output()))
+
+            # Publishing goes on: the API only needs the broker to answer 202.
+            wait_until(lambda: run.answered() >= answered_before + 10, timeout=30)
+            response = requests.get(f"{api.url}/stats", timeout=5)
+            assert response.status_code == 503, response.text
+            assert response.headers["Content-Type"].startswith("application/json")
+            assert response.headers.get("Retry-After")
+            body = response.json()
+            assert body["code"] == 503 and "database" in body["message"], body
+            assert "Traceback" not in response.text
+            ready = requests.get(f"{api.url}/ready", timeout=5)
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["database"].startswith("down"), ready.text
+
+            # Workers retry with backoff, a task again and again, and keep the messages.
+            def retried_three_times() -> bool:
+                counts = Counter(retried_tasks(worker.output())[retries_before:])
+                return bool(counts) and max(counts.values()) >= 3
+
+            wait_until(retried_three_times, timeout=30)
+            with redis.Redis.from_url(broker.url) as client:
+                assert client.llen("celery") + client.hlen("unacked") > 0
+            postgres.start()
+            summary = run.wait(timeout=90)
+
+        assert summary.errors == 0, summary.first_error
+        check_invariants(
+            "database-outage",
+            run=run,
+            summary=summary,
+            api=api,
+            engine=outage_engine,
+            broker=broker,
+            started=started,
+            faults=1,
+        )
+        assert sorted(api.worker_pids()) == api_pids
+        assert worker.started == [current] and current.executor.running()
+        assert not fatal_lines(worker), fatal_lines(worker)
+        assert_still_processing(api.url)
+
+
+def retried_tasks(log: str) -> list[str]:
+    """Return the task id of every retry the worker logged, in order."""
+    return re.findall(r"batch (\w+) not stored \(.*\); back on the queue in", log)

@@ -1,0 +1,163 @@
+"""Helpers shared by test modules (which never import each other)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import requests
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import text
+
+from app.db import batches
+from app.db import events
+from app.db import make_engine
+from scripts.stack import wait_until
+
+ROOT = Path(__file__).parent.parent
+# The broker tables first: the workers' broker check reads them before batches, so a
+# TRUNCATE taking its locks in this order cannot deadlock with it; batches before events, as
+# the worker claims its ledger row first.
+TABLES = "broker_checkpoints, broker_losses, batches, events, topic_stats, dead_letters"
+
+
+def alembic_config(database_url: str) -> Config:
+    """Return an Alembic config for the repository's migrations on database_url."""
+    config = Config(toml_file=str(ROOT / "pyproject.toml"))
+    config.set_main_option("sqlalchemy.url", database_url)
+    return config
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Run `alembic upgrade` against database_url, the way deploys do."""
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            config = alembic_config(database_url)
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def make_event(event_id: str, topic: str = "orders", **payload: Any) -> dict[str, Any]:
+    return {
+        "topic": topic,
+        "event_id": event_id,
+        "timestamp": "2026-03-01T08:00:00+00:00",
+        "source": "pipeline-test",
+        "payload": payload or {"n": event_id},
+    }
+
+
+def publish(url: str, body: Any, **headers: str) -> requests.Response:
+    """POST body to /publish and insist on 202."""
+    response = requests.post(f"{url}/publish", json=body, headers=headers, timeout=30)
+    assert response.status_code == 202, response.text
+    return response
+
+
+def stats(url: str) -> dict[str, Any]:
+    response = requests.get(f"{url}/stats", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def settled_stats(url: str, received: int, timeout: float = 60) -> dict[str, Any]:
+    """Wait until everything received is processed, then return /stats."""
+    snapshot: dict[str, Any] = {}
+
+    def idle() -> bool:
+        snapshot.update(stats(url))
+        return snapshot["queued_events"] == 0 and snapshot["total_received_queued"] >= received
+
+    wait_until(idle, timeout=timeout, interval=0.1)
+    return snapshot
+
+
+def ledger_totals(engine: Engine) -> dict[str, int]:
+    """Sum the ledger's columns and count the stored rows, straight from the tables."""
+    with engine.connect() as conn:
+        received, stored, duplicates, failed = conn.execute(
+            select(
+                func.coalesce(func.sum(batches.c.received), 0),
+                func.coalesce(func.sum(batches.c.stored), 0),
+                func.coalesce(func.sum(batches.c.duplicates), 0),
+                func.coalesce(func.sum(batches.c.failed), 0),
+            )
+        ).one()
+        rows = conn.execute(select(func.count()).select_from(events)).scalar_one()
+    return {
+        "received": int(received),
+        "stored": int(stored),
+        "duplicates": int(duplicates),
+        "failed": int(failed),
+        "rows": int(rows),
+    }
+
+
+def assert_adds_up(
+    figures: dict[str, Any], engine: Engine | None = None, sent: int | None = None
+) -> None:
+    """/stats adds up, and matches figures it did not compute: the rows, the ledger, what was sent.
+
+    `sent` is what the test knows clients were answered 202 for (when only
+    this test's events are in the database).
+    """
+    assert figures["total_received_queued"] == (
+        figures["unique_processed_db"]
+        + figures["estimated_duplicate_dropped"]
+        + figures["failed_events"]
+        + figures["queued_events"]
+    )
+    assert figures["queued_events"] >= 0
+    if sent is not None:
+        assert figures["total_received_queued"] == sent, figures
+    if engine is not None:
+        ledger = ledger_totals(engine)
+        processed = figures["total_received_queued"] - figures["queued_events"]
+        assert ledger["received"] == processed, (ledger, figures)
+        assert ledger["stored"] == figures["unique_processed_db"] == ledger["rows"], (
+            ledger,
+            figures,
+        )
+        assert ledger["duplicates"] == figures["estimated_duplicate_dropped"], (ledger, figures)
+        assert ledger["failed"] == figures["failed_events"], (ledger, figures)
+
+
+def deadlocks(engine: Engine) -> int:
+    """Return how many deadlocks PostgreSQL has detected in this database."""
+    with engine.connect() as conn:
+        return conn.execute(
+            text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        ).scalar_one()
+
+
+class TableLock:
+    """Hold a lock the worker's counter update needs, so a task stops mid-transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.connection = engine.connect()
+        self.transaction = self.connection.begin()
+        self.connection.execute(text("LOCK TABLE topic_stats IN SHARE ROW EXCLUSIVE MODE"))
+
+    def wait_for_blocked_tasks(self, count: int) -> None:
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'log-aggregator'"
+            " AND wait_event_type = 'Lock' AND datname = current_database()"
+        )
+
+        def blocked() -> bool:
+            # A new transaction each time: pg_stat_activity is frozen within one.
+            with self.connection.engine.connect() as probe:
+                return probe.execute(query).scalar() == count
+
+        wait_until(blocked, timeout=30)
+
+    def release(self) -> None:
+        self.transaction.rollback()
+        self.connection.close()
