@@ -25,6 +25,7 @@ from app import broker_log
 from app import publish
 from app import store
 from app.metrics import ACCEPTED
+from app.metrics import REPLAYS
 from app.schemas import AcceptedSchema
 from app.schemas import AcknowledgedSchema
 from app.schemas import DeadLetterSchema
@@ -166,6 +167,7 @@ def publish_events() -> tuple[dict[str, Any], int, dict[str, str]]:
     headers = {IDEMPOTENCY_HEADER: key}
     if receipt.replayed:
         headers["Idempotent-Replayed"] = "true"
+        REPLAYS.inc()
     else:
         ACCEPTED.inc(receipt.accepted)
     body = {"accepted": receipt.accepted, "batch_id": receipt.batch_id, "idempotency_key": key}

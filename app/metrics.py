@@ -43,6 +43,10 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 ACCEPTED = Counter("aggregator_events_accepted_total", "Events answered 202 by /publish.")
+REPLAYS = Counter(
+    "aggregator_idempotent_replays_total",
+    "Publish requests answered from an earlier acceptance with the same Idempotency-Key.",
+)
 TASK_EVENTS = Histogram(
     "aggregator_task_events",
     "Events per task put on the broker.",

@@ -94,6 +94,8 @@ class RequestOutcome:
     error: str | None = None
     # The Idempotency-Key sent with every attempt (None: sent without one).
     key: str | None = None
+    # The batch the API said carries the events (workers log it).
+    batch_id: str | None = None
 
     @property
     def possible_extra_acceptances(self) -> int:
@@ -227,7 +229,16 @@ def send_batch(
         error = None if accepted else f"HTTP {response.status}: {_error_message(response.data)}"
     latency = time.perf_counter() - started
     ambiguous = sum(1 for attempt in retry.log if is_ambiguous(attempt))
-    return RequestOutcome(batch, final, accepted, ambiguous, latency, error, key)
+    batch_id = _batch_id(response.data) if accepted else None
+    return RequestOutcome(batch, final, accepted, ambiguous, latency, error, key, batch_id)
+
+
+def _batch_id(data: bytes) -> str | None:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return body.get("batch_id") if isinstance(body, dict) else None
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

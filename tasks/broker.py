@@ -77,7 +77,9 @@ def held_tags() -> list[str]:
     tags: list[str] = []
     for channel in list(_CHANNELS):
         qos = getattr(channel, "_qos", None)
-        if qos is None:
+        # A channel closed after a lost connection may still list messages it
+        # can no longer acknowledge; renewing their leases would hide them forever.
+        if qos is None or channel.closed or channel.connection is None:
             continue
         for _ in range(3):
             try:

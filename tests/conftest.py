@@ -110,6 +110,8 @@ def stack_env(database_url: str, redis_server: RedisServer, scratch_dir: Path) -
         "REDIS_URL": redis_server.url,
         "BROKER_VISIBILITY_TIMEOUT": "5",
         "BROKER_RESTORE_INTERVAL": "1",
+        "BROKER_RESEND_AFTER": "3",
+        "BROKER_CHECK_INTERVAL": "1",
         "TASK_RETRY_BACKOFF_MAX": "2",
         "BODY_READ_TIMEOUT": "2",
     }

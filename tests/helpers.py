@@ -145,18 +145,18 @@ class TableLock:
         self.transaction = self.connection.begin()
         self.connection.execute(text("LOCK TABLE topic_stats IN SHARE ROW EXCLUSIVE MODE"))
 
-    def wait_for_blocked_tasks(self, count: int) -> None:
+    def blocked_tasks(self) -> int:
+        """Return how many of our sessions wait for a lock in this database."""
         query = text(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'log-aggregator'"
             " AND wait_event_type = 'Lock' AND datname = current_database()"
         )
+        # A new transaction each time: pg_stat_activity is frozen within one.
+        with self.connection.engine.connect() as probe:
+            return int(probe.execute(query).scalar_one())
 
-        def blocked() -> bool:
-            # A new transaction each time: pg_stat_activity is frozen within one.
-            with self.connection.engine.connect() as probe:
-                return probe.execute(query).scalar() == count
-
-        wait_until(blocked, timeout=30)
+    def wait_for_blocked_tasks(self, count: int) -> None:
+        wait_until(lambda: self.blocked_tasks() == count, timeout=30)
 
     def release(self) -> None:
         self.transaction.rollback()

@@ -140,3 +140,70 @@ def test_rows_of_a_running_transaction_hold_back_later_ones(committed: Engine) -
     with committed.connect() as reader:
         page, _ = store.list_events(reader, limit=10)
     assert [e["event_id"] for e in page] == ["slow", "fast"]
+
+
+def ledger_matches_rows(conn: Connection) -> None:
+    """The counters, the ledger and the stored rows tell the same story."""
+    totals = store.read_totals(conn)
+    received, stored, duplicates, failed = conn.execute(
+        select(
+            func.sum(batches.c.received),
+            func.sum(batches.c.stored),
+            func.sum(batches.c.duplicates),
+            func.sum(batches.c.failed),
+        )
+    ).one()
+    assert (totals.received, totals.stored, totals.duplicates, totals.failed) == (
+        received,
+        stored,
+        duplicates,
+        failed,
+    )
+    assert totals.stored == count(conn, events)
+
+
+def test_ledger_is_claimed_before_events_are_touched(conn: Connection) -> None:
+    # A ledger row already there (another copy committed first): the copy must not
+    # insert its events, even keys nobody stored yet.
+    conn.execute(batches.insert().values(batch_id="b1", received=1))
+    outcome = store.store_batch(conn, "b1", [row("never")])
+    assert outcome.replayed
+    assert count(conn, events) == 0
+
+
+def test_redelivery_after_the_cause_was_fixed_then_replay_keeps_counters_equal_to_rows(
+    conn: Connection,
+) -> None:
+    """A dead-lettered batch redelivered after the fix (worker killed after commit,
+    before the ack) stores nothing; replaying its letter then moves it to stored."""
+    conn.execute(
+        text("ALTER TABLE events ADD CONSTRAINT ck_events_not_blocked CHECK (source <> 'blocked')")
+    )
+    batch = [row("1"), {**row("2"), "source": "blocked"}]
+    first = store.store_batch(conn, "b1", batch, epoch="e", seq=1)
+    assert (first.stored, first.failed) == (1, 1)
+    conn.execute(text("ALTER TABLE events DROP CONSTRAINT ck_events_not_blocked"))
+    again = store.store_batch(conn, "b1", batch, epoch="e", seq=1)
+    assert again.replayed
+    assert count(conn, events) == 1
+    ledger_matches_rows(conn)
+    letter_id = conn.execute(select(dead_letters.c.id)).scalar_one()
+    assert store.replay_dead_letter(conn, letter_id) == "stored"
+    ledger_matches_rows(conn)
+    row_ = conn.execute(select(batches).where(batches.c.batch_id == "b1")).one()
+    assert (row_.received, row_.stored, row_.duplicates, row_.failed) == (2, 2, 0, 0)
+    assert (row_.broker_epoch, row_.broker_seq) == ("e", 1)
+
+
+def test_replay_of_a_key_stored_meanwhile_counts_a_duplicate(conn: Connection) -> None:
+    conn.execute(
+        text("ALTER TABLE events ADD CONSTRAINT ck_events_not_blocked CHECK (source <> 'blocked')")
+    )
+    store.store_batch(conn, "b1", [{**row("2"), "source": "blocked"}])
+    conn.execute(text("ALTER TABLE events DROP CONSTRAINT ck_events_not_blocked"))
+    store.store_batch(conn, "b2", [row("2")])
+    letter_id = conn.execute(select(dead_letters.c.id)).scalar_one()
+    assert store.replay_dead_letter(conn, letter_id) == "duplicate"
+    ledger_matches_rows(conn)
+    row_ = conn.execute(select(batches).where(batches.c.batch_id == "b1")).one()
+    assert (row_.stored, row_.duplicates, row_.failed) == (0, 1, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,8 +62,20 @@ def workers(crash_env: dict[str, str], logs: Path) -> Iterator[list[Worker]]:
         worker.stop()
 
 
-def start_worker(workers: list[Worker], env: dict[str, str], logs: Path) -> Worker:
-    worker = Worker(env, logs / "crash-worker.log", concurrency=2).start()
+# Each test leaves one recovery path in reach: the others are set too slow to hide a failure.
+ONLY_REJECT_ON_WORKER_LOST = {"BROKER_VISIBILITY_TIMEOUT": "300", "BROKER_RESEND_AFTER": "300"}
+# The defaults for leases and visibility (30 s, swept every 5 s); no resending.
+ONLY_LEASES_AT_DEFAULTS = {
+    "BROKER_VISIBILITY_TIMEOUT": "",
+    "BROKER_RESTORE_INTERVAL": "",
+    "BROKER_RESEND_AFTER": "600",
+}
+
+
+def start_worker(
+    workers: list[Worker], env: dict[str, str], logs: Path, **overrides: str
+) -> Worker:
+    worker = Worker({**env, **overrides}, logs / "crash-worker.log", concurrency=2).start()
     workers.append(worker)
     return worker
 
@@ -87,7 +100,8 @@ def test_killed_pool_process_mid_batch_is_redelivered(
     broker: RedisServer,
     clean: None,
 ) -> None:
-    worker = start_worker(workers, crash_env, logs)
+    """task_reject_on_worker_lost hands the message back at once (nothing else is in reach)."""
+    worker = start_worker(workers, crash_env, logs, **ONLY_REJECT_ON_WORKER_LOST)
     lock = TableLock(engine)
     try:
         publish(crash_api.url, [make_event(f"c-{i}") for i in range(200)])
@@ -97,7 +111,7 @@ def test_killed_pool_process_mid_batch_is_redelivered(
         wait_until(lambda: "WorkerLostError" in worker.output(), timeout=30)
     finally:
         lock.release()
-    figures = settled_stats(crash_api.url, received=200)
+    figures = settled_stats(crash_api.url, received=200, timeout=20)
     assert (figures["unique_processed_db"], figures["estimated_duplicate_dropped"]) == (200, 0)
     assert figures["total_received_queued"] == 200
     assert_adds_up(figures)
@@ -105,7 +119,7 @@ def test_killed_pool_process_mid_batch_is_redelivered(
     assert_broker_empty(broker)
 
 
-def test_killed_main_process_mid_batch_is_redelivered_after_visibility_timeout(
+def test_killed_main_process_mid_batch_is_stored_within_a_minute_at_default_settings(
     crash_api: Api,
     crash_env: dict[str, str],
     workers: list[Worker],
@@ -114,7 +128,8 @@ def test_killed_main_process_mid_batch_is_redelivered_after_visibility_timeout(
     broker: RedisServer,
     clean: None,
 ) -> None:
-    worker = start_worker(workers, crash_env, logs)
+    """The dead worker's leases run out after the default visibility timeout (no resending)."""
+    worker = start_worker(workers, crash_env, logs, **ONLY_LEASES_AT_DEFAULTS)
     lock = TableLock(engine)
     try:
         # Two batches running (blocked on the lock) and one waiting in the queue,
@@ -123,14 +138,17 @@ def test_killed_main_process_mid_batch_is_redelivered_after_visibility_timeout(
             publish(crash_api.url, [make_event(f"m-{i}") for i in range(start, start + 150)])
         lock.wait_for_blocked_tasks(2)
         worker.kill_all()
+        killed_at = time.monotonic()
     finally:
         lock.release()
-    # Nothing was acknowledged: the messages wait in the unacked set until the
-    # visibility timeout (5 s in tests) and a new worker puts them back.
+    # Nothing was acknowledged: the messages wait in the unacked set until their
+    # leases, no longer renewed, pass the visibility timeout and a new worker puts them back.
     client = redis.Redis.from_url(broker.url)
     assert client.hlen("unacked") >= 2
-    start_worker(workers, crash_env, logs)
-    figures = settled_stats(crash_api.url, received=450)
+    start_worker(workers, crash_env, logs, **ONLY_LEASES_AT_DEFAULTS)
+    figures = settled_stats(crash_api.url, received=450, timeout=90)
+    recovered_in = time.monotonic() - killed_at
+    assert recovered_in < 60, f"stored {recovered_in:.1f} s after the kill"
     assert figures["unique_processed_db"] == 350
     assert figures["estimated_duplicate_dropped"] == 100
     assert figures["total_received_queued"] == 450
