@@ -117,6 +117,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--scaling", action="store_true", help="run every workload on a grid of process counts")
     add("--scaling-api", type=_int_list, default=[1, 3], help="API processes for --scaling")
     add("--scaling-workers", type=_int_list, default=[1, 2, 4], help="workers for --scaling")
+    add(
+        "--redis-fsync",
+        choices=["always", "everysec"],
+        default="always",
+        help="Redis appendfsync (default always, as production runs)",
+    )
     add("--json", type=Path, default=None, help="default bench/results/e2e-<timestamp>.json")
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeat < 1 or args.warmup < 0:
@@ -579,7 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = stack.enter_context(scratch_dir("agg-bench-"))
         logs = base / "logs"
         logs.mkdir()
-        services = stack.enter_context(bench_services(base, durable=True, redis_aof=True))
+        services = stack.enter_context(
+            bench_services(base, durable=True, redis_aof=True, redis_fsync=args.redis_fsync)
+        )
         migrate(services.database_url)
         document["services"] = {
             **server_versions(services),

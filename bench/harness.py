@@ -90,7 +90,12 @@ class Services:
 
 @contextlib.contextmanager
 def bench_services(
-    base: Path, *, durable: bool, redis_aof: bool, prefix: str = "agg_bench"
+    base: Path,
+    *,
+    durable: bool,
+    redis_aof: bool,
+    redis_fsync: str = "always",
+    prefix: str = "agg_bench",
 ) -> Iterator[Services]:
     """Yield a fresh database and a Redis: DATABASE_URL/REDIS_URL when set, else private ones.
 
@@ -118,12 +123,18 @@ def bench_services(
             redis_url = os.environ["REDIS_URL"]
             private_redis = False
         else:
-            rs = RedisServer(base / "redis", free_port(), find_redis_server(), appendonly=redis_aof)
+            rs = RedisServer(
+                base / "redis",
+                free_port(),
+                find_redis_server(),
+                appendonly=redis_aof,
+                appendfsync=redis_fsync,
+            )
             started.append(rs)
             rs.start()
             redis_url = rs.url
             private_redis = True
-            log(f"started Redis on 127.0.0.1:{rs.port} (appendonly={redis_aof})")
+            log(f"started Redis on 127.0.0.1:{rs.port} (appendonly={redis_aof}, {redis_fsync})")
         yield Services(database_url, redis_url, private_postgres, private_redis)
     finally:
         if server_url is not None and database is not None:

@@ -68,11 +68,12 @@ def test_postgres_password_comes_from_the_environment() -> None:
     assert "${POSTGRES_PASSWORD" in SHARED_ENV["DATABASE_URL"]
 
 
-def test_redis_keeps_an_append_only_file_on_a_named_volume() -> None:
+def test_redis_fsyncs_every_acceptance_to_an_append_only_file_on_a_named_volume() -> None:
     words = command("redis")
     assert words[0] == "redis-server"
     assert words[words.index("--appendonly") + 1] == "yes"
-    assert words[words.index("--appendfsync") + 1] == "everysec"
+    assert words[words.index("--appendfsync") + 1] == "always"
+    assert words[words.index("--maxmemory-policy") + 1] == "volatile-ttl"
     assert mounts("redis")["/data"] in COMPOSE["volumes"]
     assert healthcheck("redis").endswith("redis-cli ping")
 

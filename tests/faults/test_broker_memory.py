@@ -1,0 +1,250 @@
+"""A full broker: the backlog budget answers 503 first, maxmemory refuses whole acceptances only.
+
+Workers never exit on Redis's OOM error, and no accepted batch is lost while the broker
+is full and the database away.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from sqlalchemy import Engine
+
+from app.db import make_engine
+from scripts.services import PostgresServer
+from scripts.services import RedisServer
+from scripts.services import find_pg_bindir
+from scripts.services import find_redis_server
+from scripts.services import free_port
+from scripts.stack import Api
+from scripts.stack import wait_until
+from tasks.pending import MESSAGE_KEY
+from tasks.pending import PENDING_KEY
+from tasks.pending import QUEUE_KEY
+from tasks.pending import STATE_KEY
+from tasks.pending import idempotency_key
+from tests.faults.harness import PacedPublisher
+from tests.faults.harness import Workers
+from tests.faults.harness import check_invariants
+from tests.faults.harness import fatal_lines
+from tests.helpers import assert_adds_up
+from tests.helpers import make_event
+from tests.helpers import migrate
+from tests.helpers import settled_stats
+
+
+def publish_503s(api: Api) -> float:
+    """Return how many publish requests the API answered 503."""
+    text = requests.get(f"{api.url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("aggregator_http_requests_total{") and 'status="503"' in line:
+            if "publish" in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def broker_snapshot(client: redis.Redis) -> tuple[int, int, int, bytes | None]:
+    """What an acceptance writes: queue, pending marks, resend copies, and the sequence."""
+    return (
+        client.llen(QUEUE_KEY),
+        client.hlen(PENDING_KEY),
+        client.hlen(MESSAGE_KEY),
+        client.hget(STATE_KEY, "seq"),
+    )
+
+
+class TestBacklogBudget:
+    @pytest.fixture
+    def fault_env(self, stack_env: dict[str, str], broker: RedisServer) -> dict[str, str]:
+        # About ten 100-event batches (each held twice: message and resend copy).
+        return {**stack_env, "REDIS_URL": broker.url, "BROKER_MAX_BACKLOG_BYTES": "500000"}
+
+    def test_backlog_over_budget_gives_503_until_workers_catch_up(
+        self, api: Api, worker: Workers, broker: RedisServer, engine: Engine, clean: None
+    ) -> None:
+        accepted = 0
+        refused: requests.Response | None = None
+        for n in range(100):
+            body = [make_event(f"bp-{n}-{i}", topic="budget") for i in range(100)]
+            response = requests.post(f"{api.url}/publish", json=body, timeout=10)
+            if response.status_code == 503:
+                refused = response
+                break
+            assert response.status_code == 202, response.text
+            accepted += 100
+        assert refused is not None, "the backlog budget never answered 503"
+        assert 300 <= accepted <= 3000
+        assert refused.headers["Retry-After"]
+        assert "unstored work" in refused.json()["message"]
+        with redis.Redis.from_url(broker.url) as client:
+            # The refused request left nothing behind.
+            assert client.hlen(PENDING_KEY) == accepted // 100
+            assert client.llen(QUEUE_KEY) == accepted // 100
+
+        worker.start()
+        figures = settled_stats(api.url, received=accepted, timeout=60)
+        assert_adds_up(figures, engine, sent=accepted)
+        response = requests.post(
+            f"{api.url}/publish", json=[make_event("after", topic="budget")], timeout=10
+        )
+        assert response.status_code == 202, response.text
+
+
+def test_acceptance_refused_at_maxmemory_writes_nothing(
+    api: Api, worker: Workers, broker: RedisServer, engine: Engine, clean: None
+) -> None:
+    """maxmemory reached: no 202, and not one of the acceptance's writes happened."""
+    worker.start()
+    key = uuid.uuid4().hex
+    body = [make_event(f"oom-{i}", topic="oom") for i in range(50)]
+    with redis.Redis.from_url(broker.url) as client:
+        # Load the script first, so the refusal comes from the memory check alone.
+        warm = requests.post(f"{api.url}/publish", json=make_event("warm", "oom"), timeout=10)
+        assert warm.status_code == 202
+        settled_stats(api.url, received=1, timeout=30)
+        before = broker_snapshot(client)
+        client.config_set("maxmemory", max(1, int(client.info("memory")["used_memory"]) // 2))
+        try:
+            response = requests.post(
+                f"{api.url}/publish", json=body, headers={"Idempotency-Key": key}, timeout=10
+            )
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"]
+            assert broker_snapshot(client) == before
+            assert not client.exists(idempotency_key("-", key))
+        finally:
+            client.config_set("maxmemory", 0)
+    again = requests.post(
+        f"{api.url}/publish", json=body, headers={"Idempotency-Key": key}, timeout=10
+    )
+    assert again.status_code == 202, again.text
+    assert "Idempotent-Replayed" not in again.headers
+    figures = settled_stats(api.url, received=51, timeout=30)
+    assert figures["topics"]["oom"] == {"stored": 51, "duplicates": 0, "failed": 0}
+    assert_adds_up(figures, engine, sent=51)
+
+
+class TestFullBrokerDuringDatabaseOutage:
+    """Redis with a small maxmemory while PostgreSQL is stopped for 20 s."""
+
+    @pytest.fixture
+    def postgres(self, scratch_dir: Path) -> Iterator[PostgresServer]:
+        server = PostgresServer(
+            scratch_dir / f"pg-memory-{uuid.uuid4().hex[:6]}",
+            free_port(),
+            find_pg_bindir(),
+            durable=False,
+        )
+        server.start()
+        server.create_database("aggregator")
+        migrate(server.url("aggregator"))
+        yield server
+        server.stop()
+
+    @pytest.fixture
+    def broker(self, scratch_dir: Path) -> Iterator[RedisServer]:
+        server = RedisServer(
+            scratch_dir / f"redis-memory-{uuid.uuid4().hex[:6]}",
+            free_port(),
+            find_redis_server(),
+            maxmemory="8mb",
+        )
+        server.start()
+        yield server
+        server.stop()
+
+    @pytest.fixture(params=["budget", "maxmemory"])
+    def fault_env(
+        self,
+        request: pytest.FixtureRequest,
+        stack_env: dict[str, str],
+        broker: RedisServer,
+        postgres: PostgresServer,
+    ) -> dict[str, str]:
+        # "budget": the API's budget (2 MB) refuses long before Redis would;
+        # "maxmemory": the budget is out of reach and Redis itself refuses writes.
+        budget = "2000000" if request.param == "budget" else "1000000000"
+        return {
+            **stack_env,
+            "REDIS_URL": broker.url,
+            "DATABASE_URL": postgres.url("aggregator"),
+            "BROKER_MAX_BACKLOG_BYTES": budget,
+        }
+
+    @pytest.fixture
+    def outage_engine(self, postgres: PostgresServer) -> Iterator[Engine]:
+        engine = make_engine(postgres.url("aggregator"))
+        yield engine
+        engine.dispose()
+
+    def test_full_broker_gives_503s_and_loses_nothing(
+        self,
+        postgres: PostgresServer,
+        api: Api,
+        worker: Workers,
+        broker: RedisServer,
+        outage_engine: Engine,
+    ) -> None:
+        started = time.monotonic()
+        worker.start()
+        exits = restart_workers_that_exit(worker)
+        try:
+            with PacedPublisher(api.url, 6000, spread=12.0, batch_size=100, max_retries=60) as run:
+                wait_until(lambda: run.answered() >= 3, timeout=30)
+                postgres.stop()
+                wait_until(lambda: publish_503s(api) >= 10, timeout=60)
+                down_for = 20.0
+                outage_ends = time.monotonic() + down_for
+                wait_until(lambda: time.monotonic() >= outage_ends, timeout=down_for + 5)
+                postgres.start()
+                summary = run.wait(timeout=180)
+        finally:
+            exits.stop()
+        assert summary.errors == 0, summary.first_error
+        check_invariants(
+            "full-broker-during-database-outage",
+            run=run,
+            summary=summary,
+            api=api,
+            engine=outage_engine,
+            broker=broker,
+            started=started,
+            faults=1,
+            settle=120,
+        )
+        assert exits.count == 0, f"workers exited {exits.count} time(s): {fatal_lines(worker)}"
+        assert not re.search(r"Unrecoverable error", worker.output())
+
+
+class WorkerRestarts:
+    """Restarts the current worker whenever it exits, counting how often."""
+
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            if not self.workers.current.executor.running():
+                self.count += 1
+                self.workers.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=70)
+
+
+def restart_workers_that_exit(workers: Workers) -> WorkerRestarts:
+    return WorkerRestarts(workers)
