@@ -27,11 +27,15 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError
+from sqlalchemy.exc import OperationalError
 
 from app.broker_log import loss_summary
 from app.store import read_totals
 from tasks.acceptance import depth
 from tasks.acceptance import persistence
+
+DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 REQUESTS = Counter(
     "aggregator_http_requests_total", "HTTP requests answered.", ["endpoint", "method", "status"]
@@ -70,6 +74,24 @@ class StatsCollector(Collector):
         self._client = client
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        # Each source on its own: the broker's backlog matters most exactly while
+        # the database is down, so one source failing must not fail the scrape.
+        up = GaugeMetricFamily(
+            "aggregator_dependency_up", "Whether a scrape could read it.", labels=["dependency"]
+        )
+        try:
+            yield from self._from_database()
+            up.add_metric(["database"], 1)
+        except DATABASE_ERRORS:
+            up.add_metric(["database"], 0)
+        try:
+            yield from self._from_broker()
+            up.add_metric(["broker"], 1)
+        except redis.RedisError:
+            up.add_metric(["broker"], 0)
+        yield up
+
+    def _from_database(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
         with self._engine.connect() as conn:
             totals = read_totals(conn)
             losses = loss_summary(conn)
@@ -78,29 +100,27 @@ class StatsCollector(Collector):
         )
         for outcome in ("received", "stored", "duplicates", "failed"):
             events.add_metric([outcome], getattr(totals, outcome))
-        yield events
         lost = CounterMetricFamily(
             "aggregator_broker_data_loss",
             "Losses of broker data detected (flushed, replaced, or restored from an older copy).",
         )
         lost.add_metric([], losses["detected"])
-        yield lost
         unacknowledged = GaugeMetricFamily(
             "aggregator_broker_data_loss_unacknowledged",
             "Detected losses of broker data not yet acknowledged by an operator.",
         )
         unacknowledged.add_metric([], losses["unacknowledged"])
-        yield unacknowledged
+        return [events, lost, unacknowledged]
+
+    def _from_broker(self) -> list[GaugeMetricFamily]:
         figures = depth(self._client)
         queue = GaugeMetricFamily(
             "aggregator_broker_messages", "Messages on the broker, by state.", labels=["state"]
         )
         queue.add_metric(["ready"], figures.ready)
         queue.add_metric(["unacked"], figures.unacked)
-        yield queue
         marks = GaugeMetricFamily("aggregator_pending_batches", "Batches accepted, not stored.")
         marks.add_metric([], figures.pending)
-        yield marks
         mode = GaugeMetricFamily(
             "aggregator_broker_persistence",
             "What a 202 survives: 1 for the broker's AOF fsync policy"
@@ -108,7 +128,7 @@ class StatsCollector(Collector):
             labels=["appendfsync"],
         )
         mode.add_metric([persistence(self._client)], 1)
-        yield mode
+        return [queue, marks, mode]
 
 
 def _registry() -> CollectorRegistry:

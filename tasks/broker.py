@@ -1,4 +1,4 @@
-"""kombu's Redis transport with three fixes, and leases on the messages a live worker holds.
+"""kombu's Redis transport with fixes for a broker in trouble, and leases on held messages.
 
 1. A broker lost mid-task must not end the worker (a closed transport is a
    connection error, which Celery survives, not an AttributeError).
@@ -6,7 +6,9 @@
    hash; when that write fails (maxmemory, a read-only replica, a dropped
    connection) kombu raises and Celery exits with "Unrecoverable error". Here
    the worker keeps the message and runs it; it is then held nowhere in Redis,
-   which is exactly the evidence the resend sweep (tasks.resend) acts on.
+   which is exactly the evidence the resend sweep (tasks.resend) acts on. The
+   other writes Redis refuses at maxmemory (counting the queue in MULTI, a
+   binding declared again at start, the sweep lock) are skipped the same way.
 3. Leases: kombu restores a held message once its delivery time is older than
    the visibility timeout, whether its worker is alive or not. The worker's
    main process refreshes the delivery time of every message it holds
@@ -36,6 +38,44 @@ _CHANNELS: weakref.WeakSet[Channel] = weakref.WeakSet()
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, keeping a message whose unacked record could not be written."""
 
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        # The sweep takes a lock with SET, which Redis refuses at maxmemory: skip
+        # this round rather than let the error end the worker.
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.exceptions.ResponseError as exc:
+            logger.warning("skipped a sweep for expired messages: %s", exc)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # kombu removes in MULTI/EXEC, and Redis refuses every command queued in
+        # MULTI at maxmemory: an ack would fail (and end the worker) exactly when
+        # acks are what frees memory. Outside MULTI, HDEL and ZREM are allowed at
+        # maxmemory. The message goes first: if the second step is lost, a stray
+        # index entry is harmless, whereas a message without one is never restored.
+        if pipe is not None:
+            return super()._remove_from_indices(delivery_tag, pipe)
+        with self.channel.conn_or_acquire() as client:
+            return (
+                client.pipeline(transaction=False)
+                .hdel(self.unacked_key, delivery_tag)
+                .zrem(self.unacked_index_key, delivery_tag)
+            )
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        # Handing a message back is a WATCH/MULTI transaction, refused at
+        # maxmemory. Then the message stays in the unacked hash; this process
+        # forgets it (so its lease is no longer renewed) and the visibility
+        # timeout brings it back.
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except redis.RedisError as exc:
+            logger.warning(
+                "could not hand message %s back (%s); it returns after the visibility timeout",
+                delivery_tag,
+                exc,
+            )
+            virtual.QoS.ack(self, delivery_tag)
+
     def append(self, message: Any, delivery_tag: str) -> None:
         try:
             super().append(message, delivery_tag)
@@ -54,6 +94,23 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _CHANNELS.add(self)
+
+    def _size(self, queue: str) -> int:
+        # kombu counts a queue in MULTI/EXEC, which Redis refuses at maxmemory;
+        # the count is informative only, and a worker must still start.
+        try:
+            return super()._size(queue)
+        except redis.exceptions.ResponseError:
+            return 0
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        # At maxmemory Redis refuses the write that records a binding. Tasks do
+        # not need it (the API pushes onto the queue's list itself), only remote
+        # control does (Flower's inspect, broadcast to each worker's pidbox).
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except redis.exceptions.ResponseError as exc:
+            logger.warning("could not bind %s to %s (%s); continuing", queue, exchange, exc)
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # On a lost connection Celery first collects the connection (which

@@ -158,6 +158,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
             process = item.funcargs.get(fixture) if hasattr(item, "funcargs") else None
             log = getattr(process, "log", None)
             if log is not None and Path(log).exists():
-                tail = Path(log).read_text(errors="replace")[-4000:]
+                tail = Path(log).read_text(errors="replace")[-30000:]
                 report.sections.append((f"{fixture} log ({log})", tail))
     return report

@@ -156,7 +156,7 @@ class TestFullBrokerDuringDatabaseOutage:
             scratch_dir / f"redis-memory-{uuid.uuid4().hex[:6]}",
             free_port(),
             find_redis_server(),
-            maxmemory="8mb",
+            maxmemory="3mb",
         )
         server.start()
         yield server
@@ -170,9 +170,9 @@ class TestFullBrokerDuringDatabaseOutage:
         broker: RedisServer,
         postgres: PostgresServer,
     ) -> dict[str, str]:
-        # "budget": the API's budget (2 MB) refuses long before Redis would;
+        # "budget": the API's budget (1 MB) refuses before Redis would;
         # "maxmemory": the budget is out of reach and Redis itself refuses writes.
-        budget = "2000000" if request.param == "budget" else "1000000000"
+        budget = "1000000" if request.param == "budget" else "1000000000"
         return {
             **stack_env,
             "REDIS_URL": broker.url,
@@ -188,6 +188,7 @@ class TestFullBrokerDuringDatabaseOutage:
 
     def test_full_broker_gives_503s_and_loses_nothing(
         self,
+        fault_env: dict[str, str],
         postgres: PostgresServer,
         api: Api,
         worker: Workers,
@@ -222,6 +223,14 @@ class TestFullBrokerDuringDatabaseOutage:
             settle=120,
         )
         assert exits.count == 0, f"workers exited {exits.count} time(s): {fatal_lines(worker)}"
+        # Which of the two refused: Redis counts the commands it refused for memory.
+        with redis.Redis.from_url(broker.url) as client:
+            errors = client.info("errorstats")
+        refused = int(errors.get("errorstat_OOM", {}).get("count", 0))
+        if int(fault_env["BROKER_MAX_BACKLOG_BYTES"]) < 3 * 1024 * 1024:
+            assert refused == 0, "the budget should have answered before maxmemory"
+        else:
+            assert refused > 0, f"Redis never reached maxmemory: {errors}"
         assert not re.search(r"Unrecoverable error", worker.output())
 
 
