@@ -28,6 +28,7 @@ from app.metrics import ACCEPTED
 from app.metrics import REPLAYS
 from app.schemas import AcceptedSchema
 from app.schemas import AcknowledgedSchema
+from app.schemas import BrokerLossSchema
 from app.schemas import DeadLetterSchema
 from app.schemas import ErrorBodySchema
 from app.schemas import EventPageSchema
@@ -267,18 +268,12 @@ def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
 
 
 @broker_blp.route("/broker/data-loss", methods=["GET"])
-@broker_blp.response(200)
+@broker_blp.response(200, BrokerLossSchema(many=True))
 @documents_errors(401, 429, 503)
 def broker_data_loss() -> list[dict[str, Any]]:
     """List every detected loss of broker data, newest first."""
     with _engine().connect() as conn:
-        return [
-            {
-                key: value.isoformat() if hasattr(value, "isoformat") else value
-                for key, value in loss.items()
-            }
-            for loss in broker_log.list_losses(conn)
-        ]
+        return broker_log.list_losses(conn)
 
 
 @broker_blp.route("/broker/data-loss/acknowledge", methods=["POST"])

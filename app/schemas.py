@@ -223,6 +223,24 @@ class HealthSchema(Schema):
     checks = fields.Dict(keys=fields.String(), values=fields.String())
 
 
+class BrokerLossSchema(Schema):
+    """One detected loss of broker data."""
+
+    id = fields.Integer(required=True)
+    broker = fields.String(required=True, metadata={"description": "The broker's URL."})
+    lost_epoch = fields.String(required=True)
+    reason = fields.String(required=True)
+    seq_known = fields.Integer(
+        required=True, metadata={"description": "Acceptances known to have happened."}
+    )
+    seq_found = fields.Integer(
+        allow_none=True, metadata={"description": "Acceptances the broker still knew of."}
+    )
+    events_unaccounted = fields.Integer(required=True)
+    detected_at = fields.AwareDateTime(required=True, format="iso")
+    acknowledged_at = fields.AwareDateTime(allow_none=True, format="iso")
+
+
 class AcknowledgedSchema(Schema):
     """How many detected losses of broker data an operator just acknowledged."""
 

@@ -112,7 +112,10 @@ def format_summary(summary: PublishSummary) -> str:
         ("unique", f"{summary.unique}"),
         ("duplicates", f"{summary.duplicates}"),
         ("errors", f"{summary.errors} requests failed ({summary.failed_events} events)"),
-        ("ambiguous", f"{summary.ambiguous} events may have arrived one extra time"),
+        (
+            "ambiguous",
+            f"{summary.ambiguous} events of failed requests the API may still have accepted",
+        ),
         ("elapsed", f"{summary.elapsed:.3f} s"),
         ("events/s", f"{summary.events_per_second:.1f}"),
         (

@@ -99,6 +99,19 @@ def redis_server(scratch_dir: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def quiet_broker(scratch_dir: Path) -> Iterator[redis.Redis]:
+    """A private Redis no worker listens to, so nothing but the test touches its queue."""
+    server = RedisServer(
+        scratch_dir / f"redis-quiet-{uuid.uuid4().hex[:6]}", free_port(), find_redis_server()
+    )
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    yield client
+    client.close()
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def stack_env(database_url: str, redis_server: RedisServer, scratch_dir: Path) -> dict[str, str]:
     """Environment for API and worker processes: short timeouts so faults resolve quickly."""

@@ -46,7 +46,9 @@ def test_probes_and_document_need_no_token(guarded: Api) -> None:
 )
 def test_publishing_and_reading_need_a_valid_token(guarded: Api, headers: dict[str, str]) -> None:
     for method, path in (("post", "/publish"), ("get", "/events"), ("get", "/stats")):
-        response = requests.request(method, f"{guarded.url}{path}", json=EVENT, headers=headers)
+        response = requests.request(
+            method, f"{guarded.url}{path}", json=EVENT, headers=headers, timeout=10
+        )
         assert response.status_code == 401, (path, response.text)
         assert response.json()["code"] == 401
         assert response.headers["WWW-Authenticate"].lower().startswith("bearer")

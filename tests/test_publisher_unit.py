@@ -228,6 +228,20 @@ def test_summary_counts_sent_unique_duplicates_errors_and_ambiguity():
     assert orjson.loads(orjson.dumps(summary.as_dict()))["sent"] == 5
 
 
+def test_with_idempotency_keys_only_requests_never_answered_202_stay_uncertain():
+    outcomes = [
+        # Accepted after two ambiguous attempts: the key made them one acceptance.
+        RequestOutcome([ev("a", "1"), ev("a", "2")], "202", True, 2, 0.010, key="k1"),
+        # Never answered 202 after three ambiguous attempts: accepted at most once.
+        RequestOutcome([ev("b", "3")], "ProtocolError", False, 3, 0.020, "x", key="k2"),
+        # Failed without an ambiguous attempt: certainly not accepted.
+        RequestOutcome([ev("b", "4")], "422", False, 0, 0.020, "HTTP 422", key="k3"),
+    ]
+    assert [o.possible_extra_acceptances for o in outcomes] == [0, 1, 0]
+    summary = summarize(4, outcomes, elapsed=1.0, topics=["a", "b"])
+    assert (summary.sent, summary.ambiguous, summary.uncertain_unique) == (2, 1, 1)
+
+
 def test_summary_of_nothing_is_all_zero():
     summary = summarize(0, [], elapsed=0.0, topics=["a"])
     assert (summary.sent, summary.unique, summary.errors, summary.events_per_second) == (0, 0, 0, 0)

@@ -395,9 +395,9 @@ class Probe:
 
 
 def probe_publish(url: str, event: dict[str, Any]) -> Probe:
-    """POST one event with a 1 s client timeout: a slow answer fails the test."""
+    """POST one event and time the answer (the test judges the latency, not a client timeout)."""
     started = time.perf_counter()
-    response = requests.post(f"{url}/publish", json=event, timeout=1.0)
+    response = requests.post(f"{url}/publish", json=event, timeout=10)
     latency = time.perf_counter() - started
     return Probe(
         response.status_code, latency, response.headers.get("Retry-After"), response.json()

@@ -53,6 +53,8 @@ def assert_reported_until_acknowledged(api: Api, worker: Workers) -> None:
     metrics = requests.get(f"{api.url}/metrics", timeout=10).text
     assert re.search(r"^aggregator_broker_data_loss_total 1\.0$", metrics, re.M), metrics[-2000:]
     assert "broker data loss detected" in worker.output()
+    [listed] = requests.get(f"{api.url}/broker/data-loss", timeout=10).json()
+    assert listed["reason"] and listed["acknowledged_at"] is None
     acknowledged = requests.post(f"{api.url}/broker/data-loss/acknowledge", timeout=10)
     assert acknowledged.json() == {"acknowledged": 1}
     assert requests.get(f"{api.url}/ready", timeout=10).status_code == 200

@@ -57,12 +57,12 @@ def test_broker_outage_gives_fast_503s_and_recovers_without_restarts(
             (broker.datadir / "redis.pid").unlink(missing_ok=True)
         down_at = time.monotonic()
 
-        ready = requests.get(f"{api.url}/ready", timeout=1.0)
+        ready = requests.get(f"{api.url}/ready", timeout=10)
         assert ready.status_code == 503, ready.text
         assert ready.json()["checks"]["broker"].startswith("down"), ready.text
         assert ready.json()["checks"]["database"] == "ok", ready.text
         assert ready.headers.get("Retry-After")
-        figures = requests.get(f"{api.url}/stats", timeout=1.0)
+        figures = requests.get(f"{api.url}/stats", timeout=10)
         assert figures.status_code == 503 and "broker" in figures.json()["message"]
 
         # The outage lasts past one Retry-After, so every publisher thread meets a 503 and
@@ -76,6 +76,8 @@ def test_broker_outage_gives_fast_503s_and_recovers_without_restarts(
     assert not fatal_lines(worker), fatal_lines(worker)
 
     p99 = round(percentile([p.latency for p in probes], 99) * 1000, 1)
+    # Fast: within the broker timeout (0.5 s) and then some for a loaded machine.
+    assert p99 < 2500, f"503s took {p99} ms at p99"
     assert {p.status for p in probes} == {503}
     assert all(p.retry_after == str(retry_after) for p in probes)
     assert all(p.body["code"] == 503 and "broker" in p.body["message"] for p in probes)
@@ -99,7 +101,7 @@ def test_broker_outage_gives_fast_503s_and_recovers_without_restarts(
     assert sorted(api.worker_pids()) == api_pids
     assert worker.started == [current] and current.executor.running()
     assert_still_processing(api.url)
-    wait_until(lambda: requests.get(f"{api.url}/ready", timeout=1.0).status_code == 200)
+    wait_until(lambda: requests.get(f"{api.url}/ready", timeout=10).status_code == 200)
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
