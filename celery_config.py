@@ -5,13 +5,14 @@ from app.config import load_settings
 _settings = load_settings()
 
 broker_url = _settings.redis_url
-# kombu's Redis transport with a fix: losing the broker mid-task must not end the worker.
+# kombu's Redis transport with fixes for a broker in trouble and leases (tasks/broker.py).
 broker_transport = "tasks.broker:Transport"
 broker_connection_retry_on_startup = True
 # Workers keep trying to reach the broker for as long as it is away.
 broker_connection_max_retries = None
 broker_transport_options = {
-    # A message fetched by a worker that then died becomes visible again after this.
+    # A message held by a worker that died comes back this long after its lease
+    # was last renewed (live workers renew theirs, tasks.broker).
     "visibility_timeout": _settings.visibility_timeout,
     "unacked_restore_interval": _settings.restore_interval,
     # Scan on every sweep, so restore_interval alone sets how fast we recover.
@@ -23,7 +24,8 @@ broker_transport_options = {
     "socket_keepalive": True,
     "health_check_interval": 10,
 }
-# A dead broker must give the API a fast 503, not a request that hangs in retries.
+# The API does not publish through Celery (tasks.acceptance pushes the message
+# itself); for anyone who does, a dead broker must fail fast, not hang in retries.
 task_publish_retry_policy = {
     "max_retries": 1,
     "interval_start": 0,
@@ -39,7 +41,7 @@ task_ignore_result = True
 
 # At-least-once delivery: a message is acknowledged only after its batch has
 # committed, and a worker killed mid-task hands its message back to the queue.
-# The insert is idempotent, so a redelivered batch costs nothing.
+# The ledger claim comes first, so a redelivered batch costs one statement.
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
