@@ -109,6 +109,7 @@ class Acceptor:
             leaders.append(index)
 
         remaining = leaders
+        known: dict[tuple[str, str], IdempotencyRecord] = {}
         for attempt in range(3):
             if not remaining:
                 break
@@ -143,6 +144,7 @@ class Acceptor:
                 assert reply.known is not None
                 for position, record in reply.known.items():
                     index = remembered[position]
+                    known[(requests[index].client_id, requests[index].key)] = record
                     outcomes[index] = _answer_from(requests[index], record)
                 remaining = [index for index in remaining if outcomes[index] is None]
             elif reply.status == "FULL":
@@ -159,7 +161,9 @@ class Acceptor:
             raise BrokerUnavailable("could not accept the batch")
 
         for index, request in enumerate(requests):
-            if outcomes[index] is None:
+            if outcomes[index] is None and (request.client_id, request.key) in known:
+                outcomes[index] = _answer_from(request, known[(request.client_id, request.key)])
+            elif outcomes[index] is None:
                 leader = outcomes[first_of[(request.client_id, request.key)]]
                 leader_request = requests[first_of[(request.client_id, request.key)]]
                 if (
