@@ -71,8 +71,13 @@ def report(
     p99_503_ms: float | None = None,
     faults: int | None = None,
     ambiguous: int = 0,
+    **measured: float | int | str,
 ) -> None:
-    """Append this scenario's numbers as one JSON line to $RELIABILITY_REPORT, when it is set."""
+    """Append this scenario's numbers as one JSON line to $RELIABILITY_REPORT, when it is set.
+
+    `measured` adds what a scenario measures beyond the common fields (seconds to
+    detect or recover, the most messages seen on the broker, ...).
+    """
     path = os.environ.get("RELIABILITY_REPORT")
     if not path:
         return
@@ -86,6 +91,7 @@ def report(
         "duration_s": round(duration_s, 2),
         "faults": faults,
         "ambiguous": ambiguous,
+        **measured,
     }
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(line) + "\n")

@@ -105,6 +105,8 @@ def test_flushall_with_batches_queued_is_detected_and_reported(
         double_counted=0,
         duration_s=time.monotonic() - started,
         faults=1,
+        detected_after_s=round(took, 2),
+        events_unaccounted=loss["events_unaccounted"],
     )
     assert_reported_until_acknowledged(api, worker)
     assert_publishing_goes_on(api, "after-flush")
@@ -121,6 +123,16 @@ def test_broker_replaced_by_an_empty_instance_is_detected(
     shutil.rmtree(broker.datadir)
     broker.start()  # The same address, no data: a container recreated without its volume.
     loss, took = wait_for_detection(api)
+    report(
+        "broker-replaced-by-empty-instance",
+        events_sent=20,
+        acknowledged=20,
+        lost=0,
+        double_counted=0,
+        duration_s=took,
+        faults=1,
+        detected_after_s=round(took, 2),
+    )
     assert took < 5, f"detected after {took:.1f} s"
     assert loss["events_unaccounted"] == 0  # Everything accepted had been stored.
     assert_reported_until_acknowledged(api, worker)
@@ -157,6 +169,16 @@ def test_broker_restored_from_an_older_aof_is_detected(
         shutil.copy2(backup, source)
     broker.start()
     loss, took = wait_for_detection(api)
+    report(
+        "broker-restored-from-older-aof",
+        events_sent=80,
+        acknowledged=80,
+        lost=0,
+        double_counted=0,
+        duration_s=took,
+        faults=1,
+        detected_after_s=round(took, 2),
+    )
     assert took < 5, f"detected after {took:.1f} s"
     with engine.connect() as conn:
         [row] = conn.execute(select(broker_losses)).all()

@@ -181,6 +181,8 @@ class TestNoCopyStorm(PrivateDatabase):
             double_counted=max(0, figures["total_received_queued"] - batches * 10),
             duration_s=20,
             faults=1,
+            most_messages_on_broker=most,
+            batches=batches,
         )
         assert most <= batches + 3, f"{most} messages on the broker for {batches} batches"
         assert_adds_up(figures, outage_engine, sent=batches * 10)

@@ -26,6 +26,7 @@ from scripts.services import free_port
 from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import wait_until
+from tests.faults.harness import report
 from tests.helpers import TableLock
 from tests.helpers import assert_adds_up
 from tests.helpers import make_event
@@ -148,6 +149,16 @@ def test_killed_main_process_mid_batch_is_stored_within_a_minute_at_default_sett
     start_worker(workers, crash_env, logs, **ONLY_LEASES_AT_DEFAULTS)
     figures = settled_stats(crash_api.url, received=450, timeout=90)
     recovered_in = time.monotonic() - killed_at
+    report(
+        "worker-main-killed-default-timings",
+        events_sent=450,
+        acknowledged=450,
+        lost=450 - figures["unique_processed_db"] - figures["estimated_duplicate_dropped"],
+        double_counted=max(0, figures["total_received_queued"] - 450),
+        duration_s=recovered_in,
+        faults=1,
+        stored_after_s=round(recovered_in, 1),
+    )
     assert recovered_in < 60, f"stored {recovered_in:.1f} s after the kill"
     assert figures["unique_processed_db"] == 350
     assert figures["estimated_duplicate_dropped"] == 100
