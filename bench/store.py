@@ -1,0 +1,116 @@
+"""The worker's database step alone: app.store.store_batch per batch, in this process.
+
+    python -m bench.store                      # batches of 1 and 500, 10% duplicates
+    python -m bench.store --sizes 1,10 --batches 2000
+
+For each batch size: batches per second, and per batch the wall time and this
+process's CPU (SQLAlchemy and psycopg2) and PostgreSQL's CPU (its backend). One
+transaction per batch, as the task runs it; durable commits. It starts a private
+PostgreSQL (or uses DATABASE_URL's server with a throwaway database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+from sqlalchemy import text
+
+from app.db import make_engine
+from app.store import run_in_transaction
+from app.store import store_batch
+from bench.harness import bench_services
+from bench.harness import log
+from bench.harness import migrate
+from bench.harness import scratch_dir
+
+
+def _sizes(raw: str) -> list[int]:
+    return [int(part) for part in raw.split(",") if part.strip()]
+
+
+def events(size: int, start: int) -> list[dict[str, object]]:
+    """A batch whose every tenth event repeats an earlier key."""
+    rows = []
+    for n in range(start, start + size):
+        key = n - 1 if n % 10 == 9 and n > start else n
+        rows.append(
+            {
+                "topic": f"bench-{n % 4}",
+                "event_id": f"e-{key}",
+                "timestamp": "2026-03-01T08:00:00+00:00",
+                "source": "bench",
+                "payload": {"n": n},
+            }
+        )
+    return rows
+
+
+def measure(database_url: str, size: int, batches: int) -> dict[str, float]:
+    """Store `batches` batches of `size` events; return rates and per-batch costs."""
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            backend = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        postgres = psutil.Process(backend)
+        me = psutil.Process()
+        walls = []
+        cpu_before, pg_before = me.cpu_times(), postgres.cpu_times()
+        started = time.perf_counter()
+        for n in range(batches):
+            batch = events(size, n * size)
+            batch_id = uuid.uuid4().hex
+            begun = time.perf_counter()
+            run_in_transaction(engine, lambda conn, b=batch, i=batch_id: store_batch(conn, i, b))
+            walls.append(time.perf_counter() - begun)
+        elapsed = time.perf_counter() - started
+        cpu_after, pg_after = me.cpu_times(), postgres.cpu_times()
+    finally:
+        engine.dispose()
+    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    pg = (pg_after.user + pg_after.system) - (pg_before.user + pg_before.system)
+    return {
+        "size": size,
+        "batches_per_s": round(batches / elapsed, 1),
+        "events_per_s": round(batches * size / elapsed, 1),
+        "wall_us_p50": round(statistics.median(walls) * 1e6),
+        "client_cpu_us_per_batch": round(cpu / batches * 1e6),
+        "postgres_cpu_us_per_batch": round(pg / batches * 1e6),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the measurement and print one table row per batch size."""
+    parser = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__)
+    parser.add_argument("--sizes", type=_sizes, default=[1, 500])
+    parser.add_argument("--batches", type=int, default=1000, help="batches per size")
+    args = parser.parse_args(argv)
+    with scratch_dir("agg-bench-store-") as base:
+        with bench_services(Path(base), durable=True, redis_aof=False) as services:
+            migrate(services.database_url)
+            rows = []
+            for size in args.sizes:
+                count = max(20, args.batches // max(1, size // 10))
+                log(f"{count} batches of {size}")
+                rows.append(measure(services.database_url, size, count))
+    print(
+        "| events/batch | batches/s | events/s | wall p50 µs | client CPU µs/batch"
+        " | PostgreSQL CPU µs/batch |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['size']} | {row['batches_per_s']:,} | {row['events_per_s']:,}"
+            f" | {row['wall_us_p50']:,} | {row['client_cpu_us_per_batch']:,}"
+            f" | {row['postgres_cpu_us_per_batch']:,} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
