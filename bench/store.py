@@ -1,4 +1,4 @@
-"""The worker's database step alone: app.store.store_batch per batch, in this process.
+"""The worker's database step alone: app.store.store_exactly_once per batch, in this process.
 
     python -m bench.store                      # batches of 1 and 500, 10% duplicates
     python -m bench.store --sizes 1,10 --batches 2000
@@ -22,8 +22,7 @@ import psutil
 from sqlalchemy import text
 
 from app.db import make_engine
-from app.store import run_in_transaction
-from app.store import store_batch
+from app.store import store_exactly_once
 from bench.harness import bench_services
 from bench.harness import log
 from bench.harness import migrate
@@ -66,7 +65,7 @@ def measure(database_url: str, size: int, batches: int) -> dict[str, float]:
             batch = events(size, n * size)
             batch_id = uuid.uuid4().hex
             begun = time.perf_counter()
-            run_in_transaction(engine, lambda conn, b=batch, i=batch_id: store_batch(conn, i, b))
+            store_exactly_once(engine, batch_id, batch)
             walls.append(time.perf_counter() - begun)
         elapsed = time.perf_counter() - started
         cpu_after, pg_after = me.cpu_times(), postgres.cpu_times()

@@ -14,8 +14,7 @@ from celery.utils.log import get_task_logger
 from app.config import load_settings
 from app.metrics import TASK_DURATION
 from app.metrics import TASK_OUTCOMES
-from app.store import run_in_transaction
-from app.store import store_batch as store_batch_in
+from app.store import store_exactly_once
 from tasks import celery_app
 from tasks import get_engine
 from tasks import get_redis
@@ -62,10 +61,7 @@ def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None
     epoch, seq = parse_stamp(self.request.get(STAMP_HEADER))
     try:
         with TASK_DURATION.time():
-            outcome = run_in_transaction(
-                get_engine(),
-                lambda conn: store_batch_in(conn, batch_id, events, epoch=epoch, seq=seq),
-            )
+            outcome = store_exactly_once(get_engine(), batch_id, events, epoch=epoch, seq=seq)
     except Exception as exc:
         wait = _backoff.failed()
         logger.warning(

@@ -207,3 +207,30 @@ def test_replay_of_a_key_stored_meanwhile_counts_a_duplicate(conn: Connection) -
     ledger_matches_rows(conn)
     row_ = conn.execute(select(batches).where(batches.c.batch_id == "b1")).one()
     assert (row_.stored, row_.duplicates, row_.failed) == (0, 1, 0)
+
+
+def test_a_batch_with_refused_data_is_run_again_guarded_in_a_new_transaction(
+    committed: Engine,
+) -> None:
+    batch = [row("1"), row("2", text="nul\x00"), row("3"), row("1")]
+    outcome = store.store_exactly_once(committed, "b1", batch, epoch="e", seq=7)
+    assert (outcome.stored, outcome.duplicates, outcome.failed) == (2, 1, 1)
+    with committed.connect() as conn:
+        assert count(conn, dead_letters) == 1
+        ledger = conn.execute(select(batches)).one()
+        assert (ledger.batch_id, ledger.received, ledger.failed, ledger.broker_seq) == (
+            "b1",
+            4,
+            1,
+            7,
+        )
+        ledger_matches_rows(conn)
+    again = store.store_exactly_once(committed, "b1", batch)
+    assert again.replayed
+
+
+def test_a_clean_batch_takes_the_unguarded_path(committed: Engine) -> None:
+    outcome = store.store_exactly_once(committed, "b1", [row("1"), row("2"), row("1")])
+    assert (outcome.stored, outcome.duplicates, outcome.failed) == (2, 1, 0)
+    with committed.connect() as conn:
+        ledger_matches_rows(conn)
