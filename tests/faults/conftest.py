@@ -7,12 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
+from app.db import make_engine
+from scripts.services import PostgresServer
 from scripts.services import RedisServer
+from scripts.services import find_pg_bindir
 from scripts.services import find_redis_server
 from scripts.services import free_port
 from scripts.stack import Api
 from tests.faults.harness import Workers
+from tests.helpers import migrate
 
 # --- fixtures: a private broker, API and workers per test ------------------------------------
 
@@ -53,3 +58,27 @@ def worker(fault_env: dict[str, str], logs: Path) -> Iterator[Workers]:
     crew = Workers(fault_env, logs / "faults-worker.log")
     yield crew
     crew.close()
+
+
+@pytest.fixture
+def postgres(scratch_dir: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, migrated, so the test can stop and start it."""
+    server = PostgresServer(
+        scratch_dir / f"pg-faults-{uuid.uuid4().hex[:6]}",
+        free_port(),
+        find_pg_bindir(),
+        durable=False,
+    )
+    server.start()
+    server.create_database("aggregator")
+    migrate(server.url("aggregator"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def outage_engine(postgres: PostgresServer) -> Iterator[Engine]:
+    """An engine on the test's own PostgreSQL."""
+    engine = make_engine(postgres.url("aggregator"))
+    yield engine
+    engine.dispose()

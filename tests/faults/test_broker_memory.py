@@ -18,10 +18,8 @@ import redis
 import requests
 from sqlalchemy import Engine
 
-from app.db import make_engine
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
-from scripts.services import find_pg_bindir
 from scripts.services import find_redis_server
 from scripts.services import free_port
 from scripts.stack import Api
@@ -37,7 +35,6 @@ from tests.faults.harness import check_invariants
 from tests.faults.harness import fatal_lines
 from tests.helpers import assert_adds_up
 from tests.helpers import make_event
-from tests.helpers import migrate
 from tests.helpers import settled_stats
 
 
@@ -137,20 +134,6 @@ class TestFullBrokerDuringDatabaseOutage:
     """Redis with a small maxmemory while PostgreSQL is stopped for 20 s."""
 
     @pytest.fixture
-    def postgres(self, scratch_dir: Path) -> Iterator[PostgresServer]:
-        server = PostgresServer(
-            scratch_dir / f"pg-memory-{uuid.uuid4().hex[:6]}",
-            free_port(),
-            find_pg_bindir(),
-            durable=False,
-        )
-        server.start()
-        server.create_database("aggregator")
-        migrate(server.url("aggregator"))
-        yield server
-        server.stop()
-
-    @pytest.fixture
     def broker(self, scratch_dir: Path) -> Iterator[RedisServer]:
         server = RedisServer(
             scratch_dir / f"redis-memory-{uuid.uuid4().hex[:6]}",
@@ -180,12 +163,6 @@ class TestFullBrokerDuringDatabaseOutage:
             "DATABASE_URL": postgres.url("aggregator"),
             "BROKER_MAX_BACKLOG_BYTES": budget,
         }
-
-    @pytest.fixture
-    def outage_engine(self, postgres: PostgresServer) -> Iterator[Engine]:
-        engine = make_engine(postgres.url("aggregator"))
-        yield engine
-        engine.dispose()
 
     def test_full_broker_gives_503s_and_loses_nothing(
         self,

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -17,11 +14,8 @@ from sqlalchemy import func
 from sqlalchemy import select
 
 from app.db import broker_checkpoints
-from app.db import make_engine
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
-from scripts.services import find_pg_bindir
-from scripts.services import free_port
 from scripts.stack import Api
 from scripts.stack import wait_until
 from tests.faults.harness import PacedPublisher
@@ -34,7 +28,6 @@ from tests.faults.harness import ledger
 from tests.faults.harness import report
 from tests.helpers import assert_adds_up
 from tests.helpers import make_event
-from tests.helpers import migrate
 from tests.helpers import settled_stats
 
 # --- 3. database outage -----------------------------------------------------------------------
@@ -44,30 +37,10 @@ class PrivateDatabase:
     """PostgreSQL of its own, so it can be stopped; the API and workers use it."""
 
     @pytest.fixture
-    def postgres(self, scratch_dir: Path) -> Iterator[PostgresServer]:
-        server = PostgresServer(
-            scratch_dir / f"pg-faults-{uuid.uuid4().hex[:6]}",
-            free_port(),
-            find_pg_bindir(),
-            durable=False,
-        )
-        server.start()
-        server.create_database("aggregator")
-        migrate(server.url("aggregator"))
-        yield server
-        server.stop()
-
-    @pytest.fixture
     def fault_env(
         self, stack_env: dict[str, str], broker: RedisServer, postgres: PostgresServer
     ) -> dict[str, str]:
         return {**stack_env, "REDIS_URL": broker.url, "DATABASE_URL": postgres.url("aggregator")}
-
-    @pytest.fixture
-    def outage_engine(self, postgres: PostgresServer) -> Iterator[Engine]:
-        engine = make_engine(postgres.url("aggregator"))
-        yield engine
-        engine.dispose()
 
 
 class TestDatabaseOutage(PrivateDatabase):
