@@ -62,9 +62,11 @@ def _unaccounted(checkpoint: Checkpoint, received_in_ledger: int) -> int:
 def check(engine: Engine, client: redis.Redis, broker: str) -> Loss | None:
     """Compare the broker with its checkpoint; record and return a loss, else checkpoint it."""
     scripts = Scripts(client)
-    state = read_state(client)
     with engine.begin() as conn:
         broker_log.lock_checks(conn)
+        # Read the broker only under the lock: a check that read it before
+        # another check gave it an epoch would take the new epoch for a loss.
+        state = read_state(client)
         checkpoint = broker_log.read_checkpoint(conn, broker)
         if checkpoint is None:
             epoch = state.epoch or _new_epoch(scripts, client)
