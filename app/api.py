@@ -230,7 +230,12 @@ def health() -> dict[str, str]:
 
 @health_blp.route("/ready", methods=["GET"])
 @health_blp.response(200, HealthSchema)
-@documents_errors(503)
+@health_blp.alt_response(
+    503,
+    schema=HealthSchema,
+    description="Not ready: a dependency is down, or a loss of broker data awaits"
+    " acknowledgement; `checks` says which. See Retry-After.",
+)
 def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
     """Check the database and the broker, and that no loss of broker data awaits acknowledgement."""
     checks = {"database": "ok", "broker": "ok", "broker_data_loss": "none"}
