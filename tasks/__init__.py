@@ -13,12 +13,14 @@ from sqlalchemy import Engine
 from app.config import Settings
 from app.config import load_settings
 from app.db import make_engine
+from tasks.pending import Scripts
 
 celery_app = Celery("tasks", include=["tasks.ingest"])
 celery_app.config_from_object("celery_config")
 
 _engine: Engine | None = None
 _redis: redis.Redis | None = None
+_scripts: Scripts | None = None
 
 
 def make_redis(settings: Settings) -> redis.Redis:
@@ -36,9 +38,10 @@ def make_redis(settings: Settings) -> redis.Redis:
 @worker_process_init.connect
 def _reset_after_fork(**_: object) -> None:
     """Give each prefork child its own engine; pooled connections never cross a fork."""
-    global _engine, _redis
+    global _engine, _redis, _scripts
     _engine = None
     _redis = None
+    _scripts = None
 
 
 def get_engine() -> Engine:
@@ -56,6 +59,14 @@ def get_redis() -> redis.Redis:
     if _redis is None:
         _redis = make_redis(load_settings())
     return _redis
+
+
+def get_scripts() -> Scripts:
+    """Return this process's Lua scripts on its Redis client (registered once, not per task)."""
+    global _scripts
+    if _scripts is None:
+        _scripts = Scripts(get_redis())
+    return _scripts
 
 
 @worker_ready.connect

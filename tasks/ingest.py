@@ -17,10 +17,9 @@ from app.metrics import TASK_OUTCOMES
 from app.store import store_exactly_once
 from tasks import celery_app
 from tasks import get_engine
-from tasks import get_redis
+from tasks import get_scripts
 from tasks.messages import STAMP_HEADER
 from tasks.messages import parse_stamp
-from tasks.pending import Scripts
 
 logger = get_task_logger(__name__)
 _settings = load_settings()
@@ -79,7 +78,7 @@ def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None
         TASK_OUTCOMES.labels("duplicate").inc(outcome.duplicates)
         TASK_OUTCOMES.labels("failed").inc(outcome.failed)
     try:
-        Scripts(get_redis()).forget([batch_id])
+        get_scripts().forget([batch_id])
     except redis.RedisError:
         # The resend sweep recognises a committed batch by its ledger row and forgets it.
         logger.warning("batch %s committed; could not clear its pending mark", batch_id)
