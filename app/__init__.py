@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     api = Api(app)
-    init_auth(app, settings)
+    init_auth(app, app.extensions["redis"], settings)
     init_metrics(app)
     api.spec.components.schema("Event", schema=EventSchema)
     for blueprint in BLUEPRINTS:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+import redis
 from flask import Flask
 from flask import g
 from flask import request
-from flask_limiter import Limiter
 from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import TooManyRequests
 from werkzeug.exceptions import Unauthorized
 
 from app.config import Settings
+from app.ratelimit import RateBudget
 
 # Probes and the OpenAPI document stay open, so orchestrators and clients can use them.
 OPEN_ENDPOINTS = frozenset({"health.health", "health.ready", "api-docs.openapi_json"})
@@ -38,30 +40,24 @@ def _check_token(tokens: tuple[bytes, ...]) -> None:
     g.client_id = _token_id(presented.strip())
 
 
-def _client_key() -> str:
-    return g.get("client_id") or request.remote_addr or "unknown"
+def _check_rate(budget: RateBudget) -> None:
+    if request.endpoint in OPEN_ENDPOINTS or request.endpoint is None:
+        return
+    client = g.get("client_id") or request.remote_addr or "unknown"
+    wait = budget.charge(client)
+    if wait is not None:
+        raise TooManyRequests(
+            f"rate limit of {budget.amount} requests per {budget.period} s reached",
+            retry_after=int(wait),
+        )
 
 
-def _is_open() -> bool:
-    return request.endpoint in OPEN_ENDPOINTS
-
-
-def init_auth(app: Flask, settings: Settings) -> None:
+def init_auth(app: Flask, client: redis.Redis, settings: Settings) -> None:
     """Require a bearer token when tokens are configured, and limit each client's rate."""
     if settings.api_tokens:
         tokens = tuple(token.encode() for token in settings.api_tokens)
         app.before_request(lambda: _check_token(tokens))
-    # Counters live in Redis, so the limit holds across processes and replicas.
-    # If Redis is away the limit is skipped: publishing answers 503 on its own.
-    Limiter(
-        _client_key,
-        app=app,
-        default_limits=[settings.rate_limit] if settings.rate_limit else [],
-        default_limits_exempt_when=_is_open,
-        storage_uri=settings.redis_url,
-        storage_options={"socket_timeout": settings.broker_timeout},
-        strategy="fixed-window",
-        headers_enabled=True,
-        swallow_errors=True,
-        key_prefix="aggregator-limit",
-    )
+    if settings.rate_limit:
+        # One budget per client across endpoints and processes (app.ratelimit).
+        budget = RateBudget.from_notation(client, settings.rate_limit)
+        app.before_request(lambda: _check_rate(budget))

@@ -58,7 +58,7 @@ class Settings:
     group_commit_linger_ms: float = 2.0
     api_tokens: tuple[str, ...] = field(default=())
     # Requests per client (token, or address without tokens), counted in Redis.
-    # Flask-Limiter notation; empty turns limiting off.
+    # Notation of the `limits` library ("5000 per second"); empty turns limiting off.
     rate_limit: str = "5000 per second"
 
 

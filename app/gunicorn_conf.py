@@ -7,8 +7,13 @@ from prometheus_client import multiprocess
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
-worker_class = "gthread"
-# Enough threads that concurrent small requests meet in group commit (app/publish.py).
+# gevent: each connection is a greenlet, so idle or slow clients cost no thread,
+# concurrent small requests meet in group commit (app/publish.py), and a process
+# does not spend its CPU on threads fighting for the GIL (gthread x16 cost ~1.8x
+# the CPU per request on two cores; see README, Performance).
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+# Only for GUNICORN_WORKER_CLASS=gthread.
 threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 # Never preload: the app factory must run after the fork (one engine per process).
 preload_app = False
@@ -23,6 +28,18 @@ control_socket_disable = True
 # none was given. Set here, in the master, so every worker inherits it.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aggregator-metrics-")
+
+
+def post_worker_init(worker: object) -> None:
+    """Under gevent, let psycopg2 wait for the database cooperatively.
+
+    libpq blocks in C otherwise: one slow query (a /stats during an outage)
+    would stall every connection the process serves.
+    """
+    if "gevent" in worker_class:
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
 
 
 def child_exit(server: object, worker: object) -> None:

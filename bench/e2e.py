@@ -59,6 +59,8 @@ from bench.harness import table
 from bench.harness import truncate_app_tables
 from bench.harness import warn_if_busy
 from bench.harness import write_json
+from bench.profiling import py_spy
+from bench.profiling import summarise
 from publisher.cli import end_to_end_rate
 from publisher.client import PublishConfig
 from publisher.client import publish
@@ -79,6 +81,9 @@ class Workload:
     batch_size: int
     concurrency: int
 
+
+# Production settings: every request carries a bearer token and passes the rate limit.
+BENCH_TOKEN = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
 
 WORKLOADS = {
     "batched": Workload("batched", batch_size=500, concurrency=8),
@@ -122,6 +127,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=["always", "everysec"],
         default="always",
         help="Redis appendfsync (default always, as production runs)",
+    )
+    add(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record py-spy profiles of the API and the worker into this directory",
     )
     add("--json", type=Path, default=None, help="default bench/results/e2e-<timestamp>.json")
     args = parser.parse_args(argv)
@@ -302,15 +313,14 @@ def running_stack(
 ) -> Iterator[tuple[Api, Worker]]:
     """Start gunicorn and one Celery worker; stop both on the way out."""
     tag = f"api{api_workers}-wrk{worker_processes}"
+    env = {**services.env, "API_TOKENS": BENCH_TOKEN}
     with contextlib.ExitStack() as stack:
         # Stops are registered before starts: a worker that never logs "ready"
         # is still running when start() gives up, and must not outlive us.
-        api = Api(services.env, logs / f"api-{tag}.log", workers=api_workers)
+        api = Api(env, logs / f"api-{tag}.log", workers=api_workers)
         stack.callback(api.stop)
         api.start()
-        worker = Worker(
-            services.env, logs / f"worker-{tag}.log", concurrency=worker_processes, name="bench"
-        )
+        worker = Worker(env, logs / f"worker-{tag}.log", concurrency=worker_processes, name="bench")
         stack.callback(worker.stop)
         worker.start()
         yield api, worker
@@ -344,11 +354,12 @@ def run_workload(
         batch_size=workload.batch_size,
         concurrency=workload.concurrency,
         progress=False,
+        token=BENCH_TOKEN,
     )
     before = {group.name: group.cpu() for group in groups}
     with RssSampler(groups) as sampler:
         summary = publish(config)
-        verify = wait_and_verify(url, summary, timeout=settle_timeout, poll=0.05)
+        verify = wait_and_verify(url, summary, timeout=settle_timeout, token=BENCH_TOKEN, poll=0.05)
     after = {group.name: group.cpu() for group in groups}
     cpu = {group.name: cpu_seconds(before[group.name], after[group.name]) for group in groups}
     sent = max(summary.sent, 1)
@@ -394,9 +405,10 @@ def warm_up(url: str, workload: Workload, events: int, settle_timeout: float) ->
         batch_size=workload.batch_size,
         concurrency=workload.concurrency,
         progress=False,
+        token=BENCH_TOKEN,
     )
     summary = publish(config)
-    verify = wait_and_verify(url, summary, timeout=settle_timeout, poll=0.05)
+    verify = wait_and_verify(url, summary, timeout=settle_timeout, token=BENCH_TOKEN, poll=0.05)
     if not verify.ok:
         raise RuntimeError(f"warm-up of {workload.name} failed: {verify.message}")
 
@@ -521,6 +533,15 @@ def render(document: dict[str, Any]) -> str:
                 rows.append(cells)
         headers = ["workload", "API procs", *(f"worker procs={n}" for n in workers)]
         out.append(table("Scaling: end-to-end events/s", headers, rows))
+
+    for run in chosen:
+        for name, profile in run.get("profiles", {}).items():
+            rows = [[frame, f"{share:.1f}"] for frame, share in profile["self"][:15]]
+            title = f"py-spy, {name}, {run['workload']}: functions by own share of samples (%)"
+            out.append(table(title, ["function (file)", "%"], rows))
+            rows = [[frame, f"{share:.1f}"] for frame, share in profile["inclusive"][:25]]
+            title = f"py-spy, {name}, {run['workload']}: functions by inclusive share (%)"
+            out.append(table(title, ["function (file)", "%"], rows))
     return "\n".join(out)
 
 
@@ -544,9 +565,19 @@ def run_config(
             for repeat in range(args.repeat):
                 truncate_app_tables(services)
                 log(f"{workload.name}: {args.events} events, run {repeat + 1}/{args.repeat}")
-                run = run_workload(
-                    api.url, workload, args.events, args.duplicates, groups, args.settle_timeout
-                )
+                label = f"{workload.name}-api{api_workers}-wrk{worker_processes}-{repeat + 1}"
+                with contextlib.ExitStack() as profiling:
+                    if args.profile:
+                        pids = {"api": api.executor.process.pid, "worker": worker.pid}
+                        profiling.enter_context(py_spy(pids, args.profile, label))
+                    run = run_workload(
+                        api.url, workload, args.events, args.duplicates, groups, args.settle_timeout
+                    )
+                if args.profile:
+                    run["profiles"] = {
+                        name: summarise(args.profile / f"{label}-{name}.txt")
+                        for name in ("api", "worker")
+                    }
                 run.update(
                     api_workers=api_workers, worker_processes=worker_processes, repeat=repeat
                 )
