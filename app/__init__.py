@@ -15,6 +15,15 @@ from app.config import load_settings
 from app.db import make_engine
 
 
+def _redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.broker_timeout,
+        socket_connect_timeout=settings.broker_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Create the API application, with its own engine and Redis client."""
     settings = settings or load_settings()
@@ -34,12 +43,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["engine"] = make_engine(settings.database_url, pool_size=settings.pool_size)
     # No quiet retries: redis-py's default would stretch a stall into seconds;
     # the client retries instead, with its idempotency key.
-    app.extensions["redis"] = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.broker_timeout,
-        socket_connect_timeout=settings.broker_timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
+    app.extensions["redis"] = _redis_client(settings)
+    # The rate limiter's background sync has its own connections, so it never
+    # holds one that an acceptance is waiting for.
+    app.extensions["redis_limits"] = _redis_client(settings)
     app.extensions["started_at"] = time.monotonic()
     app.config["GROUP_COMMIT_BELOW"] = settings.group_commit_below
 
@@ -60,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     api = Api(app)
-    init_auth(app, app.extensions["redis"], settings)
+    init_auth(app, app.extensions["redis_limits"], settings)
     init_metrics(app)
     api.spec.components.schema("Event", schema=EventSchema)
     for blueprint in BLUEPRINTS:

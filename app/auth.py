@@ -25,25 +25,26 @@ def _token_id(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def _check_token(tokens: tuple[bytes, ...]) -> None:
+def _check_token(tokens: tuple[tuple[bytes, str], ...]) -> None:
     if request.endpoint in OPEN_ENDPOINTS or request.endpoint is None:
         return
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     candidate = presented.strip().encode()
     # Compare with every token, so timing tells nothing about which one came close.
-    matches = [hmac.compare_digest(candidate, token) for token in tokens]
-    if scheme.lower() != "bearer" or not any(matches):
+    matches = [token_id for token, token_id in tokens if hmac.compare_digest(candidate, token)]
+    if scheme.lower() != "bearer" or not matches:
         raise Unauthorized(
             "send a valid token as 'Authorization: Bearer <token>'",
             www_authenticate=WWWAuthenticate("bearer", {"realm": "log-aggregator"}),
         )
-    g.client_id = _token_id(presented.strip())
+    g.client_id = matches[0]
 
 
 def _check_rate(budget: RateBudget) -> None:
     if request.endpoint in OPEN_ENDPOINTS or request.endpoint is None:
         return
     client = g.get("client_id") or request.remote_addr or "unknown"
+    budget.start_syncing()
     wait = budget.charge(client)
     if wait is not None:
         raise TooManyRequests(
@@ -55,7 +56,7 @@ def _check_rate(budget: RateBudget) -> None:
 def init_auth(app: Flask, client: redis.Redis, settings: Settings) -> None:
     """Require a bearer token when tokens are configured, and limit each client's rate."""
     if settings.api_tokens:
-        tokens = tuple(token.encode() for token in settings.api_tokens)
+        tokens = tuple((token.encode(), _token_id(token)) for token in settings.api_tokens)
         app.before_request(lambda: _check_token(tokens))
     if settings.rate_limit:
         # One budget per client across endpoints and processes (app.ratelimit).

@@ -338,7 +338,19 @@ def process_groups(services: Services, api: Api, worker: Worker) -> list[Process
     ]
 
 
+def tasks_stored(database_url: str) -> int:
+    """Return how many batches (tasks) the workers stored, to tell events per task."""
+    conn = psycopg2.connect(plain_dsn(database_url))
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM batches")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
 def run_workload(
+    services: Services,
     url: str,
     workload: Workload,
     events: int,
@@ -374,6 +386,7 @@ def run_workload(
         "duplicates": summary.duplicates,
         "errors": summary.errors,
         "requests": summary.requests,
+        "tasks": tasks_stored(services.database_url),
         "publish_seconds": summary.elapsed,
         "drain_seconds": verify.waited,
         "accepted_events_per_second": summary.events_per_second,
@@ -448,6 +461,7 @@ def render(document: dict[str, Any]) -> str:
             fmt(run["latency_ms"]["p50"], 1),
             fmt(run["latency_ms"]["p99"], 1),
             fmt(run["latency_ms"]["max"], 1),
+            fmt(run["events"] / max(run.get("tasks", 0), 1), 1),
             "ok" if run["verify"]["ok"] else "FAILED",
         ]
         for run in chosen
@@ -464,6 +478,7 @@ def render(document: dict[str, Any]) -> str:
         "p50 ms",
         "p99 ms",
         "max ms",
+        "events/task",
         "verify",
     ]
     out.append(table(f"End to end{note}", headers, rows))
@@ -571,7 +586,13 @@ def run_config(
                         pids = {"api": api.executor.process.pid, "worker": worker.pid}
                         profiling.enter_context(py_spy(pids, args.profile, label))
                     run = run_workload(
-                        api.url, workload, args.events, args.duplicates, groups, args.settle_timeout
+                        services,
+                        api.url,
+                        workload,
+                        args.events,
+                        args.duplicates,
+                        groups,
+                        args.settle_timeout,
                     )
                 if args.profile:
                     run["profiles"] = {

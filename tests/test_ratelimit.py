@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from app.ratelimit import KEY_PREFIX
 from app.ratelimit import RateBudget
+from scripts.stack import wait_until
 
 
 class Clock:
@@ -17,7 +20,8 @@ class Clock:
 
 
 def budget(client: redis.Redis, clock: Clock, amount: int = 10, period: int = 1) -> RateBudget:
-    return RateBudget(client, amount, period, sync_interval=0.05, clock=clock)
+    # No background thread: each test calls sync() where a process's thread would.
+    return RateBudget(client, amount, period, clock=clock)
 
 
 def test_a_client_gets_its_amount_per_window_then_a_wait_until_the_next(
@@ -37,15 +41,33 @@ def test_processes_share_one_budget_through_redis(quiet_broker: redis.Redis) -> 
     first, second = budget(quiet_broker, clock), budget(quiet_broker, clock)
     for _ in range(6):
         assert first.charge("a") is None
-    clock.now += 0.06
-    assert first.charge("a") is None  # sends its 6, learns 6, spends a 7th locally
-    # The other process learns the 6 and spends the rest as it knows it (the 7th
-    # it cannot know yet: one sync interval of one process is the overshoot).
-    assert [second.charge("a") for _ in range(5)] == [None] * 4 + [1]
-    clock.now += 0.06
-    assert second.charge("a") is not None  # sends its 4: 10 in Redis
-    assert first.charge("a") is not None  # sends its 1, learns 11
+    first.sync()  # sends its 6
+    assert first.charge("a") is None  # a 7th, not sent yet
+    second.sync()  # nothing spent there yet: nothing to learn either
+    assert second.charge("a") is None
+    second.sync()  # sends 1, learns 6 + 1
+    # It spends the rest as it knows it; the unsent 7th of the other process is
+    # the overshoot one sync interval allows.
+    assert [second.charge("a") for _ in range(4)] == [None] * 3 + [1]
+    second.sync()  # sends 3: 10 in Redis
+    first.sync()  # sends its 1, learns 11
+    assert first.charge("a") is not None
+    assert second.charge("a") is not None
     assert int(quiet_broker.get(f"{KEY_PREFIX}a:1000000")) == 11  # type: ignore[arg-type]
+
+
+def test_a_sync_under_way_still_counts_what_it_carries(quiet_broker: redis.Redis) -> None:
+    clock = Clock()
+    limiter = budget(quiet_broker, clock, amount=3)
+    for _ in range(3):
+        limiter.charge("a")
+    stalled = redis.Redis(port=1, socket_connect_timeout=0.2)
+    limiter._redis = stalled  # the sync fails: what it carried is spent all the same
+    limiter.sync()
+    assert limiter.charge("a") is not None
+    limiter._redis = quiet_broker
+    limiter.sync()
+    assert int(quiet_broker.get(f"{KEY_PREFIX}a:1000000")) == 3  # type: ignore[arg-type]
 
 
 def test_within_a_sync_interval_a_process_admits_no_more_than_the_budget(
@@ -73,14 +95,24 @@ def test_keys_expire_with_their_window(quiet_broker: redis.Redis) -> None:
     clock = Clock()
     limiter = budget(quiet_broker, clock, amount=10, period=5)
     limiter.charge("a")
-    clock.now += 0.06
-    limiter.charge("a")
+    limiter.sync()
     key = f"{KEY_PREFIX}a:{int(clock.now // 5) * 5}"
     assert 0 < quiet_broker.ttl(key) <= 6
 
 
-def test_without_redis_the_budget_is_kept_locally(quiet_broker: redis.Redis) -> None:
+def test_without_redis_the_budget_is_kept_locally_and_charging_never_waits(
+    quiet_broker: redis.Redis,
+) -> None:
     clock = Clock()
     unreachable = redis.Redis(port=1, socket_connect_timeout=0.2)
     limiter = budget(unreachable, clock, amount=3)
+    limiter.sync()
     assert [limiter.charge("a") for _ in range(4)][-1] is not None
+
+
+def test_the_background_thread_shares_the_budget(quiet_broker: redis.Redis) -> None:
+    limiter = RateBudget(quiet_broker, 1_000_000, 60, sync_interval=0.01)
+    limiter.start_syncing()
+    limiter.charge("bg", cost=5)
+    window = int(time.time() // 60) * 60
+    wait_until(lambda: quiet_broker.get(f"{KEY_PREFIX}bg:{window}") == b"5", timeout=5)
