@@ -91,10 +91,11 @@ class GroupCommit:
     def _ensure_thread(self) -> None:
         # Started on first use, so it lives in the process that serves requests
         # (gunicorn forks before the app is created; nothing runs before that).
-        if self._thread is not None and self._thread.is_alive():
+        # _run never returns, so a started thread needs no is_alive() per request.
+        if self._thread is not None:
             return
         with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
                 self._thread.start()
 
@@ -123,7 +124,7 @@ class GroupCommit:
     def _run(self) -> None:
         while True:
             group = self._collect()
-            if not group:
+            if not group:  # every waiter gave up before it was taken
                 continue
             try:
                 outcomes = self._acceptor.accept([waiter.request for waiter in group])

@@ -82,10 +82,10 @@ class RateBudget:
 
     def start_syncing(self) -> None:
         """Sync in a background thread of this process (started after gunicorn's fork)."""
-        if self._thread is not None and self._thread.is_alive():
+        if self._thread is not None:  # _run never returns
             return
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rate-sync", daemon=True)
                 self._thread.start()
 

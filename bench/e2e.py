@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--events", type=int, default=20000, help="events per workload run (default 20000)")
     add("--duplicates", type=float, default=0.1, help="share of deliberate duplicates")
     add("--workloads", type=_workloads, default=["batched", "single"], help="batched,single")
-    add("--api-workers", type=int, default=3, help="gunicorn worker processes (default 3)")
+    add("--api-workers", type=int, default=2, help="gunicorn worker processes (default 2)")
     add("--worker-processes", type=int, default=2, help="Celery --concurrency (default 2)")
     add("--repeat", type=int, default=1, help="runs per workload; tables show the median run")
     add("--warmup", type=int, default=1000, help="events published (and discarded) first")

@@ -95,6 +95,17 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         _CHANNELS.add(self)
 
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        # kombu builds a new redis.Redis object for every ack, unacked record and
+        # hand-back (conn_or_acquire); the object is only a handle on the
+        # channel's connection pool, so one per pool serves them all.
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        cached = self.__dict__.get("_sync_client")
+        if cached is None or cached.connection_pool is not self.pool:
+            cached = self.__dict__["_sync_client"] = super()._create_client()
+        return cached
+
     def _size(self, queue: str) -> int:
         # kombu counts a queue in MULTI/EXEC, which Redis refuses at maxmemory;
         # the count is informative only, and a worker must still start.
