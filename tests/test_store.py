@@ -234,3 +234,50 @@ def test_a_clean_batch_takes_the_unguarded_path(committed: Engine) -> None:
     assert (outcome.stored, outcome.duplicates, outcome.failed) == (2, 1, 0)
     with committed.connect() as conn:
         ledger_matches_rows(conn)
+
+
+HOSTILE = ["tab\there", "line\nbreak", "cr\rhere", "back\\slash", "\\N", "quote\"'", "ünï©ødé 🎉"]
+
+
+def test_large_batches_go_through_copy_and_store_every_character_as_sent(
+    committed: Engine,
+) -> None:
+    size = store.COPY_FROM_ROWS + 10
+    batch = [
+        {
+            "topic": f"copy-{HOSTILE[n % len(HOSTILE)]}",
+            "event_id": f"{n}-{HOSTILE[(n + 1) % len(HOSTILE)]}",
+            "timestamp": "2026-01-01T00:00:00.123456+00:00",
+            "source": HOSTILE[(n + 2) % len(HOSTILE)],
+            "payload": {HOSTILE[n % len(HOSTILE)]: [HOSTILE[(n + 3) % len(HOSTILE)], n]},
+        }
+        for n in range(size)
+    ]
+    # Unguarded, as store_exactly_once runs it first: a COPY that failed would
+    # raise here rather than be hidden by the guarded second attempt.
+    with committed.begin() as conn:
+        outcome = store.store_batch(conn, "big", batch + batch[:5], guarded=False)
+    assert (outcome.stored, outcome.duplicates, outcome.failed) == (size, 5, 0)
+    with committed.connect() as conn:
+        stored = conn.execute(
+            select(events.c.topic, events.c.event_id, events.c.source, events.c.payload)
+        ).all()
+        ledger_matches_rows(conn)
+        # Nothing of the staging table outlives the transaction on the pooled connection.
+        assert conn.execute(text("SELECT to_regclass('pg_temp.incoming_events')")).scalar() is None
+    assert sorted(tuple(r) for r in stored) == sorted(
+        (e["topic"], e["event_id"], e["source"], e["payload"]) for e in batch
+    )
+    assert store.store_exactly_once(committed, "big", batch).replayed
+
+
+def test_a_large_batch_with_refused_data_is_dead_lettered_like_a_small_one(
+    committed: Engine,
+) -> None:
+    batch = [row(str(n)) for n in range(store.COPY_FROM_ROWS + 5)]
+    batch[7] = row("7", text="nul\x00")
+    outcome = store.store_exactly_once(committed, "big-poison", batch)
+    assert (outcome.stored, outcome.duplicates, outcome.failed) == (len(batch) - 1, 0, 1)
+    with committed.connect() as conn:
+        assert count(conn, dead_letters) == 1
+        ledger_matches_rows(conn)
