@@ -12,7 +12,6 @@ from marshmallow import Schema
 from marshmallow import ValidationError
 from marshmallow import fields
 from marshmallow import validate
-from marshmallow import validates
 
 MAX_STRING = 255
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -40,8 +39,9 @@ def _check_payload(value: Any, depth: int = 1) -> None:
             _check_payload(item, depth + 1)
 
 
+NO_NUL_PATTERN = r"^[^\x00]*$"
 # In the OpenAPI document too, so clients (and fuzzers) know NUL is refused.
-NO_NUL = validate.Regexp(r"^[^\x00]*$", error="must not contain NUL (\\u0000) characters")
+NO_NUL = validate.Regexp(NO_NUL_PATTERN, error="must not contain NUL (\\u0000) characters")
 
 
 class UtcDateTime(fields.AwareDateTime):
@@ -59,12 +59,35 @@ class UtcDateTime(fields.AwareDateTime):
             raise ValidationError("must be within years 1 to 9999 in UTC") from None
 
 
-def _text(**kwargs: Any) -> fields.String:
-    return fields.String(
-        required=True,
-        validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL],
-        **kwargs,
-    )
+class Text(fields.String):
+    """A required string of 1 to MAX_STRING characters without NUL.
+
+    Checked in one step rather than by Length and Regexp validators (every
+    published event has three; together they cost a batch of 500 ~1.4 ms), and
+    documented with the same minLength, maxLength and pattern.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        metadata = {"minLength": 1, "maxLength": MAX_STRING, "pattern": NO_NUL_PATTERN}
+        super().__init__(required=True, metadata={**metadata, **kwargs.pop("metadata", {})})
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not 1 <= len(text) <= MAX_STRING:
+            raise ValidationError(f"Length must be between 1 and {MAX_STRING}.")
+        reject_unstorable(text)
+        return text
+
+
+class Payload(fields.Dict):
+    """A JSON object of bounded size and depth, without NUL in any key or string."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        payload = super()._deserialize(value, attr, data, **kwargs)
+        _check_payload(payload)
+        if len(orjson.dumps(payload)) > MAX_PAYLOAD_BYTES:
+            raise ValidationError(f"must be at most {MAX_PAYLOAD_BYTES} bytes as JSON")
+        return payload
 
 
 class EventSchema(Schema):
@@ -73,28 +96,22 @@ class EventSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    topic = _text(metadata={"example": "orders"})
-    event_id = _text(metadata={"example": "2f1c7c1e-0b7d-4a53-9d1c-5b0f5d7c9a10"})
+    topic = Text(metadata={"example": "orders"})
+    event_id = Text(metadata={"example": "2f1c7c1e-0b7d-4a53-9d1c-5b0f5d7c9a10"})
     timestamp = UtcDateTime(
         required=True,
         format="iso",
         metadata={"description": "ISO-8601 date-time with a UTC offset."},
     )
-    source = _text(metadata={"example": "checkout-service"})
-    payload = fields.Dict(
+    source = Text(metadata={"example": "checkout-service"})
+    # JSON object keys are strings already: no key field to run per key.
+    payload = Payload(
         required=True,
-        keys=fields.String(),
         metadata={
             "description": f"JSON object: at most {MAX_PAYLOAD_BYTES} bytes serialized, "
             f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string."
         },
     )
-
-    @validates("payload")
-    def _validate_payload(self, value: dict[str, Any], **_: Any) -> None:
-        _check_payload(value)
-        if len(orjson.dumps(value)) > MAX_PAYLOAD_BYTES:
-            raise ValidationError(f"must be at most {MAX_PAYLOAD_BYTES} bytes as JSON")
 
 
 class EventOutSchema(EventSchema):
@@ -154,8 +171,11 @@ def load_events(body: Any, *, max_batch: int = MAX_BATCH) -> list[dict[str, Any]
         loaded = _MANY.load(body)
     else:
         raise ValidationError({"_schema": ["body must be an event object or an array of events"]})
-    # Timestamps go to the queue in one normalised ISO form that PostgreSQL parses.
-    return [{**event, "timestamp": event["timestamp"].isoformat()} for event in loaded]
+    # Timestamps go to the queue in one normalised ISO form that PostgreSQL parses
+    # (the loaded dicts are new, so they are changed in place).
+    for event in loaded:
+        event["timestamp"] = event["timestamp"].isoformat()
+    return loaded
 
 
 class ErrorBodySchema(Schema):
