@@ -155,10 +155,7 @@ def _copy_text(value: str) -> str:
     # COPY's text format: backslash, tab and line breaks are escaped (NUL never
     # gets here: the API refuses it).
     return (
-        value.replace("\\", "\\\\")
-        .replace("\t", "\\t")
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
     )
 
 
