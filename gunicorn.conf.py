@@ -1,3 +1,13 @@
 """Picked up by `gunicorn ...` run from the repository root; the settings live in app/."""
 
-from app.gunicorn_conf import *  # noqa: F403
+import os
+
+# gevent must patch the standard library before anything imports it (importing
+# app/ below brings in redis, ssl and threading); with another worker class
+# nothing is patched. The default matches app/gunicorn_conf.py.
+if os.environ.get("GUNICORN_WORKER_CLASS", "gevent") == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+
+from app.gunicorn_conf import *  # noqa: E402, F403

@@ -9,6 +9,7 @@ from flask import Flask
 from flask_smorest import Api
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings
 from app.config import load_settings
@@ -66,6 +67,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         linger=settings.group_commit_linger_ms / 1000,
     )
 
+    if settings.proxy_hops:
+        # Behind a proxy the peer is the proxy: take the client's address from
+        # the X-Forwarded-For entries the trusted proxies added.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops
+        )
     api = Api(app)
     init_auth(app, app.extensions["redis_limits"], settings)
     init_metrics(app)

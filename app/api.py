@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import gevent
 import orjson
 import redis
 from flask import Response
@@ -13,6 +15,7 @@ from flask import current_app
 from flask import g
 from flask import request
 from flask_smorest import Blueprint
+from gevent import monkey
 from marshmallow import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy import text
@@ -25,6 +28,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 from app import broker_log
 from app import publish
 from app import store
+from app.auth import charge_events
 from app.metrics import ACCEPTED
 from app.metrics import REPLAYS
 from app.schemas import AcceptedSchema
@@ -55,6 +59,7 @@ MAX_IDEMPOTENCY_KEY = 200
 ERROR_DESCRIPTIONS = {
     400: "Malformed JSON.",
     401: "Missing or wrong bearer token.",
+    403: "The token lacks the scope this operation needs.",
     404: "No such resource.",
     408: "The body stalled or ended early.",
     413: "Body too large.",
@@ -106,19 +111,39 @@ def _redis() -> redis.Redis:
     return current_app.extensions["redis"]
 
 
+def _body_deadline(seconds: float) -> contextlib.AbstractContextManager[object]:
+    # gunicorn reads a body until it has what was asked for, so a per-read
+    # socket timeout never fires for a client that drips one byte at a time;
+    # under gevent a Timeout bounds the whole read.
+    if monkey.is_module_patched("socket"):
+        return gevent.Timeout(seconds, TimeoutError)
+    return contextlib.nullcontext()
+
+
+def _read_body(deadline_seconds: float) -> bytes:
+    """Read the whole body within a deadline (per read only, on non-gevent workers)."""
+    sock = request.environ.get("gunicorn.socket")
+    before = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(deadline_seconds)
+        with _body_deadline(deadline_seconds):
+            return request.get_data(cache=False)
+    except (TimeoutError, ClientDisconnected):
+        raise RequestTimeout(
+            f"the body took longer than {deadline_seconds:g} s or ended before Content-Length"
+        ) from None
+    finally:
+        # The answer is written on the same socket, with the timeout it had.
+        if sock is not None:
+            sock.settimeout(before)
+
+
 def _json_body() -> tuple[bytes, Any]:
     """Return the raw body and its parsed JSON."""
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
-    # gunicorn hands us its socket: bound each read, so a client that stalls
-    # mid-body is cut off instead of holding this thread.
-    sock = request.environ.get("gunicorn.socket")
-    if sock is not None:
-        sock.settimeout(current_app.config["BODY_READ_TIMEOUT"])
-    try:
-        body = request.get_data(cache=False)
-    except (TimeoutError, ClientDisconnected):
-        raise RequestTimeout("the body stalled or ended before Content-Length") from None
+    body = _read_body(current_app.config["BODY_READ_TIMEOUT"])
     try:
         return body, orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -177,13 +202,14 @@ PUBLISH_BODY = {
         202, AcceptedSchema, description="The whole batch is durably on the queue, counted once."
     ),
 )
-@documents_errors(400, 401, 408, 413, 415, 422, 429, 503)
+@documents_errors(400, 401, 403, 408, 413, 415, 422, 429, 503)
 def publish_events() -> Response:
     """Accept one event or an array of up to 1,000, as one queued batch."""
     # The hot path: answered without flask-smorest's wrappers (documented above).
     key, remember = _idempotency_key()
     raw, body = _json_body()
     events = load_events(body)
+    charge_events(len(events))
     accept = Request(events, g.get("client_id") or "-", key, fingerprint(raw), remember)
     if len(events) < current_app.config["GROUP_COMMIT_BELOW"]:
         receipt = current_app.extensions["group_commit"].submit(accept)
@@ -202,7 +228,7 @@ def publish_events() -> Response:
 @events_blp.route("/events", methods=["GET"])
 @events_blp.arguments(EventQuerySchema, location="query", as_kwargs=True)
 @events_blp.response(200, EventPageSchema)
-@documents_errors(401, 422, 429, 503)
+@documents_errors(401, 403, 422, 429, 503)
 def list_events(limit: int, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
     """Return stored events oldest first, one page at a time."""
     try:
@@ -215,7 +241,7 @@ def list_events(limit: int, cursor: str | None = None, **filters: Any) -> dict[s
 
 @stats_blp.route("/stats", methods=["GET"])
 @stats_blp.response(200, StatsSchema)
-@documents_errors(401, 429, 503)
+@documents_errors(401, 403, 429, 503)
 def stats() -> dict[str, Any]:
     """Return exact counters of everything received, stored, dropped and queued."""
     return collect_stats(_engine(), _redis(), current_app.extensions["started_at"])
@@ -223,7 +249,7 @@ def stats() -> dict[str, Any]:
 
 @dead_letters_blp.route("/dead-letters", methods=["GET"])
 @dead_letters_blp.response(200, DeadLetterSchema(many=True))
-@documents_errors(401, 429, 503)
+@documents_errors(401, 403, 429, 503)
 def dead_letters() -> list[dict[str, Any]]:
     """Return the newest events the database refused, with the reason."""
     with _engine().connect() as conn:
@@ -232,7 +258,7 @@ def dead_letters() -> list[dict[str, Any]]:
 
 @dead_letters_blp.route("/dead-letters/<int:letter_id>/replay", methods=["POST"])
 @dead_letters_blp.response(200, ReplayResultSchema)
-@documents_errors(401, 404, 422, 429, 503)
+@documents_errors(401, 403, 404, 422, 429, 503)
 def replay_dead_letter(letter_id: int) -> dict[str, Any]:
     """Store a dead-lettered event again, after the cause was fixed."""
     try:
@@ -298,7 +324,7 @@ def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
 
 @broker_blp.route("/broker/data-loss", methods=["GET"])
 @broker_blp.response(200, BrokerLossSchema(many=True))
-@documents_errors(401, 429, 503)
+@documents_errors(401, 403, 429, 503)
 def broker_data_loss() -> list[dict[str, Any]]:
     """List every detected loss of broker data, newest first."""
     with _engine().connect() as conn:
@@ -307,7 +333,7 @@ def broker_data_loss() -> list[dict[str, Any]]:
 
 @broker_blp.route("/broker/data-loss/acknowledge", methods=["POST"])
 @broker_blp.response(200, AcknowledgedSchema)
-@documents_errors(401, 429, 503)
+@documents_errors(401, 403, 429, 503)
 def acknowledge_broker_data_loss() -> dict[str, int]:
     """Acknowledge detected losses of broker data, so /ready reports ready again."""
     with _engine().begin() as conn:

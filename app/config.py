@@ -15,6 +15,67 @@ class SettingsError(ValueError):
     """An environment variable holds a value we cannot use."""
 
 
+# What a token may do: publish events, read events and counters, administer
+# (replay dead letters, acknowledge broker data loss).
+SCOPES = ("publish", "read", "admin")
+DEFAULT_SCOPES = frozenset({"publish", "read"})
+MIN_TOKEN_LENGTH = 32
+# Token characters: printable ASCII but space and the separators , : +
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set(",:+")
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A bearer token and the scopes it grants."""
+
+    secret: str = field(repr=False)
+    scopes: frozenset[str]
+
+
+def parse_tokens(raw: str) -> tuple[ApiToken, ...]:
+    """Parse API_TOKENS: comma-separated `<token>` or `<token>:<scope>+<scope>...` entries.
+
+    A token without scopes may publish and read; `admin` is only ever granted
+    by name. Blank entries, short tokens and unknown scopes are errors.
+    """
+    if not raw.strip():
+        return ()
+    tokens: list[ApiToken] = []
+    for position, entry in enumerate(raw.split(","), start=1):
+        secret, separator, scope_text = entry.strip().partition(":")
+        if not secret:
+            raise SettingsError(f"API_TOKENS entry {position} is blank")
+        if len(secret) < MIN_TOKEN_LENGTH:
+            raise SettingsError(
+                f"API_TOKENS entry {position} has {len(secret)} characters;"
+                f" tokens need at least {MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 32`)"
+            )
+        if not set(secret) <= _TOKEN_CHARS:
+            raise SettingsError(
+                f"API_TOKENS entry {position}: tokens are printable ASCII without space , : +"
+            )
+        scopes = frozenset(scope_text.split("+")) if separator else DEFAULT_SCOPES
+        unknown = sorted(scopes - set(SCOPES))
+        if unknown:
+            raise SettingsError(
+                f"API_TOKENS entry {position}: unknown scope(s) {', '.join(unknown)};"
+                f" scopes are {', '.join(SCOPES)}"
+            )
+        if any(token.secret == secret for token in tokens):
+            raise SettingsError(f"API_TOKENS entry {position} repeats an earlier token")
+        tokens.append(ApiToken(secret, scopes))
+    return tuple(tokens)
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Typed configuration shared by the API, the worker, migrations and the CLI."""
@@ -56,10 +117,18 @@ class Settings:
     group_commit_below: int = 100
     group_commit_max_events: int = 1000
     group_commit_linger_ms: float = 2.0
-    api_tokens: tuple[str, ...] = field(default=())
-    # Requests per client (token, or address without tokens), counted in Redis.
-    # Notation of the `limits` library ("5000 per second"); empty turns limiting off.
-    rate_limit: str = "5000 per second"
+    api_tokens: tuple[ApiToken, ...] = field(default=())
+    # Without tokens the API refuses to start unless this says it may run open.
+    auth_disabled: bool = False
+    # Budget per client (token, or address when auth is disabled) across
+    # endpoints: a request costs 1, a publish one per event. Notation of the
+    # `limits` library; empty turns limiting off.
+    rate_limit: str = "50000 per second"
+    # Failed authentications per client address before it gets 429.
+    auth_failure_limit: str = "20 per minute"
+    # Proxies in front whose X-Forwarded-For to trust for the client address
+    # (1 behind the compose nginx); 0 trusts none.
+    proxy_hops: int = 0
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -73,6 +142,15 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
     return value
+
+
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise SettingsError(f"{name} must be 0 or a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def _float(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -102,7 +180,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     # Plain postgresql:// URLs would pick SQLAlchemy's default driver; we ship psycopg2.
     if database_url.startswith("postgresql://"):
         database_url = "postgresql+psycopg2://" + database_url[len("postgresql://") :]
-    tokens = tuple(t.strip() for t in env.get("API_TOKENS", "").split(",") if t.strip())
     return Settings(
         database_url=database_url,
         redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis://", "rediss://", "unix://")),
@@ -125,6 +202,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         group_commit_linger_ms=_float(
             env, "GROUP_COMMIT_LINGER_MS", Settings.group_commit_linger_ms
         ),
-        api_tokens=tokens,
+        api_tokens=parse_tokens(env.get("API_TOKENS", "")),
+        auth_disabled=_flag(env, "AUTH_DISABLED"),
         rate_limit=env.get("RATE_LIMIT", Settings.rate_limit).strip(),
+        auth_failure_limit=env.get("AUTH_FAILURE_LIMIT", Settings.auth_failure_limit).strip(),
+        proxy_hops=_count(env, "PROXY_HOPS", Settings.proxy_hops),
     )

@@ -80,8 +80,17 @@ class RateBudget:
             window.unsent += cost
             return None
 
+    def exhausted(self, client_id: str) -> float | None:
+        """Return seconds to wait if the client has spent its whole budget, else None."""
+        now = self._clock()
+        with self._lock:
+            window = self._window(client_id, now)
+            if window.shared + window.sending + window.unsent < self.amount:
+                return None
+            return max(1.0, math.ceil(window.start + self.period - now))
+
     def start_syncing(self) -> None:
-        """Sync in a background thread of this process (started after gunicorn's fork)."""
+        """Sync in a background thread of this process (create_app runs after gunicorn's fork)."""
         if self._thread is not None:  # _run never returns
             return
         with self._lock:

@@ -16,6 +16,7 @@ import random
 import sys
 import time
 import urllib.parse
+import uuid
 from collections.abc import Sequence
 from datetime import UTC
 from datetime import datetime
@@ -54,6 +55,10 @@ DUPLICATE_EVERY = 10
 BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 COPY_COLUMNS = '(id, topic, event_id, "timestamp", source, payload, txid)'
 
+
+# Production settings: a read token (and the default rate limit).
+TOKEN = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex + ":read"
+HEADERS = {"Authorization": f"Bearer {TOKEN.split(':')[0]}"}
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
@@ -271,7 +276,9 @@ def time_case(base_url: str, paths: list[str], warmup: int) -> dict[str, Any]:
     try:
         for number, path in enumerate(paths):
             started = time.perf_counter()
-            response = pool.request("GET", base_url + path, retries=False, timeout=30.0)
+            response = pool.request(
+                "GET", base_url + path, headers=HEADERS, retries=False, timeout=30.0
+            )
             elapsed = time.perf_counter() - started
             if number < warmup:
                 continue
@@ -381,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_case = args.warmup + args.requests
         cursors = sample_positions(dsn, args.rows, per_case, rng)
         cases = build_cases(topics, cursors, per_case, rng)
-        api = Api(services.env, base / "api.log", workers=args.api_workers)
+        env = {**services.env, "API_TOKENS": TOKEN}
+        api = Api(env, base / "api.log", workers=args.api_workers)
         stack.callback(api.stop)
         api.start()
         for case, paths in cases.items():

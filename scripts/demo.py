@@ -53,9 +53,11 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(metrics, ignore_errors=True)
         metrics.mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-        # Publishing and reading need a token; this run makes one unless given some.
-        token = os.environ.get("API_TOKENS", "").split(",")[0] or secrets.token_urlsafe(24)
-        env["API_TOKENS"] = os.environ.get("API_TOKENS") or token
+        # Publishing and reading need a token; this run makes one with every
+        # scope unless given some (the first given one must publish and read).
+        given = os.environ.get("API_TOKENS", "")
+        token = given.split(",")[0].split(":")[0] or secrets.token_hex(32)
+        env["API_TOKENS"] = given or f"{token}:publish+read+admin"
         api = Api(env, logs / "api.log", workers=3, port=8080).start()
         stack.callback(api.stop)
         worker = Worker(env, logs / "worker.log", concurrency=2, name="demo").start()

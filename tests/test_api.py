@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 
 import orjson
 import pytest
@@ -237,3 +238,28 @@ def test_client_that_stalls_mid_body_is_cut_off(url: str) -> None:
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b'"code":408' in answer
+
+
+def test_client_that_drips_its_body_is_cut_off_at_the_deadline(url: str) -> None:
+    # One byte every 0.4 s never stalls a single read for BODY_READ_TIMEOUT (2 s in
+    # tests), but the whole body has that long.
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        sock.settimeout(0.4)
+        started = time.monotonic()
+        answer = b""
+        while b'"code"' not in answer and time.monotonic() - started < 20:
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                sock.sendall(b" ")  # the next byte, just in time for a per-read timeout
+                continue
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from datetime import timedelta
 from datetime import timezone
@@ -69,12 +70,42 @@ def test_timestamps_need_a_date_time_with_offset(timestamp: Any) -> None:
 
 
 def test_settings_come_from_the_environment() -> None:
+    a, b = "a" * 32, "b" * 40
     settings = load_settings(
-        {"DATABASE_URL": "postgresql://u@h/db", "API_TOKENS": "a, b,", "RETRY_AFTER": "5"}
+        {"DATABASE_URL": "postgresql://u@h/db", "API_TOKENS": f"{a}, {b}:admin", "RETRY_AFTER": "5"}
     )
     assert settings.database_url == "postgresql+psycopg2://u@h/db"
-    assert settings.api_tokens == ("a", "b")
+    assert [(t.secret, sorted(t.scopes)) for t in settings.api_tokens] == [
+        (a, ["publish", "read"]),
+        (b, ["admin"]),
+    ]
     assert settings.retry_after == 5
+    assert not settings.auth_disabled
+
+
+@pytest.mark.parametrize(
+    ("raw", "complaint"),
+    [
+        (",", "entry 1 is blank"),
+        (f"{'a' * 32},", "entry 2 is blank"),
+        (f"{'a' * 32}, ,{'b' * 32}", "entry 2 is blank"),
+        ("short-token", "at least 32"),
+        ("a" * 31, "at least 32"),
+        (f"{'a' * 32}:publish+root", "unknown scope(s) root"),
+        (f"{'a' * 32}:", "unknown scope(s) "),
+        (f"{'a' * 30} é", "printable ASCII"),
+        (f"{'a' * 32},{'a' * 32}:admin", "repeats"),
+    ],
+)
+def test_bad_token_lists_are_refused_naming_the_entry(raw: str, complaint: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(complaint)):
+        load_settings({"API_TOKENS": raw})
+
+
+def test_auth_disabled_is_an_explicit_flag() -> None:
+    assert load_settings({"AUTH_DISABLED": "1"}).auth_disabled
+    with pytest.raises(SettingsError):
+        load_settings({"AUTH_DISABLED": "maybe"})
 
 
 @pytest.mark.parametrize(
