@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         RETRY_AFTER=settings.retry_after,
         BODY_READ_TIMEOUT=settings.body_read_timeout,
+        EVENTS_PAGE_MAX_BYTES=settings.events_page_max_bytes,
     )
     # Gunicorn runs this factory in each worker after the fork, so every
     # process gets its own pool; nothing connects until the first request.

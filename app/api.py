@@ -233,7 +233,13 @@ def list_events(limit: int, cursor: str | None = None, **filters: Any) -> dict[s
     """Return stored events oldest first, one page at a time."""
     try:
         with _engine().connect() as conn:
-            page, next_cursor = store.list_events(conn, limit=limit, cursor=cursor, **filters)
+            page, next_cursor = store.list_events(
+                conn,
+                limit=limit,
+                cursor=cursor,
+                max_bytes=current_app.config["EVENTS_PAGE_MAX_BYTES"],
+                **filters,
+            )
     except store.InvalidCursor as exc:
         raise ValidationError({"cursor": [str(exc)]}) from None
     return {"events": page, "next_cursor": next_cursor}

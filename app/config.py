@@ -112,6 +112,9 @@ class Settings:
     # clients cannot hold the server's threads.
     body_read_timeout: float = 10.0
     pool_size: int = 5
+    # A page of GET /events stops after this many bytes of payloads (the cursor
+    # continues), so one request cannot make the server hold 64 MB.
+    events_page_max_bytes: int = 4 * 1024 * 1024
     # Requests with fewer events than this wait up to linger_ms for other
     # requests of the same process and share one task with them.
     group_commit_below: int = 100
@@ -195,6 +198,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_int(env, "MAX_BODY_BYTES", Settings.max_body_bytes),
         body_read_timeout=_float(env, "BODY_READ_TIMEOUT", Settings.body_read_timeout),
         pool_size=_int(env, "DB_POOL_SIZE", Settings.pool_size),
+        events_page_max_bytes=_int(env, "EVENTS_PAGE_MAX_BYTES", Settings.events_page_max_bytes),
         group_commit_below=_int(env, "GROUP_COMMIT_BELOW", Settings.group_commit_below),
         group_commit_max_events=_int(
             env, "GROUP_COMMIT_MAX_EVENTS", Settings.group_commit_max_events

@@ -439,6 +439,7 @@ def list_events(
     source: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    max_bytes: int = 4 * 1024 * 1024,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Return one page of stored events, oldest first, and the cursor of the next page."""
     # Only rows written by transactions older than every running one: a
@@ -457,15 +458,29 @@ def list_events(
         conditions.append(events.c.timestamp >= since)
     if until is not None:
         conditions.append(events.c.timestamp < until)
-    stmt = (
-        select(events)
+    # Pages stop at max_bytes of payload (at least one row each), so a page of
+    # large events cannot take the server's memory: the cursor continues.
+    size = func.octet_length(cast(events.c.payload, Text))
+    order = (events.c.txid, events.c.id)
+    window = (
+        select(
+            events,
+            size.label("size"),
+            func.sum(size).over(order_by=order).label("running"),
+            func.lag(size).over(order_by=order).label("previous_size"),
+        )
         .where(and_(*conditions))
-        .order_by(events.c.txid, events.c.id)
+        .order_by(*order)
         .limit(limit + 1)
+        .subquery()
     )
+    # The page, plus the first row past its end (if any) to tell that more follow.
+    starts_before = window.c.running - window.c.size - func.coalesce(window.c.previous_size, 0)
+    stmt = select(window).where(starts_before < max_bytes).order_by(window.c.txid, window.c.id)
     rows = conn.execute(stmt).mappings().all()
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1]["txid"], page[-1]["id"]) if len(rows) > limit else None
+    page = [row for row in rows if row["running"] - row["size"] < max_bytes][:limit]
+    more = len(rows) > len(page)
+    next_cursor = encode_cursor(page[-1]["txid"], page[-1]["id"]) if more else None
     items = [{name: row[name] for name in (*EVENT_FIELDS, "stored_at")} for row in page]
     return items, next_cursor
 

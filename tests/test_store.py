@@ -126,6 +126,25 @@ def test_pages_walk_all_rows_in_order(committed: Engine) -> None:
     assert seen == [f"{n}-{i}" for n in range(3) for i in sorted(range(7), key=str)]
 
 
+def test_pages_stop_at_their_byte_budget_and_the_cursor_continues(committed: Engine) -> None:
+    big = "x" * 10_000
+    with committed.begin() as conn:
+        store.store_batch(conn, "b", [row(f"{i:02d}", blob=big) for i in range(12)])
+        store.store_batch(conn, "huge", [row("zz-huge", blob="y" * 100_000)])
+    pages: list[list[str]] = []
+    cursor = None
+    with committed.connect() as conn:
+        while True:
+            page, cursor = store.list_events(conn, limit=1000, cursor=cursor, max_bytes=35_000)
+            pages.append([e["event_id"] for e in page])
+            if cursor is None:
+                break
+    # ~10 KB a row: a page holds the rows that start under 35,000 bytes (4), and a
+    # row larger than the whole budget still gets a page of its own.
+    assert [len(page) for page in pages] == [4, 4, 4, 1]
+    assert [e for page in pages for e in page] == [f"{i:02d}" for i in range(12)] + ["zz-huge"]
+
+
 def test_rows_of_a_running_transaction_hold_back_later_ones(committed: Engine) -> None:
     # An open writer that started first must not be overtaken by a later commit:
     # otherwise a cursor could pass its rows before they become visible.
