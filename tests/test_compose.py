@@ -51,7 +51,16 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def test_every_service_is_defined() -> None:
-    expected = {"postgres", "redis", "migrate", "aggregator", "worker", "publisher", "flower"}
+    expected = {
+        "postgres",
+        "redis",
+        "migrate",
+        "aggregator",
+        "worker",
+        "publisher",
+        "flower",
+        "proxy",
+    }
     assert expected <= set(SERVICES)
 
 
@@ -62,10 +71,21 @@ def test_postgres_has_pg_isready_healthcheck_and_named_volume() -> None:
     assert source in COMPOSE["volumes"]
 
 
-def test_postgres_password_comes_from_the_environment() -> None:
+def test_secrets_are_required_from_the_environment_without_defaults() -> None:
     password = SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    assert password.startswith("${POSTGRES_PASSWORD")
-    assert "${POSTGRES_PASSWORD" in SHARED_ENV["DATABASE_URL"]
+    assert password.startswith("${POSTGRES_PASSWORD:?")
+    assert "${POSTGRES_PASSWORD:?" in SHARED_ENV["DATABASE_URL"]
+    assert SERVICES["aggregator"]["environment"]["API_TOKENS"].startswith("${API_TOKENS:?")
+    assert SERVICES["publisher"]["environment"]["API_TOKEN"].startswith("${API_TOKEN:?")
+    assert SERVICES["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith(
+        "${FLOWER_BASIC_AUTH:?"
+    )
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text and "demo-token" not in text
+    example = (ROOT / ".env.example").read_text()
+    for name in ("POSTGRES_PASSWORD", "API_TOKENS", "API_TOKEN", "FLOWER_BASIC_AUTH"):
+        assert re.search(rf"^{name}=", example, re.M), name
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_redis_fsyncs_every_acceptance_to_an_append_only_file_on_a_named_volume() -> None:
@@ -78,14 +98,26 @@ def test_redis_fsyncs_every_acceptance_to_an_append_only_file_on_a_named_volume(
     assert healthcheck("redis").endswith("redis-cli ping")
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis"])
-def test_data_stores_publish_no_host_ports(name: str) -> None:
+@pytest.mark.parametrize("name", ["postgres", "redis", "aggregator", "worker", "flower"])
+def test_only_the_proxy_publishes_a_host_port(name: str) -> None:
     assert "ports" not in SERVICES[name]
 
 
-def test_aggregator_scales_across_a_port_range() -> None:
+def test_the_proxy_listens_on_loopback_unless_told_otherwise() -> None:
+    proxy = SERVICES["proxy"]
+    assert proxy["image"].startswith("nginx:")
+    assert proxy["ports"] == ["${PROXY_BIND:-127.0.0.1}:${PROXY_PORT:-8080}:8080"]
+    template = "./deploy/nginx/aggregator.conf.template"
+    assert mounts("proxy")["/etc/nginx/templates/aggregator.conf.template"] == template
+    assert (ROOT / template).is_file()
+    # Every variable the template uses is given to the container.
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", (ROOT / template).read_text()))
+    assert used <= set(proxy["environment"])
+    assert SERVICES["aggregator"]["environment"]["PROXY_HOPS"] == "1"
+
+
+def test_aggregator_can_be_scaled() -> None:
     aggregator = SERVICES["aggregator"]
-    assert aggregator["ports"] == ["8080-8082:8080"]
     assert "container_name" not in aggregator
     assert "/health" in healthcheck("aggregator")
 
@@ -115,11 +147,12 @@ def test_publisher_is_one_shot_and_waits_for_a_healthy_api() -> None:
     assert "API_TOKEN" in publisher["environment"]
 
 
-def test_flower_requires_basic_auth() -> None:
+def test_flower_requires_basic_auth_from_the_environment_not_argv() -> None:
     words = command("flower")
-    assert words[:4] == ["celery", "-A", "tasks", "flower"]
-    assert any(word.startswith("--basic-auth=") for word in words)
-    assert SERVICES["flower"]["ports"] == ["5555:5555"]
+    assert words == ["celery", "-A", "tasks", "flower"]
+    environment = SERVICES["flower"]["environment"]
+    assert environment["FLOWER_URL_PREFIX"] == "flower"
+    assert "FLOWER_BASIC_AUTH" in environment
 
 
 def test_shared_environment_names_are_read_by_app_config() -> None:
@@ -154,6 +187,7 @@ def test_gunicorn_serves_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("API_TOKENS", "t" * 32)
     application = import_app(words[-1])
     routes = {rule.rule for rule in application.url_map.iter_rules()}
     assert {"/health", "/ready", "/publish", "/stats", "/events"} <= routes
@@ -179,14 +213,14 @@ def test_worker_concurrency_is_configurable() -> None:
 def test_publisher_command_runs_the_publisher_package() -> None:
     words = command("publisher")
     assert words[:3] == ["python", "-m", "publisher"]
-    assert words[words.index("--url") + 1] == "http://aggregator:8080"
+    assert words[words.index("--url") + 1] == "http://proxy:8080"
     assert "--verify" in words
     assert (ROOT / "publisher" / "__main__.py").is_file()
     # The options the service passes are ones the CLI accepts, with valid values.
     from publisher.cli import build_parser
 
     args = build_parser({}).parse_args([with_defaults(word) for word in words[3:]])
-    assert args.url == "http://aggregator:8080"
+    assert args.url == "http://proxy:8080"
     assert args.verify is True
 
 
