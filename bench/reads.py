@@ -60,6 +60,7 @@ COPY_COLUMNS = '(id, topic, event_id, "timestamp", source, payload, txid)'
 TOKEN = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex + ":read"
 HEADERS = {"Authorization": f"Bearer {TOKEN.split(':')[0]}"}
 
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
