@@ -180,14 +180,15 @@ class Flower(_HttpProcess):
             "flower",
             f"--port={self.port}",
             "--address=127.0.0.1",
-            f"--basic-auth={auth}",
         ]
         self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        # The login goes by environment (Flower reads FLOWER_*), not argv, so
+        # `ps` does not show it.
         self.executor = HTTPExecutor(
             command,
             url=f"{self.url}/healthcheck",
             # Basic auth covers every page, so "up" means it answers at all.
             status=r"(200|401)",
             method="GET",
-            **_process_options(env, self._log_file),
+            **_process_options({**env, "FLOWER_BASIC_AUTH": auth}, self._log_file),
         )
