@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import redis
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["GROUP_COMMIT_BELOW"] = settings.group_commit_below
 
     from app.api import BLUEPRINTS
+    from app.api import reject_unknown_query_parameters
     from app.auth import init_auth
     from app.errors import register_error_handlers
     from app.metrics import init_metrics
@@ -74,8 +76,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops
         )
+    app.extensions["followers"] = threading.BoundedSemaphore(settings.max_followers)
     api = Api(app)
     init_auth(app, app.extensions["redis_limits"], settings)
+    app.before_request(reject_unknown_query_parameters)
     init_metrics(app)
     api.spec.components.schema("Event", schema=EventSchema)
     for blueprint in BLUEPRINTS:

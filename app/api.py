@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -14,8 +17,10 @@ from flask import Response
 from flask import current_app
 from flask import g
 from flask import request
+from flask import stream_with_context
 from flask_smorest import Blueprint
 from gevent import monkey
+from marshmallow import RAISE
 from marshmallow import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy import text
@@ -23,6 +28,7 @@ from werkzeug.exceptions import BadRequest
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.exceptions import NotFound
 from werkzeug.exceptions import RequestTimeout
+from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.exceptions import UnsupportedMediaType
 
 from app import broker_log
@@ -225,24 +231,92 @@ def publish_events() -> Response:
     return Response(orjson.dumps(answer), 202, headers, mimetype="application/json")
 
 
+NDJSON = "application/x-ndjson"
+# How often a waiting follower looks for new events: they show within this
+# (plus the time until no older transaction is still open).
+FOLLOW_POLL_SECONDS = 0.2
+
+
 @events_blp.route("/events", methods=["GET"])
-@events_blp.arguments(EventQuerySchema, location="query", as_kwargs=True)
-@events_blp.response(200, EventPageSchema)
+@events_blp.arguments(EventQuerySchema, location="query", as_kwargs=True, unknown=RAISE)
+@events_blp.response(
+    200,
+    EventPageSchema,
+    description="A page of events. With `Accept: application/x-ndjson`: every matching event"
+    " from the cursor on, one JSON object per line, each with its own `cursor` to resume from.",
+)
 @documents_errors(401, 403, 422, 429, 503)
-def list_events(limit: int, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
-    """Return stored events oldest first, one page at a time."""
+def list_events(
+    limit: int, wait: int, cursor: str | None = None, **filters: Any
+) -> dict[str, Any] | Response:
+    """Return stored events oldest first, one page at a time (or all of them as NDJSON)."""
+    if request.accept_mimetypes.best_match(["application/json", NDJSON]) == NDJSON:
+        return _export(cursor, filters)
+    page, next_cursor = _events_page(limit, cursor, filters, follow=wait > 0)
+    if page or not wait:
+        return {"events": page, "next_cursor": next_cursor}
+    followers: threading.BoundedSemaphore = current_app.extensions["followers"]
+    if not followers.acquire(blocking=False):
+        raise ServiceUnavailable(
+            "too many clients are waiting for events on this server; retry shortly",
+            retry_after=1,
+        )
+    try:
+        deadline = time.monotonic() + wait
+        while not page and time.monotonic() < deadline:
+            time.sleep(min(FOLLOW_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            page, next_cursor = _events_page(limit, cursor, filters, follow=True)
+    finally:
+        followers.release()
+    return {"events": page, "next_cursor": next_cursor}
+
+
+def _events_page(
+    limit: int, cursor: str | None, filters: dict[str, Any], *, follow: bool
+) -> tuple[list[dict[str, Any]], str | None]:
     try:
         with _engine().connect() as conn:
-            page, next_cursor = store.list_events(
+            return store.list_events(
                 conn,
                 limit=limit,
                 cursor=cursor,
                 max_bytes=current_app.config["EVENTS_PAGE_MAX_BYTES"],
+                always_cursor=follow,
                 **filters,
             )
     except store.InvalidCursor as exc:
         raise ValidationError({"cursor": [str(exc)]}) from None
-    return {"events": page, "next_cursor": next_cursor}
+
+
+def _export(cursor: str | None, filters: dict[str, Any]) -> Response:
+    if cursor is not None:
+        try:
+            store.decode_cursor(cursor)
+        except store.InvalidCursor as exc:
+            raise ValidationError({"cursor": [str(exc)]}) from None
+    engine = _engine()
+
+    def lines() -> Iterator[bytes]:
+        # If the database goes away mid-stream the stream just ends: resume
+        # from the cursor of the last line received.
+        with engine.connect() as conn:
+            for event in store.iter_events(conn, cursor=cursor, **filters):
+                yield orjson.dumps(event) + b"\n"
+
+    return Response(stream_with_context(lines()), mimetype=NDJSON)
+
+
+# Query parameters each endpoint takes; any other gets 422 naming it.
+QUERY_PARAMETERS = {"events.list_events": frozenset(EventQuerySchema().fields)}
+
+
+def reject_unknown_query_parameters() -> None:
+    """Refuse misspelled or unknown query parameters instead of ignoring them."""
+    if request.endpoint is None or request.endpoint.startswith("api-docs."):
+        return
+    unknown = sorted(set(request.args) - QUERY_PARAMETERS.get(request.endpoint, frozenset()))
+    if unknown:
+        raise ValidationError({name: ["unknown query parameter"] for name in unknown})
 
 
 @stats_blp.route("/stats", methods=["GET"])

@@ -115,6 +115,10 @@ class Settings:
     # A page of GET /events stops after this many bytes of payloads (the cursor
     # continues), so one request cannot make the server hold 64 MB.
     events_page_max_bytes: int = 4 * 1024 * 1024
+    # Requests of one API process that may wait for new events at once
+    # (GET /events?wait=N); more get 503, so followers never hold every
+    # connection of a process that publishers need.
+    max_followers: int = 64
     # Requests with fewer events than this wait up to linger_ms for other
     # requests of the same process and share one task with them.
     group_commit_below: int = 100
@@ -198,6 +202,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_int(env, "MAX_BODY_BYTES", Settings.max_body_bytes),
         body_read_timeout=_float(env, "BODY_READ_TIMEOUT", Settings.body_read_timeout),
         pool_size=_int(env, "DB_POOL_SIZE", Settings.pool_size),
+        max_followers=_int(env, "MAX_FOLLOWERS", Settings.max_followers),
         events_page_max_bytes=_int(env, "EVENTS_PAGE_MAX_BYTES", Settings.events_page_max_bytes),
         group_commit_below=_int(env, "GROUP_COMMIT_BELOW", Settings.group_commit_below),
         group_commit_max_events=_int(

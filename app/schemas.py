@@ -12,11 +12,13 @@ from marshmallow import Schema
 from marshmallow import ValidationError
 from marshmallow import fields
 from marshmallow import validate
+from marshmallow import validates_schema
 
 MAX_STRING = 255
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_PAYLOAD_DEPTH = 32
 MAX_BATCH = 1000
+MAX_WAIT_SECONDS = 30
 
 
 def reject_unstorable(value: str) -> None:
@@ -120,6 +122,23 @@ class EventOutSchema(EventSchema):
     stored_at = fields.AwareDateTime(required=True, format="iso")
 
 
+class JsonObjectText(fields.String):
+    """A query parameter holding a JSON object, loaded as a dict."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > 4096:
+            raise ValidationError("must be at most 4096 characters")
+        try:
+            loaded = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError(f"not JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValidationError("must be a JSON object")
+        _check_payload(loaded)
+        return loaded
+
+
 class EventQuerySchema(Schema):
     """Filters and paging for GET /events."""
 
@@ -132,6 +151,27 @@ class EventQuerySchema(Schema):
     until = UtcDateTime(format="iso", metadata={"description": "timestamp < until"})
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
     cursor = fields.String(validate=[validate.Length(min=1, max=200), NO_NUL])
+    payload = JsonObjectText(
+        metadata={
+            "description": "A JSON object the payload must contain (JSONB `@>`), e.g."
+            ' `{"user":"u1"}`; needs `topic`.',
+            "example": '{"user":"u1"}',
+        },
+    )
+    wait = fields.Integer(
+        load_default=0,
+        validate=validate.Range(min=0, max=MAX_WAIT_SECONDS),
+        metadata={
+            "description": "Long-poll: when no event follows the cursor, wait up to this many"
+            " seconds for one (follow the log by requesting again with next_cursor)."
+        },
+    )
+
+    @validates_schema
+    def _payload_needs_topic(self, data: dict[str, Any], **_: Any) -> None:
+        # The containment filter runs on one topic's rows (its index), never on all.
+        if "payload" in data and "topic" not in data:
+            raise ValidationError({"payload": ["filtering on payload needs a topic"]})
 
 
 class EventPageSchema(Schema):

@@ -8,6 +8,7 @@ import io
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -430,18 +431,14 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
         raise InvalidCursor("cursor is not one this API issued") from None
 
 
-def list_events(
-    conn: Connection,
-    *,
-    limit: int,
-    cursor: str | None = None,
-    topic: str | None = None,
-    source: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    max_bytes: int = 4 * 1024 * 1024,
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Return one page of stored events, oldest first, and the cursor of the next page."""
+def _event_conditions(
+    cursor: str | None,
+    topic: str | None,
+    source: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    payload: dict[str, Any] | None,
+) -> list[Any]:
     # Only rows written by transactions older than every running one: a
     # transaction still in flight may commit rows that sort before rows we
     # have already shown, and a cursor must never jump over them.
@@ -458,6 +455,30 @@ def list_events(
         conditions.append(events.c.timestamp >= since)
     if until is not None:
         conditions.append(events.c.timestamp < until)
+    if payload is not None:
+        conditions.append(events.c.payload.contains(payload))
+    return conditions
+
+
+def list_events(
+    conn: Connection,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    topic: str | None = None,
+    source: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    payload: dict[str, Any] | None = None,
+    max_bytes: int = 4 * 1024 * 1024,
+    always_cursor: bool = False,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Return one page of stored events, oldest first, and the cursor of the next page.
+
+    The cursor is None at the end of the log, unless `always_cursor` (followers):
+    then it is the position after the last event returned, or the one given.
+    """
+    conditions = _event_conditions(cursor, topic, source, since, until, payload)
     # Pages stop at max_bytes of payload (at least one row each), so a page of
     # large events cannot take the server's memory: the cursor continues.
     size = func.octet_length(cast(events.c.payload, Text))
@@ -479,10 +500,35 @@ def list_events(
     stmt = select(window).where(starts_before < max_bytes).order_by(window.c.txid, window.c.id)
     rows = conn.execute(stmt).mappings().all()
     page = [row for row in rows if row["running"] - row["size"] < max_bytes][:limit]
-    more = len(rows) > len(page)
-    next_cursor = encode_cursor(page[-1]["txid"], page[-1]["id"]) if more else None
+    if page and (len(rows) > len(page) or always_cursor):
+        next_cursor: str | None = encode_cursor(page[-1]["txid"], page[-1]["id"])
+    else:
+        next_cursor = cursor if always_cursor else None
     items = [{name: row[name] for name in (*EVENT_FIELDS, "stored_at")} for row in page]
     return items, next_cursor
+
+
+def iter_events(
+    conn: Connection,
+    *,
+    cursor: str | None = None,
+    topic: str | None = None,
+    source: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    payload: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield every matching event in log order, each with its cursor, in constant memory.
+
+    One statement (one snapshot) read through a server-side cursor, 1,000 rows at a time.
+    """
+    conditions = _event_conditions(cursor, topic, source, since, until, payload)
+    stmt = select(events).where(and_(*conditions)).order_by(events.c.txid, events.c.id)
+    result = conn.execution_options(stream_results=True, yield_per=1000).execute(stmt)
+    for row in result.mappings():
+        event = {name: row[name] for name in (*EVENT_FIELDS, "stored_at")}
+        event["cursor"] = encode_cursor(row["txid"], row["id"])
+        yield event
 
 
 def list_dead_letters(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ def test_data_and_counters_survive_a_full_restart(scratch_dir: Path, logs: Path)
         "REDIS_URL": broker.url,
         "BROKER_VISIBILITY_TIMEOUT": "5",
         "BROKER_RESTORE_INTERVAL": "1",
+        "AUTH_DISABLED": "1",
     }
     migrate(env["DATABASE_URL"])
     first = [make_event(f"r-{i}", topic=f"r{i % 3}") for i in range(300)]
