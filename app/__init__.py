@@ -7,14 +7,23 @@ import time
 
 import redis
 from flask import Flask
+from flask import Response
+from flask import send_from_directory
 from flask_smorest import Api
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from swagger_ui_bundle import swagger_ui_path
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings
 from app.config import load_settings
 from app.db import make_engine
+
+DOCS_ASSETS = "/docs/assets"
+
+
+def _docs_asset(filename: str) -> Response:
+    return send_from_directory(swagger_ui_path, filename, max_age=3600)
 
 
 def _redis_client(settings: Settings) -> redis.Redis:
@@ -36,6 +45,22 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
+        # Interactive docs from the installed swagger-ui-bundle, never a CDN.
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL=f"{DOCS_ASSETS}/",
+        API_SPEC_OPTIONS={
+            "security": [{"bearerAuth": []}],
+            "components": {
+                "securitySchemes": {
+                    "bearerAuth": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "A token from API_TOKENS; its scopes decide what it"
+                        " may do (README, Who may do what).",
+                    }
+                }
+            },
+        },
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         RETRY_AFTER=settings.retry_after,
         BODY_READ_TIMEOUT=settings.body_read_timeout,
@@ -78,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         )
     app.extensions["followers"] = threading.BoundedSemaphore(settings.max_followers)
     api = Api(app)
+    app.add_url_rule(f"{DOCS_ASSETS}/<path:filename>", "docs_assets", _docs_asset)
     init_auth(app, app.extensions["redis_limits"], settings)
     app.before_request(reject_unknown_query_parameters)
     init_metrics(app)

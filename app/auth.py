@@ -29,8 +29,17 @@ from app.ratelimit import RateBudget
 
 logger = logging.getLogger(__name__)
 
-# Probes and the OpenAPI document stay open, so orchestrators and clients can use them.
-OPEN_ENDPOINTS = frozenset({"health.health", "health.ready", "api-docs.openapi_json"})
+# Probes, the OpenAPI document and the docs built on it stay open, so
+# orchestrators and clients can use them.
+OPEN_ENDPOINTS = frozenset(
+    {
+        "health.health",
+        "health.ready",
+        "api-docs.openapi_json",
+        "api-docs.openapi_swagger_ui",
+        "docs_assets",
+    }
+)
 # The scope each endpoint needs; any other endpoint needs "read".
 SCOPE_OF = {
     "events.publish_events": "publish",

@@ -263,3 +263,16 @@ def test_client_that_drips_its_body_is_cut_off_at_the_deadline(url: str) -> None
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert time.monotonic() - started < 5
+
+
+def test_interactive_docs_are_served_from_local_assets_without_a_token(url: str) -> None:
+    page = requests.get(f"{url}/docs", timeout=10)
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(asset.startswith("/docs/assets/") for asset in assets), assets
+    for asset in assets:
+        assert requests.get(f"{url}{asset}", timeout=10).status_code == 200, asset
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert spec["security"] == [{"bearerAuth": []}]
+    assert spec["paths"]["/health"]["get"]["security"] == []

@@ -49,7 +49,7 @@ EVENT = make_event("a-1", topic="auth")
 
 
 def test_probes_and_document_need_no_token(guarded: Api) -> None:
-    for path in ("/health", "/ready", "/openapi.json"):
+    for path in ("/health", "/ready", "/openapi.json", "/docs", "/docs/assets/swagger-ui.css"):
         assert requests.get(f"{guarded.url}{path}", timeout=10).status_code == 200, path
 
 
