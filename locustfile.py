@@ -208,10 +208,15 @@ class Reader(HttpUser):
 
 
 def run_counters(host: str) -> dict[str, int]:
-    """Sum stored, duplicates and failed over this run's topics from GET /stats."""
-    response = requests.get(f"{host.rstrip('/')}/stats", headers=auth_headers(), timeout=10)
+    """Sum stored, duplicates and failed over this run's topics from GET /stats/topics."""
+    response = requests.get(
+        f"{host.rstrip('/')}/stats/topics",
+        params={"prefix": f"{RUN_ID}.", "limit": 1000},
+        headers=auth_headers(),
+        timeout=10,
+    )
     response.raise_for_status()
-    topics = response.json().get("topics", {})
+    topics = {row["topic"]: row for row in response.json()["topics"]}
     sums = {"stored": 0, "duplicates": 0, "failed": 0}
     for topic in TOPICS:
         for key in sums:

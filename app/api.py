@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import threading
 import time
@@ -47,6 +48,8 @@ from app.schemas import EventQuerySchema
 from app.schemas import HealthSchema
 from app.schemas import ReplayResultSchema
 from app.schemas import StatsSchema
+from app.schemas import TopicPageSchema
+from app.schemas import TopicQuerySchema
 from app.schemas import load_events
 from app.stats import collect_stats
 from tasks.acceptance import Request
@@ -307,7 +310,10 @@ def _export(cursor: str | None, filters: dict[str, Any]) -> Response:
 
 
 # Query parameters each endpoint takes; any other gets 422 naming it.
-QUERY_PARAMETERS = {"events.list_events": frozenset(EventQuerySchema().fields)}
+QUERY_PARAMETERS = {
+    "events.list_events": frozenset(EventQuerySchema().fields),
+    "stats.topic_stats": frozenset(TopicQuerySchema().fields),
+}
 
 
 def reject_unknown_query_parameters() -> None:
@@ -325,6 +331,29 @@ def reject_unknown_query_parameters() -> None:
 def stats() -> dict[str, Any]:
     """Return exact counters of everything received, stored, dropped and queued."""
     return collect_stats(_engine(), _redis(), current_app.extensions["started_at"])
+
+
+@stats_blp.route("/stats/topics", methods=["GET"])
+@stats_blp.arguments(TopicQuerySchema, location="query", as_kwargs=True, unknown=RAISE)
+@stats_blp.response(200, TopicPageSchema)
+@documents_errors(401, 403, 422, 429, 503)
+def topic_stats(limit: int, cursor: str | None = None, prefix: str | None = None) -> dict[str, Any]:
+    """Return per-topic counters, a page at a time, optionally only topics with a prefix."""
+    after = _decode_topic_cursor(cursor) if cursor is not None else None
+    with _engine().connect() as conn:
+        page, last = store.topic_page(conn, limit=limit, after=after, prefix=prefix)
+    next_cursor = base64.urlsafe_b64encode(last.encode()).decode() if last is not None else None
+    return {"topics": page, "next_cursor": next_cursor}
+
+
+def _decode_topic_cursor(cursor: str) -> str:
+    try:
+        topic = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        topic = ""
+    if not topic:
+        raise ValidationError({"cursor": ["not a cursor this API issued"]})
+    return topic
 
 
 @dead_letters_blp.route("/dead-letters", methods=["GET"])

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy import Index
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
+from sqlalchemy import SmallInteger
 from sqlalchemy import Table
 from sqlalchemy import Text
 from sqlalchemy import UniqueConstraint
@@ -77,6 +78,22 @@ topic_stats = Table(
     Column("duplicates", BigInteger, nullable=False, server_default="0"),
     Column("failed", BigInteger, nullable=False, server_default="0"),
 )
+
+# The totals of topic_stats, kept in STRIPES rows so concurrent workers rarely
+# update the same one: /stats sums these few rows, however many topics there are.
+COUNTER_STRIPES = 16
+counter_totals = Table(
+    "counter_totals",
+    metadata,
+    Column("stripe", SmallInteger, primary_key=True),
+    Column("received", BigInteger, nullable=False, server_default="0"),
+    Column("stored", BigInteger, nullable=False, server_default="0"),
+    Column("duplicates", BigInteger, nullable=False, server_default="0"),
+    Column("failed", BigInteger, nullable=False, server_default="0"),
+)
+# Topics in code-point order whatever the database's collation, so a prefix
+# is one contiguous index range (GET /stats/topics?prefix=).
+Index("ix_topic_stats_topic_c", topic_stats.c.topic.collate("C"))
 
 # Events the database refused (anything validation missed), kept with the
 # reason so they can be inspected and replayed.

@@ -261,7 +261,33 @@ class StatsSchema(Schema):
     queued_events = fields.Integer(required=True)
     uptime_seconds = fields.Float(required=True)
     broker_data_loss = fields.Nested(BrokerDataLossSchema, required=True)
-    topics = fields.Dict(keys=fields.String(), values=fields.Nested(TopicStatsSchema))
+
+
+class TopicQuerySchema(Schema):
+    """Paging and an optional prefix for GET /stats/topics."""
+
+    class Meta:
+        unknown = RAISE
+
+    prefix = fields.String(
+        validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL],
+        metadata={"description": "Only topics starting with this.", "example": "orders."},
+    )
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    cursor = fields.String(validate=[validate.Length(min=1, max=400), NO_NUL])
+
+
+class TopicCountersSchema(TopicStatsSchema):
+    """One topic's counters."""
+
+    topic = fields.String(required=True)
+
+
+class TopicPageSchema(Schema):
+    """A page of topics in code-point order, and the cursor of the next page."""
+
+    topics = fields.List(fields.Nested(TopicCountersSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
 
 
 class DeadLetterSchema(Schema):

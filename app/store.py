@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -45,7 +46,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import StatementError
 
+from app.db import COUNTER_STRIPES
 from app.db import batches
+from app.db import counter_totals
 from app.db import dead_letters
 from app.db import events
 from app.db import topic_stats
@@ -266,7 +269,29 @@ def _record_statement() -> Select[tuple[int]]:
         index_elements=[topic_stats.c.topic],
         set_={name: topic_stats.c[name] + add.excluded[name] for name in COUNTERS},
     )
-    return select(func.count()).select_from(ledger).add_cte(add.cte("counted"))
+    return (
+        select(func.count())
+        .select_from(ledger)
+        .add_cte(add.cte("counted"))
+        .add_cte(_add_to_totals().cte("totalled"))
+    )
+
+
+def _add_to_totals() -> Insert:
+    """Add a batch's counts to one stripe of counter_totals (bound: stripe, total_<name>)."""
+    add = insert(counter_totals).values(
+        stripe=bindparam("stripe"),
+        **{name: bindparam(f"total_{name}") for name in COUNTERS},
+    )
+    return add.on_conflict_do_update(
+        index_elements=[counter_totals.c.stripe],
+        set_={name: counter_totals.c[name] + add.excluded[name] for name in COUNTERS},
+    )
+
+
+def _stripe(key: str) -> int:
+    # Spread concurrent batches over the stripes, so they rarely wait on one row.
+    return zlib.crc32(key.encode()) % COUNTER_STRIPES
 
 
 # Like _INSERT_EVENTS, cached statements of one shape whatever the batch.
@@ -298,6 +323,8 @@ def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> None:
     }
     for name in COUNTERS:
         params[f"topic_{name}"] = [outcome.per_topic[topic][name] for topic in topics]
+        params[f"total_{name}"] = getattr(outcome, name)
+    params["stripe"] = _stripe(batch_id)
     conn.execute(_RECORD, params).scalar_one()
 
 
@@ -379,29 +406,53 @@ def _count(
 
 @dataclass
 class Totals:
-    """Processed counters from the ledger, overall and per topic."""
+    """Processed counters from the ledger's totals."""
 
     received: int = 0
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
-    topics: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def read_totals(conn: Connection) -> Totals:
-    """Sum the per-topic counters (one row per topic; never scans events)."""
-    totals = Totals()
-    for row in conn.execute(select(topic_stats).order_by(topic_stats.c.topic)).mappings():
-        totals.received += row["received"]
-        totals.stored += row["stored"]
-        totals.duplicates += row["duplicates"]
-        totals.failed += row["failed"]
-        totals.topics[row["topic"]] = {
-            "stored": row["stored"],
-            "duplicates": row["duplicates"],
-            "failed": row["failed"],
-        }
-    return totals
+    """Sum the striped totals: a few rows, however many topics or events there are."""
+    row = conn.execute(
+        select(*(func.coalesce(func.sum(counter_totals.c[name]), 0) for name in COUNTERS))
+    ).one()
+    return Totals(*(int(value) for value in row))
+
+
+def topic_page(
+    conn: Connection, *, limit: int, after: str | None = None, prefix: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Return per-topic counters in code-point order of topic, and the last topic if more follow."""
+    topic = topic_stats.c.topic.collate("C")
+    conditions = []
+    if after is not None:
+        conditions.append(topic > after)
+    if prefix:
+        conditions.append(topic >= prefix)
+        end = _prefix_end(prefix)
+        if end is not None:
+            conditions.append(topic < end)
+    stmt = select(topic_stats).where(*conditions).order_by(topic).limit(limit + 1)
+    rows = conn.execute(stmt).mappings().all()
+    page = [
+        {"topic": row["topic"], **{name: row[name] for name in COUNTERS if name != "received"}}
+        for row in rows[:limit]
+    ]
+    return page, page[-1]["topic"] if len(rows) > limit else None
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The first string after every string that starts with prefix, in code-point order."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            following = last + 1 if last + 1 != 0xD800 else 0xE000  # no surrogates in text
+            return "".join(chars) + chr(following)
+    return None
 
 
 def processed_batches(conn: Connection, batch_ids: Sequence[str]) -> set[str]:
@@ -626,5 +677,10 @@ def replay_dead_letter(conn: Connection, letter_id: int) -> str | None:
         update(batches)
         .where(batches.c.batch_id == letter.batch_id)
         .values({"failed": batches.c.failed - 1, moved_to: batches.c[moved_to] + 1})
+    )
+    moved = {name: 0 for name in COUNTERS} | {"failed": -1, moved_to: 1}
+    conn.execute(
+        _add_to_totals(),
+        {"stripe": _stripe(letter.batch_id), **{f"total_{k}": v for k, v in moved.items()}},
     )
     return "stored" if stored else "duplicate"

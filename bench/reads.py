@@ -196,6 +196,11 @@ def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
                 f" SELECT topic, {counters} FROM events GROUP BY topic"
             )
             cur.execute(
+                "INSERT INTO counter_totals (stripe, received, stored, duplicates, failed)"
+                " SELECT 0, sum(received), sum(stored), sum(duplicates), sum(failed)"
+                " FROM topic_stats"
+            )
+            cur.execute(
                 "INSERT INTO batches (batch_id, received, stored, duplicates, failed)"
                 f" SELECT 'fill-' || txid, {counters} FROM events GROUP BY txid"
             )
@@ -205,7 +210,7 @@ def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
         conn.autocommit = True
         with conn.cursor() as cur:
             started = time.perf_counter()
-            cur.execute("VACUUM (ANALYZE) events, batches, topic_stats")
+            cur.execute("VACUUM (ANALYZE) events, batches, topic_stats, counter_totals")
             timings["vacuum_analyze"] = time.perf_counter() - started
             # Each COMMIT ends a transaction that took an xid, until the newest
             # xid is past the last simulated one: then every row is older than
@@ -263,6 +268,11 @@ def build_cases(
         ],
         "/events, random topic + cursor": [
             events(topic=rng.choice(topics), cursor=cursors[-1 - i]) for i in range(count)
+        ],
+        "/stats/topics, first page": ["/stats/topics?limit=100"] * count,
+        "/stats/topics, random prefix": [
+            "/stats/topics?" + urllib.parse.urlencode({"limit": "100", "prefix": t[:-1]})
+            for t in (rng.choice(topics) for _ in range(count))
         ],
     }
 

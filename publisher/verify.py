@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 import urllib3
@@ -74,8 +76,26 @@ def sum_topics(stats: dict[str, Any], topics: list[str]) -> TopicTotals:
     )
 
 
+def fetch_topic_counters(
+    pool: urllib3.PoolManager, base_url: str, headers: dict[str, str], topics: list[str]
+) -> dict[str, dict[str, int]]:
+    """Walk GET /stats/topics for the topics' common prefix; return topic -> counters."""
+    found: dict[str, dict[str, int]] = {}
+    params = {"limit": "1000"}
+    prefix = os.path.commonprefix(topics)
+    if prefix:
+        params["prefix"] = prefix
+    while True:
+        page = fetch_stats(pool, f"{base_url}/stats/topics?{urlencode(params)}", headers)
+        for row in page["topics"]:
+            found[row.pop("topic")] = row
+        if page["next_cursor"] is None:
+            return found
+        params["cursor"] = page["next_cursor"]
+
+
 def fetch_stats(pool: urllib3.PoolManager, url: str, headers: dict[str, str]) -> dict[str, Any]:
-    """GET /stats once, retrying briefly on 429 and 5xx, and return the parsed body."""
+    """GET one /stats URL once, retrying briefly on 429 and 5xx, and return the parsed body."""
     retry = Retry(
         total=3,
         allowed_methods=frozenset({"GET"}),
@@ -151,7 +171,8 @@ def wait_and_verify(
     poll: float = 0.5,
 ) -> VerifyResult:
     """Poll /stats until the run's topics settle (or timeout), then compare exact counts."""
-    stats_url = url.rstrip("/") + "/stats"
+    base_url = url.rstrip("/")
+    stats_url = base_url + "/stats"
     headers = auth_headers(token)
     pool = urllib3.PoolManager(maxsize=1)
     started = time.monotonic()
@@ -163,7 +184,9 @@ def wait_and_verify(
     try:
         while True:
             try:
-                latest = sum_topics(fetch_stats(pool, stats_url, headers), summary.topics)
+                figures = fetch_stats(pool, stats_url, headers)
+                figures["topics"] = fetch_topic_counters(pool, base_url, headers, summary.topics)
+                latest = sum_topics(figures, summary.topics)
             except StatsUnavailable as exc:
                 problem = str(exc)  # A broker or database blip: the next poll tries again.
             else:

@@ -22,7 +22,9 @@ ROOT = Path(__file__).parent.parent
 # The broker tables first: the workers' broker check reads them before batches, so a
 # TRUNCATE taking its locks in this order cannot deadlock with it; batches before events, as
 # the worker claims its ledger row first.
-TABLES = "broker_checkpoints, broker_losses, batches, events, topic_stats, dead_letters"
+TABLES = (
+    "broker_checkpoints, broker_losses, batches, events, topic_stats, counter_totals, dead_letters"
+)
 
 
 def alembic_config(database_url: str) -> Config:
@@ -62,9 +64,30 @@ def publish(url: str, body: Any, **headers: str) -> requests.Response:
 
 
 def stats(url: str) -> dict[str, Any]:
+    """GET /stats, with every page of /stats/topics added as "topics" (topic -> counters)."""
     response = requests.get(f"{url}/stats", timeout=10)
     assert response.status_code == 200, response.text
-    return response.json()
+    figures = response.json()
+    assert "topics" not in figures  # /stats is constant in size
+    figures["topics"] = topic_counters(url)
+    return figures
+
+
+def topic_counters(url: str, prefix: str | None = None) -> dict[str, dict[str, int]]:
+    """Walk GET /stats/topics; return topic -> {stored, duplicates, failed}."""
+    found: dict[str, dict[str, int]] = {}
+    params: dict[str, Any] = {"limit": 1000}
+    if prefix:
+        params["prefix"] = prefix
+    while True:
+        response = requests.get(f"{url}/stats/topics", params=params, timeout=10)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        for row in page["topics"]:
+            found[row.pop("topic")] = row
+        if page["next_cursor"] is None:
+            return found
+        params["cursor"] = page["next_cursor"]
 
 
 def settled_stats(url: str, received: int, timeout: float = 60) -> dict[str, Any]:

@@ -55,8 +55,12 @@ def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
         "dead_letters",
         "broker_checkpoints",
         "broker_losses",
+        "counter_totals",
     }
     assert uniques == ["uq_events_topic_event_id"]
+    with make_engine(empty_database).connect() as conn:
+        indexes = {i["name"] for i in inspect(conn).get_indexes("topic_stats")}
+    assert "ix_topic_stats_topic_c" in indexes
     run("downgrade", "base")
     assert tables_and_constraints(empty_database) == (set(), [])
     run("upgrade", "head")

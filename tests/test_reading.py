@@ -204,3 +204,29 @@ def test_waiting_requests_are_bounded_per_process(one_follower: Api) -> None:
         answers = list(pool.map(lambda _: events(one_follower.url, topic=topic, wait=2), range(3)))
     assert sorted(a.status_code for a in answers) == [200, 503, 503]
     assert all(int(a.headers["Retry-After"]) >= 1 for a in answers if a.status_code == 503)
+
+
+def test_stats_is_constant_in_size_and_topics_page_by_prefix(url: str) -> None:
+    run = f"topics-{uuid.uuid4().hex[:6]}"
+    names = [f"{run}.{n:02d}" for n in range(25)] + [f"{run}x", f"{run[:-1]}"]
+    publish(url, [make_event("e", topic=name) for name in names])
+    wait_until(lambda: requests.get(f"{url}/stats", timeout=10).json()["unique_processed_db"] >= 27)
+    figures = requests.get(f"{url}/stats", timeout=10).json()
+    assert "topics" not in figures
+    seen: list[str] = []
+    params: dict[str, Any] = {"prefix": f"{run}.", "limit": 10}
+    while True:
+        page = requests.get(f"{url}/stats/topics", params=params, timeout=10).json()
+        assert len(page["topics"]) <= 10
+        seen.extend(row["topic"] for row in page["topics"])
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert seen == sorted(f"{run}.{n:02d}" for n in range(25))
+    one = requests.get(f"{url}/stats/topics", params={"prefix": f"{run}.03"}, timeout=10).json()
+    assert one == {
+        "topics": [{"topic": f"{run}.03", "stored": 1, "duplicates": 0, "failed": 0}],
+        "next_cursor": None,
+    }
+    bad = requests.get(f"{url}/stats/topics", params={"cursor": "%%%"}, timeout=10)
+    assert bad.status_code == 422

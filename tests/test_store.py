@@ -39,7 +39,9 @@ def test_batch_is_stored_and_counted(conn: Connection) -> None:
     assert outcome.per_topic["t"] == {"received": 2, "stored": 1, "duplicates": 1, "failed": 0}
     totals = store.read_totals(conn)
     assert (totals.received, totals.stored, totals.duplicates) == (3, 2, 1)
-    assert totals.topics == {
+    page, more = store.topic_page(conn, limit=10)
+    assert more is None
+    assert {r.pop("topic"): r for r in page} == {
         "t": {"stored": 1, "duplicates": 1, "failed": 0},
         "u": {"stored": 1, "duplicates": 0, "failed": 0},
     }
@@ -300,3 +302,26 @@ def test_a_large_batch_with_refused_data_is_dead_lettered_like_a_small_one(
     with committed.connect() as conn:
         assert count(conn, dead_letters) == 1
         ledger_matches_rows(conn)
+
+
+def test_totals_are_striped_and_add_up_to_the_topic_counters(conn: Connection) -> None:
+    for n in range(40):
+        store.store_batch(conn, f"s{n}", [row(f"{n}", topic=f"t{n % 3}"), row("0", topic="t0")])
+    totals = store.read_totals(conn)
+    per_topic = conn.execute(
+        text("SELECT sum(received), sum(stored), sum(duplicates), sum(failed) FROM topic_stats")
+    ).one()
+    assert (totals.received, totals.stored, totals.duplicates, totals.failed) == tuple(per_topic)
+    assert (totals.received, totals.stored) == (80, 40)
+    stripes = conn.execute(text("SELECT count(*) FROM counter_totals")).scalar_one()
+    assert stripes > 1  # batches spread over several rows
+
+
+@pytest.mark.parametrize(
+    ("prefix", "end"),
+    [("ab", "ac"), ("a\U0010ffff", "b"), ("\U0010ffff", None), ("a\ud7ff", "a\ue000")],
+)
+def test_prefix_end_is_the_first_string_after_the_prefix_range(
+    prefix: str, end: str | None
+) -> None:
+    assert store._prefix_end(prefix) == end
