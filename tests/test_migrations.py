@@ -9,6 +9,7 @@ import pytest
 from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy import make_url
+from sqlalchemy import text
 
 from app.db import make_engine
 from scripts.services import create_database
@@ -74,5 +75,32 @@ def test_models_match_migrations(database_url: str) -> None:
             config = alembic_config(database_url)
             config.attributes["connection"] = conn
             command.check(config)
+    finally:
+        engine.dispose()
+
+
+def test_counter_totals_start_from_the_existing_topic_counters(empty_database: str) -> None:
+    engine = make_engine(empty_database)
+    try:
+        for revision in ("0003", "head"):
+            with engine.begin() as conn:
+                config = alembic_config(empty_database)
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+                if revision == "0003":
+                    conn.execute(
+                        text(
+                            "INSERT INTO topic_stats (topic, received, stored, duplicates, failed)"
+                            " VALUES ('a', 10, 7, 2, 1), ('b', 5, 5, 0, 0)"
+                        )
+                    )
+        with engine.connect() as conn:
+            totals = conn.execute(
+                text(
+                    "SELECT sum(received), sum(stored), sum(duplicates), sum(failed)"
+                    " FROM counter_totals"
+                )
+            ).one()
+        assert tuple(totals) == (15, 12, 2, 1)
     finally:
         engine.dispose()
