@@ -29,4 +29,4 @@ USER aggregator
 
 EXPOSE 8080 5555
 
-CMD ["gunicorn", "--bind", "0.0.0.0:8080", "--workers", "3", "app:create_app()"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8080", "--workers", "2", "app:create_app()"]

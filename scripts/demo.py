@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
             check=True,
         )
 
-        banner("API (gunicorn, 3 workers), worker (Celery, 2 processes), Flower")
+        banner("API (gunicorn, 2 gevent workers), worker (Celery, 2 processes), Flower")
         # API and worker write metrics to one directory, so /metrics shows both.
         metrics = STATE / "metrics"
         shutil.rmtree(metrics, ignore_errors=True)
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         given = os.environ.get("API_TOKENS", "")
         token = given.split(",")[0].split(":")[0] or secrets.token_hex(32)
         env["API_TOKENS"] = given or f"{token}:publish+read+admin"
-        api = Api(env, logs / "api.log", workers=3, port=8080).start()
+        api = Api(env, logs / "api.log", workers=2, port=8080).start()
         stack.callback(api.stop)
         worker = Worker(env, logs / "worker.log", concurrency=2, name="demo").start()
         stack.callback(worker.stop)
