@@ -39,13 +39,23 @@ events = Table(
     Column("source", Text, nullable=False),
     Column("payload", JSONB, nullable=False),
     Column("stored_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
-    # The writing transaction's id. Readers page in (txid, id) order and only
-    # show transactions older than every one still running, so a cursor never
-    # skips a row that commits late (see app.store.list_events).
+    # The writing transaction's id: the log's order before migration 0005,
+    # kept so cursors issued then still translate to positions.
     Column("txid", BigInteger, nullable=False, server_default=text("txid_current()")),
+    # The log's order. Writers take positions only while holding LOG_LOCK until
+    # they commit, so positions become visible in order and a reader's cursor
+    # can never pass a row that commits later (app.store).
+    Column(
+        "position",
+        BigInteger,
+        nullable=False,
+        server_default=text("nextval('events_position_seq')"),
+    ),
     UniqueConstraint("topic", "event_id"),
     Index(None, "txid", "id"),
     Index(None, "topic", "txid", "id"),
+    Index("ix_events_position", "position", unique=True),
+    Index("ix_events_topic_position", "topic", "position"),
 )
 
 # One row per processed task, claimed before the events are touched and in the

@@ -27,7 +27,6 @@ from sqlalchemy import Engine
 from sqlalchemy import Insert
 from sqlalchemy import Select
 from sqlalchemy import Text
-from sqlalchemy import and_
 from sqlalchemy import bindparam
 from sqlalchemy import cast
 from sqlalchemy import column
@@ -59,6 +58,10 @@ COUNTERS = ("received", "stored", "duplicates", "failed")
 EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
 # Batches at least this large are loaded with COPY (see _copy_events).
 COPY_FROM_ROWS = 64
+# Any constant: a writer holds this transaction-level advisory lock from taking
+# its first event position until it commits, so positions become visible in
+# the order they were taken (see _hold_log).
+LOG_LOCK = 0x6167_6C6F
 
 Event = Mapping[str, Any]
 T = TypeVar("T")
@@ -155,6 +158,18 @@ _INSERT_STAGED = (
 )
 
 
+def _hold_log(conn: Connection) -> None:
+    """Take the log's write lock until this transaction ends.
+
+    Events get positions (a sequence) only under it, so a transaction that took
+    positions commits before the next one can take any: every reader's snapshot
+    then holds a prefix of the positions (gaps only where a writer rolled
+    back), and a cursor can never pass a row that commits later. Readers wait
+    for nothing; writers wait for each other from their insert to their commit.
+    """
+    conn.execute(select(func.pg_advisory_xact_lock(LOG_LOCK)))
+
+
 def _copy_text(value: str) -> str:
     # COPY's text format: backslash, tab and line breaks are escaped (NUL never
     # gets here: the API refuses it).
@@ -184,6 +199,7 @@ def _copy_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
         raise DBAPIError.instance(_COPY_STAGE, None, exc, psycopg2.Error) from None
     finally:
         cursor.close()
+    _hold_log(conn)  # only now: loading the staging table needs no order
     return list(conn.execute(_INSERT_STAGED).scalars())
 
 
@@ -365,8 +381,10 @@ def store_batch(
     if not guarded and len(unique_rows) >= COPY_FROM_ROWS:
         stored_topics = _copy_events(conn, unique_rows)
     elif not guarded:
+        _hold_log(conn)
         stored_topics = _insert_events(conn, unique_rows)
     else:
+        _hold_log(conn)
         try:
             with conn.begin_nested():
                 stored_topics = _insert_events(conn, unique_rows)
@@ -467,19 +485,38 @@ class InvalidCursor(ValueError):
     """A pagination cursor that we did not issue."""
 
 
-def encode_cursor(txid: int, row_id: int) -> str:
-    """Turn a position into an opaque, URL-safe cursor."""
-    return base64.urlsafe_b64encode(f"{txid}.{row_id}".encode()).decode().rstrip("=")
+def encode_cursor(position: int) -> str:
+    """Turn a log position into an opaque, URL-safe cursor."""
+    return base64.urlsafe_b64encode(f"p{position}".encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[int, int]:
-    """Parse a cursor made by encode_cursor, or raise InvalidCursor."""
+def decode_cursor(cursor: str) -> int | tuple[int, int]:
+    """Parse a cursor: a position, or (txid, id) from before migration 0005; else InvalidCursor."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if raw.startswith("p"):
+            return int(raw[1:])
         txid, row_id = raw.split(".")
         return int(txid), int(row_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidCursor("cursor is not one this API issued") from None
+
+
+def _after(cursor: str) -> Any:
+    """The condition for rows after a cursor."""
+    position = decode_cursor(cursor)
+    if isinstance(position, int):
+        return events.c.position > position
+    # A cursor issued before positions: the position of the last row at or before
+    # it in the old (txid, id) order, in which migration 0005 numbered the rows.
+    last = (
+        select(events.c.position)
+        .where(tuple_(events.c.txid, events.c.id) <= tuple_(*position))
+        .order_by(events.c.txid.desc(), events.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return events.c.position > func.coalesce(last, 0)
 
 
 def _event_conditions(
@@ -490,14 +527,12 @@ def _event_conditions(
     until: datetime | None,
     payload: dict[str, Any] | None,
 ) -> list[Any]:
-    # Only rows written by transactions older than every running one: a
-    # transaction still in flight may commit rows that sort before rows we
-    # have already shown, and a cursor must never jump over them.
-    horizon = func.txid_snapshot_xmin(func.txid_current_snapshot())
-    conditions = [events.c.txid < horizon]
+    # No horizon: positions become visible in order (_hold_log), so whatever
+    # this snapshot shows is a prefix of the log, however long other
+    # transactions (of this database or any other) stay open.
+    conditions = []
     if cursor is not None:
-        txid, row_id = decode_cursor(cursor)
-        conditions.append(tuple_(events.c.txid, events.c.id) > tuple_(txid, row_id))
+        conditions.append(_after(cursor))
     if topic is not None:
         conditions.append(events.c.topic == topic)
     if source is not None:
@@ -533,7 +568,7 @@ def list_events(
     # Pages stop at max_bytes of payload (at least one row each), so a page of
     # large events cannot take the server's memory: the cursor continues.
     size = func.octet_length(cast(events.c.payload, Text))
-    order = (events.c.txid, events.c.id)
+    order = (events.c.position,)
     window = (
         select(
             events,
@@ -541,18 +576,18 @@ def list_events(
             func.sum(size).over(order_by=order).label("running"),
             func.lag(size).over(order_by=order).label("previous_size"),
         )
-        .where(and_(*conditions))
+        .where(*conditions)
         .order_by(*order)
         .limit(limit + 1)
         .subquery()
     )
     # The page, plus the first row past its end (if any) to tell that more follow.
     starts_before = window.c.running - window.c.size - func.coalesce(window.c.previous_size, 0)
-    stmt = select(window).where(starts_before < max_bytes).order_by(window.c.txid, window.c.id)
+    stmt = select(window).where(starts_before < max_bytes).order_by(window.c.position)
     rows = conn.execute(stmt).mappings().all()
     page = [row for row in rows if row["running"] - row["size"] < max_bytes][:limit]
     if page and (len(rows) > len(page) or always_cursor):
-        next_cursor: str | None = encode_cursor(page[-1]["txid"], page[-1]["id"])
+        next_cursor: str | None = encode_cursor(page[-1]["position"])
     else:
         next_cursor = cursor if always_cursor else None
     items = [{name: row[name] for name in (*EVENT_FIELDS, "stored_at")} for row in page]
@@ -574,11 +609,11 @@ def iter_events(
     One statement (one snapshot) read through a server-side cursor, 1,000 rows at a time.
     """
     conditions = _event_conditions(cursor, topic, source, since, until, payload)
-    stmt = select(events).where(and_(*conditions)).order_by(events.c.txid, events.c.id)
+    stmt = select(events).where(*conditions).order_by(events.c.position)
     result = conn.execution_options(stream_results=True, yield_per=1000).execute(stmt)
     for row in result.mappings():
         event = {name: row[name] for name in (*EVENT_FIELDS, "stored_at")}
-        event["cursor"] = encode_cursor(row["txid"], row["id"])
+        event["cursor"] = encode_cursor(row["position"])
         yield event
 
 
@@ -657,6 +692,7 @@ def replay_dead_letter(conn: Connection, letter_id: int) -> str | None:
     if letter is None:
         return None
     event = orjson.loads(letter.event)
+    _hold_log(conn)
     try:
         with conn.begin_nested():
             stored = bool(_insert_events(conn, [event]))

@@ -53,7 +53,7 @@ ROWS_PER_TXID = 500
 # Every tenth stored event is counted as having arrived twice, so the ledger has duplicates.
 DUPLICATE_EVERY = 10
 BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
-COPY_COLUMNS = '(id, topic, event_id, "timestamp", source, payload, txid)'
+COPY_COLUMNS = '(id, topic, event_id, "timestamp", source, payload, txid, position)'
 
 
 # Production settings: a read token (and the default rate limit).
@@ -109,7 +109,7 @@ class RowStream:
         lines = [
             f"{i}\t{topics[i % n_topics]}\tev-{i:010d}\t{stamps[i // 100 - first]}\tbench\t"
             f'{{"seq": {i}, "message": "event {i} of the read benchmark"}}\t'
-            f"{base + (i - 1) // ROWS_PER_TXID}\n"
+            f"{base + (i - 1) // ROWS_PER_TXID}\t{i}\n"
             for i in range(start, end)
         ]
         if end - 1 - self.reported >= 1_000_000:
@@ -151,8 +151,8 @@ def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
     try:
         with conn.cursor() as cur:
             cur.execute("SET maintenance_work_mem = '1GB'")
-            # Rows get transaction ids of their own (one per simulated batch), all
-            # after this one; they are made visible to /events by burning xids below.
+            # Rows get transaction ids of their own (one per simulated batch), as
+            # the worker's would, and positions in the same order.
             cur.execute("SELECT txid_current()")
             base_txid = cur.fetchone()[0] + 1
             last_txid = base_txid + (rows - 1) // ROWS_PER_TXID
@@ -187,6 +187,7 @@ def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
 
             started = time.perf_counter()
             cur.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), %s)", (rows,))
+            cur.execute("SELECT setval('events_position_seq', %s)", (rows,))
             counters = (
                 f"count(*) + count(*) FILTER (WHERE id % {DUPLICATE_EVERY} = 0), count(*),"
                 f" count(*) FILTER (WHERE id % {DUPLICATE_EVERY} = 0), 0"
@@ -212,12 +213,6 @@ def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
             started = time.perf_counter()
             cur.execute("VACUUM (ANALYZE) events, batches, topic_stats, counter_totals")
             timings["vacuum_analyze"] = time.perf_counter() - started
-            # Each COMMIT ends a transaction that took an xid, until the newest
-            # xid is past the last simulated one: then every row is older than
-            # any running transaction, which is what /events requires.
-            cur.execute(
-                f"DO $$ BEGIN WHILE txid_current() <= {last_txid} LOOP COMMIT; END LOOP; END $$"
-            )
             cur.execute("SELECT pg_size_pretty(pg_total_relation_size('events'))")
             size = cur.fetchone()[0]
     finally:
@@ -240,12 +235,12 @@ def sample_positions(dsn: str, rows: int, count: int, rng: random.Random) -> lis
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT txid, id FROM events WHERE id = ANY(%s)", (ids,))
-            positions = cur.fetchall()
+            cur.execute("SELECT position FROM events WHERE id = ANY(%s)", (ids,))
+            positions = [row[0] for row in cur.fetchall()]
     finally:
         conn.close()
     rng.shuffle(positions)
-    cursors = [encode_cursor(txid, row_id) for txid, row_id in positions]
+    cursors = [encode_cursor(position) for position in positions]
     while len(cursors) < count:
         cursors.extend(cursors[: count - len(cursors)])
     return cursors

@@ -279,6 +279,22 @@ class PostgresServer:
         """Create a database unless it exists."""
         create_database(self.url(), name)
 
+    def set_next_xid(self, xid: int) -> None:
+        """Move a stopped cluster's transaction counter (pg_resetwal -x); for tests of moves.
+
+        `xid` must start a pg_xact segment (a multiple of 2**20); its zeroed
+        segment file is created, as pg_resetwal's documentation asks.
+        """
+        if xid % 2**20:
+            raise ServiceError("xid must be a multiple of 1048576 (one pg_xact segment)")
+        segment = self.datadir / "pg_xact" / f"{xid >> 20:04X}"
+        segment.write_bytes(bytes(256 * 1024))
+        if self.user is not None:
+            shutil.chown(segment, self.user, self.user)
+        done = self._run(str(self.bindir / "pg_resetwal"), "-x", str(xid), "-D", str(self.datadir))
+        if done.returncode != 0:
+            raise ServiceError(f"pg_resetwal failed:\n{done.stdout}\n{done.stderr}")
+
 
 def _dsn(url: str) -> str:
     return url.replace("postgresql+psycopg2://", "postgresql://", 1)

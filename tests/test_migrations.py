@@ -104,3 +104,34 @@ def test_counter_totals_start_from_the_existing_topic_counters(empty_database: s
         assert tuple(totals) == (15, 12, 2, 1)
     finally:
         engine.dispose()
+
+
+def test_positions_follow_the_old_txid_order_and_continue_from_it(empty_database: str) -> None:
+    engine = make_engine(empty_database)
+    try:
+        for revision in ("0004", "head"):
+            with engine.begin() as conn:
+                config = alembic_config(empty_database)
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+                if revision == "0004":
+                    # Ids out of txid order, as concurrent writers leave them.
+                    for event_id, txid in (("c", 30), ("a", 10), ("b", 20)):
+                        conn.execute(
+                            text(
+                                "INSERT INTO events (topic, event_id, timestamp, source,"
+                                " payload, txid) VALUES ('t', :e, now(), 's', '{}', :x)"
+                            ),
+                            {"e": event_id, "x": txid},
+                        )
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO events (topic, event_id, timestamp, source, payload)"
+                    " VALUES ('t', 'd', now(), 's', '{}')"
+                )
+            )
+            order = conn.execute(text("SELECT event_id FROM events ORDER BY position")).scalars()
+            assert list(order) == ["a", "b", "c", "d"]
+    finally:
+        engine.dispose()

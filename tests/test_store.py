@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +18,7 @@ from app import store
 from app.db import batches
 from app.db import dead_letters
 from app.db import events
+from app.db import make_engine
 from tests.helpers import TABLES
 
 
@@ -100,7 +103,15 @@ def test_foreign_cursors_are_refused(cursor: str) -> None:
 
 
 def test_cursor_round_trips() -> None:
-    assert store.decode_cursor(store.encode_cursor(123, 456)) == (123, 456)
+    assert store.decode_cursor(store.encode_cursor(123)) == 123
+
+
+def test_cursors_issued_before_positions_still_continue_after_them(conn: Connection) -> None:
+    store.store_batch(conn, "b", [row(f"{n}") for n in range(5)])
+    rows = conn.execute(select(events.c.txid, events.c.id).order_by(events.c.position)).all()
+    old_style = base64.urlsafe_b64encode(f"{rows[1].txid}.{rows[1].id}".encode()).decode()
+    page, _ = store.list_events(conn, limit=10, cursor=old_style)
+    assert [e["event_id"] for e in page] == ["2", "3", "4"]
 
 
 @pytest.fixture
@@ -147,20 +158,59 @@ def test_pages_stop_at_their_byte_budget_and_the_cursor_continues(committed: Eng
     assert [e for page in pages for e in page] == [f"{i:02d}" for i in range(12)] + ["zz-huge"]
 
 
-def test_rows_of_a_running_transaction_hold_back_later_ones(committed: Engine) -> None:
-    # An open writer that started first must not be overtaken by a later commit:
-    # otherwise a cursor could pass its rows before they become visible.
-    with committed.connect() as slow:
-        slow_tx = slow.begin()
-        store.store_batch(slow, "slow", [row("slow", topic="slow")])
+def test_a_writer_holds_the_log_until_it_commits_and_readers_never_wait(
+    committed: Engine,
+) -> None:
+    # The first writer keeps its transaction open; a second must wait for it, so
+    # positions become visible in order; a reader sees a prefix meanwhile, at once.
+    with committed.begin() as conn:
+        store.store_batch(conn, "before", [row("before", topic="x")])
+    slow = committed.connect()
+    slow_tx = slow.begin()
+    store.store_batch(slow, "slow", [row("slow", topic="slow")])
+    done = threading.Event()
+
+    def fast_writer() -> None:
         with committed.begin() as fast:
             store.store_batch(fast, "fast", [row("fast", topic="fast")])
+        done.set()
+
+    writer = threading.Thread(target=fast_writer)
+    writer.start()
+    try:
+        assert not done.wait(0.5)  # waiting for the log
         with committed.connect() as reader:
-            assert store.list_events(reader, limit=10)[0] == []
+            page, _ = store.list_events(reader, limit=10)
+        assert [e["event_id"] for e in page] == ["before"]
+    finally:
         slow_tx.commit()
+        slow.close()
+    writer.join(timeout=10)
+    assert done.is_set()
     with committed.connect() as reader:
         page, _ = store.list_events(reader, limit=10)
-    assert [e["event_id"] for e in page] == ["slow", "fast"]
+    assert [e["event_id"] for e in page] == ["before", "slow", "fast"]
+
+
+def test_an_open_transaction_elsewhere_holds_nothing_back(
+    committed: Engine, pg_server_url: str
+) -> None:
+    """A write transaction left open in another database used to freeze /events."""
+    other = make_engine(pg_server_url)  # the server's "postgres" database
+    idle = other.connect()
+    idle_tx = idle.begin()
+    try:
+        idle.execute(text("CREATE TEMP TABLE held (x int)"))
+        idle.execute(text("INSERT INTO held VALUES (1)"))  # an xid, kept open
+        with committed.begin() as conn:
+            store.store_batch(conn, "b", [row("visible")])
+        with committed.connect() as reader:
+            page, _ = store.list_events(reader, limit=10)
+        assert [e["event_id"] for e in page] == ["visible"]
+    finally:
+        idle_tx.rollback()
+        idle.close()
+        other.dispose()
 
 
 def ledger_matches_rows(conn: Connection) -> None:
