@@ -130,7 +130,9 @@ def init_auth(app: Flask, client: redis.Redis, settings: Settings) -> None:
         tokens = _Tokens(settings.api_tokens)
         failures = None
         if settings.auth_failure_limit:
-            failures = RateBudget.from_notation(client, settings.auth_failure_limit)
+            failures = RateBudget.from_notation(
+                client, settings.auth_failure_limit, name="auth-failures"
+            )
             failures.start_syncing()
         app.before_request(lambda: _authenticate(tokens, failures))
     elif settings.auth_disabled:
@@ -142,7 +144,7 @@ def init_auth(app: Flask, client: redis.Redis, settings: Settings) -> None:
         )
     if settings.rate_limit:
         # One budget per client across endpoints and processes (app.ratelimit).
-        budget = RateBudget.from_notation(client, settings.rate_limit)
+        budget = RateBudget.from_notation(client, settings.rate_limit, name="requests")
         budget.start_syncing()
         app.extensions["rate_budget"] = budget
         app.before_request(lambda: _check_rate(budget))

@@ -12,7 +12,7 @@ requests over a one-second window), checking costs a dictionary lookup instead
 of the two round trips Flask-Limiter made per request, and no request ever
 waits for Redis here: a stalled or lost Redis only stops the sharing.
 
-Owns the Redis keys `aggregator:rate:<client>:<window start>`.
+Owns the Redis keys `aggregator:rate:<budget name>:<client>:<window start>`.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ class RateBudget:
         period: int,
         sync_interval: float = 0.05,
         clock: Callable[[], float] = time.time,
+        name: str = "budget",
     ) -> None:
         self._redis = client
+        self._key_prefix = f"{KEY_PREFIX}{name}:"
         self.amount = amount
         self.period = period
         self._sync_interval = sync_interval
@@ -60,10 +62,10 @@ class RateBudget:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_notation(cls, client: redis.Redis, notation: str, **options: float) -> RateBudget:
+    def from_notation(cls, client: redis.Redis, notation: str, name: str) -> RateBudget:
         """Build from a rate such as "5000 per second" or "5 per 2 seconds"."""
         item = parse(notation)
-        return cls(client, item.amount, item.get_expiry(), **options)  # type: ignore[arg-type]
+        return cls(client, item.amount, item.get_expiry(), name=name)
 
     def charge(self, client_id: str, cost: int = 1) -> float | None:
         """Spend `cost` of the client's budget; return None, or seconds to wait when refused.
@@ -111,7 +113,7 @@ class RateBudget:
             return
         pipe = self._redis.pipeline(transaction=False)
         for client_id, _, unsent in active:
-            key = f"{KEY_PREFIX}{client_id}:{start}"
+            key = f"{self._key_prefix}{client_id}:{start}"
             pipe.incrby(key, unsent)
             pipe.expire(key, self.period + 1)
         try:

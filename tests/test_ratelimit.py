@@ -53,7 +53,7 @@ def test_processes_share_one_budget_through_redis(quiet_broker: redis.Redis) -> 
     first.sync()  # sends its 1, learns 11
     assert first.charge("a") is not None
     assert second.charge("a") is not None
-    assert int(quiet_broker.get(f"{KEY_PREFIX}a:1000000")) == 11  # type: ignore[arg-type]
+    assert int(quiet_broker.get(f"{KEY_PREFIX}budget:a:1000000")) == 11  # type: ignore[arg-type]
 
 
 def test_a_sync_under_way_still_counts_what_it_carries(quiet_broker: redis.Redis) -> None:
@@ -67,7 +67,7 @@ def test_a_sync_under_way_still_counts_what_it_carries(quiet_broker: redis.Redis
     assert limiter.charge("a") is not None
     limiter._redis = quiet_broker
     limiter.sync()
-    assert int(quiet_broker.get(f"{KEY_PREFIX}a:1000000")) == 3  # type: ignore[arg-type]
+    assert int(quiet_broker.get(f"{KEY_PREFIX}budget:a:1000000")) == 3  # type: ignore[arg-type]
 
 
 def test_within_a_sync_interval_a_process_admits_no_more_than_the_budget(
@@ -96,7 +96,7 @@ def test_keys_expire_with_their_window(quiet_broker: redis.Redis) -> None:
     limiter = budget(quiet_broker, clock, amount=10, period=5)
     limiter.charge("a")
     limiter.sync()
-    key = f"{KEY_PREFIX}a:{int(clock.now // 5) * 5}"
+    key = f"{KEY_PREFIX}budget:a:{int(clock.now // 5) * 5}"
     assert 0 < quiet_broker.ttl(key) <= 6
 
 
@@ -115,4 +115,4 @@ def test_the_background_thread_shares_the_budget(quiet_broker: redis.Redis) -> N
     limiter.start_syncing()
     limiter.charge("bg", cost=5)
     window = int(time.time() // 60) * 60
-    wait_until(lambda: quiet_broker.get(f"{KEY_PREFIX}bg:{window}") == b"5", timeout=5)
+    wait_until(lambda: quiet_broker.get(f"{KEY_PREFIX}budget:bg:{window}") == b"5", timeout=5)
