@@ -29,6 +29,8 @@ import psycopg2
 import urllib3
 
 from app.store import encode_cursor
+from bench.harness import ProcessGroup
+from bench.harness import RssSampler
 from bench.harness import app_tables
 from bench.harness import bench_services
 from bench.harness import code_digest
@@ -71,8 +73,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--topics", type=int, default=100, help="distinct topics (default 100)")
     add("--requests", type=int, default=2000, help="timed requests per case (default 2000)")
     add("--warmup", type=int, default=200, help="untimed requests per case first (default 200)")
-    add("--api-workers", type=int, default=3, help="gunicorn worker processes (default 3)")
+    add("--api-workers", type=int, default=2, help="gunicorn worker processes (default 2)")
     add("--seed", type=int, default=1, help="seed for topics and cursor positions")
+    add(
+        "--export-rows",
+        type=int,
+        default=1_000_000,
+        help="events streamed by the NDJSON export case (0 skips it; default 1,000,000)",
+    )
     add("--json", type=Path, default=None, help="default bench/results/reads-<timestamp>.json")
     args = parser.parse_args(argv)
     if args.rows < ROWS_PER_TXID or args.topics < 1 or args.requests < 1 or args.warmup < 0:
@@ -310,6 +318,37 @@ def time_case(base_url: str, paths: list[str], warmup: int) -> dict[str, Any]:
     }
 
 
+def time_export(base_url: str, api_pid: int, rows: int, export_rows: int) -> dict[str, Any]:
+    """Stream the last export_rows events as NDJSON; return rate and the API's RSS growth."""
+    start = max(0, rows - export_rows)
+    query = f"?cursor={encode_cursor(start)}" if start else ""
+    group = ProcessGroup("api", api_pid)
+    pool = urllib3.PoolManager(maxsize=1)
+    with RssSampler([group]) as sampler:
+        before = group.rss()
+        started = time.perf_counter()
+        response = pool.request(
+            "GET",
+            f"{base_url}/events{query}",
+            headers={**HEADERS, "Accept": "application/x-ndjson"},
+            preload_content=False,
+            timeout=600.0,
+        )
+        lines = 0
+        for chunk in response.stream(1 << 20):
+            lines += chunk.count(b"\n")
+        elapsed = time.perf_counter() - started
+        response.release_conn()
+    pool.clear()
+    return {
+        "rows": lines,
+        "seconds": round(elapsed, 2),
+        "rows_per_second": round(lines / elapsed, 1) if elapsed else None,
+        "api_rss_before_mb": round(before / 2**20, 1),
+        "api_rss_peak_mb": round(sampler.peaks["api"] / 2**20, 1),
+    }
+
+
 def render(document: dict[str, Any]) -> str:
     """Render the result document as text tables."""
     filled = document["fill"]
@@ -360,6 +399,23 @@ def render(document: dict[str, Any]) -> str:
     headers = ["case", "requests", "p50 ms", "p99 ms", "max ms", "req/s", "rows/page", "errors"]
     title = f"Sequential reads over loopback, {filled['rows']:,} events, limit=100"
     out.append(table(title, headers, rows))
+    if "export" in document:
+        export = document["export"]
+        out.append(
+            table(
+                "NDJSON export (Accept: application/x-ndjson), one request",
+                ["rows", "seconds", "rows/s", "API RSS before MB", "API RSS peak MB"],
+                [
+                    [
+                        fmt(export["rows"]),
+                        f"{export['seconds']:.1f}",
+                        fmt(export["rows_per_second"]),
+                        fmt(export["api_rss_before_mb"], 1),
+                        fmt(export["api_rss_peak_mb"], 1),
+                    ]
+                ],
+            )
+        )
     return "\n".join(out)
 
 
@@ -401,7 +457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case, paths in cases.items():
             log(f"timing {case}: {args.warmup} warm-up + {args.requests} requests")
             document["cases"][case] = time_case(api.url, paths, args.warmup)
-        failed = any(result["errors"] for result in document["cases"].values())
+        if args.export_rows:
+            log(f"export: the last {min(args.export_rows, args.rows):,} events as NDJSON")
+            document["export"] = time_export(
+                api.url, api.executor.process.pid, args.rows, args.export_rows
+            )
+            failed_export = document["export"]["rows"] != min(args.export_rows, args.rows)
+        else:
+            failed_export = False
+        failed = failed_export or any(r["errors"] for r in document["cases"].values())
         if failed:
             print(log_tail(api.log), file=sys.stderr)
     finish(document, "reads", args.json, render)

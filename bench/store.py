@@ -2,6 +2,7 @@
 
     python -m bench.store                      # batches of 1 and 500, 10% duplicates
     python -m bench.store --sizes 1,10 --batches 2000
+    python -m bench.store --payload-gin        # with the optional GIN index on payload
 
 For each batch size: batches per second, and per batch the wall time and this
 process's CPU (SQLAlchemy and psycopg2) and PostgreSQL's CPU (its backend). One
@@ -27,6 +28,7 @@ from bench.harness import bench_services
 from bench.harness import log
 from bench.harness import migrate
 from bench.harness import scratch_dir
+from scripts.stack import ROOT
 
 
 def _sizes(raw: str) -> list[int]:
@@ -83,15 +85,35 @@ def measure(database_url: str, size: int, batches: int) -> dict[str, float]:
     }
 
 
+def create_payload_gin(database_url: str) -> None:
+    """Run deploy/sql/payload_gin.sql (CREATE INDEX CONCURRENTLY: outside a transaction)."""
+    sql = (ROOT / "deploy" / "sql" / "payload_gin.sql").read_text()
+    statement = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
+    engine = make_engine(database_url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the measurement and print one table row per batch size."""
     parser = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__)
     parser.add_argument("--sizes", type=_sizes, default=[1, 500])
     parser.add_argument("--batches", type=int, default=1000, help="batches per size")
+    parser.add_argument(
+        "--payload-gin",
+        action="store_true",
+        help="create the optional GIN index of deploy/sql/payload_gin.sql first",
+    )
     args = parser.parse_args(argv)
     with scratch_dir("agg-bench-store-") as base:
         with bench_services(Path(base), durable=True, redis_aof=False) as services:
             migrate(services.database_url)
+            if args.payload_gin:
+                create_payload_gin(services.database_url)
+                log("with the optional GIN index on events.payload")
             rows = []
             for size in args.sizes:
                 count = max(20, args.batches // max(1, size // 10))

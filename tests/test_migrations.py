@@ -14,6 +14,7 @@ from sqlalchemy import text
 from app.db import make_engine
 from scripts.services import create_database
 from scripts.services import drop_database
+from scripts.stack import ROOT
 from tests.helpers import alembic_config
 
 
@@ -133,5 +134,24 @@ def test_positions_follow_the_old_txid_order_and_continue_from_it(empty_database
             )
             order = conn.execute(text("SELECT event_id FROM events ORDER BY position")).scalars()
             assert list(order) == ["a", "b", "c", "d"]
+    finally:
+        engine.dispose()
+
+
+def test_the_optional_payload_index_applies_to_a_migrated_database(empty_database: str) -> None:
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as conn:
+            config = alembic_config(empty_database)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+        sql = (ROOT / "deploy" / "sql" / "payload_gin.sql").read_text()
+        statement = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(statement))
+            conn.execute(text(statement))  # IF NOT EXISTS: safe to run again
+        with engine.connect() as conn:
+            indexes = {i["name"] for i in inspect(conn).get_indexes("events")}
+        assert "ix_events_payload_gin" in indexes
     finally:
         engine.dispose()

@@ -1,0 +1,13 @@
+-- Optional: a GIN index for GET /events?topic=...&payload={...} (JSONB @>).
+--
+-- Without it the filter reads the topic's rows through (topic, position) and checks
+-- each payload: fine while a topic's rows are few or the filter matches often.
+-- With it PostgreSQL can find matching payloads directly, at a cost on every insert
+-- (measured in README, "Reading the log"; `python -m bench.store --payload-gin`).
+-- Create it when payload filters on large topics are frequent. It is built
+-- without blocking writers; run it outside a transaction:
+--
+--   psql "$DATABASE_URL" -f deploy/sql/payload_gin.sql
+--
+-- and drop it with DROP INDEX CONCURRENTLY ix_events_payload_gin.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_events_payload_gin ON events USING gin (payload jsonb_path_ops);
