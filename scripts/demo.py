@@ -1,8 +1,10 @@
 """The main job end to end: services, migrations, API, worker, Flower, a verified publish, /stats.
 
 Run through scripts/demo.sh, which prepares the venv first. Arguments are passed
-to the publisher (e.g. `--batch-size 1 --concurrency 50`). Everything started
-here is stopped at the end; data stays in .local/ for the next run.
+to the publisher (e.g. `--batch-size 1 --concurrency 50`), except
+`--keep-running`: then API, worker and Flower stay up after the publish, with
+their URLs and credentials printed, until Ctrl-C. Everything started here is
+stopped at the end; data stays in .local/ for the next run.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from contextlib import ExitStack
 
@@ -30,8 +34,21 @@ def banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(3600):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
 def main(argv: list[str]) -> int:
     """Run the demo and return the publisher's exit code."""
+    keep_running = "--keep-running" in argv
+    argv = [arg for arg in argv if arg != "--keep-running"]
     logs = STATE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -83,6 +100,13 @@ def main(argv: list[str]) -> int:
         with urllib.request.urlopen(request, timeout=10) as response:
             print(json.dumps(json.load(response), indent=2, sort_keys=True))
 
+        if keep_running:
+            banner("running until Ctrl-C")
+            print(f"API     {api.url}   docs {api.url}/docs")
+            print(f"Token   {token}   (every scope)")
+            print(f"Flower  {flower.url}   user admin, password {flower_password}")
+            print(f"Logs    {logs}")
+            wait_for_interrupt()
         banner("stopping what this run started")
     return published.returncode
 
