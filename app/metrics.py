@@ -7,6 +7,7 @@ every Celery process that shares the directory.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.broker_log import loss_summary
 from app.store import read_totals
+from tasks.acceptance import backlog_age
 from tasks.acceptance import depth
 from tasks.acceptance import persistence
 
@@ -76,6 +78,7 @@ class StatsCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # Each source on its own: the broker's backlog matters most exactly while
         # the database is down, so one source failing must not fail the scrape.
+        yield build_info()
         up = GaugeMetricFamily(
             "aggregator_dependency_up", "Whether a scrape could read it.", labels=["dependency"]
         )
@@ -128,7 +131,25 @@ class StatsCollector(Collector):
             labels=["appendfsync"],
         )
         mode.add_metric([persistence(self._client)], 1)
-        return [queue, marks, mode]
+        lag = GaugeMetricFamily(
+            "aggregator_backlog_age_seconds",
+            "Age of the oldest batch accepted (202) and not yet stored: the pipeline's lag.",
+        )
+        lag.add_metric([], backlog_age(self._client))
+        return [queue, marks, mode, lag]
+
+
+def build_info() -> GaugeMetricFamily:
+    """aggregator_build_info{version} 1, so dashboards can tell deployments apart."""
+    try:
+        version = importlib.metadata.version("log-aggregator")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    info = GaugeMetricFamily(
+        "aggregator_build_info", "The running version (always 1).", labels=["version"]
+    )
+    info.add_metric([version], 1)
+    return info
 
 
 def _registry() -> CollectorRegistry:

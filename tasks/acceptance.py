@@ -25,6 +25,7 @@ from tasks.pending import IdempotencyRecord
 from tasks.pending import QueueDepth
 from tasks.pending import Scripts
 from tasks.pending import idempotency_key
+from tasks.pending import oldest_pending_age
 from tasks.pending import queue_depth
 from tasks.pending import read_pending
 
@@ -207,6 +208,11 @@ def queued_batches(client: redis.Redis) -> dict[str, int]:
 def depth(client: redis.Redis) -> QueueDepth:
     """Return the broker's queue depth (messages ready, held, batches pending)."""
     return queue_depth(client)
+
+
+def backlog_age(client: redis.Redis) -> float:
+    """Seconds the oldest accepted, not yet stored batch has waited (0 when none): the lag."""
+    return oldest_pending_age(client)
 
 
 def persistence(client: redis.Redis) -> str:

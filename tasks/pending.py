@@ -278,6 +278,12 @@ def read_pending(client: redis.Redis) -> dict[str, int]:
     return {key.decode(): int(value) for key, value in client.hgetall(PENDING_KEY).items()}
 
 
+def oldest_pending_age(client: redis.Redis) -> float:
+    """Seconds since the oldest pending batch was (last) put on the queue; 0 when none."""
+    oldest = client.zrange(SENT_KEY, 0, 0, withscores=True)
+    return max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
+
+
 def overdue(client: redis.Redis, older_than: float) -> list[str]:
     """Return the pending batches last put on the queue more than older_than seconds ago."""
     ids = client.zrangebyscore(SENT_KEY, "-inf", time.time() - older_than)

@@ -276,3 +276,10 @@ def test_interactive_docs_are_served_from_local_assets_without_a_token(url: str)
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert spec["security"] == [{"bearerAuth": []}]
     assert spec["paths"]["/health"]["get"]["security"] == []
+
+
+def test_metrics_carry_the_build_and_the_lag(url: str) -> None:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    assert re.search(r'^aggregator_build_info\{version="[^"]+"\} 1\.0$', text, re.M), text
+    lag = re.search(r"^aggregator_backlog_age_seconds (\S+)$", text, re.M)
+    assert lag is not None and float(lag.group(1)) >= 0
