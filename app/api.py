@@ -100,6 +100,11 @@ def documented_only(*decorators: Callable[[View], View]) -> Callable[[View], Vie
     return decorate
 
 
+def operation(blueprint: Blueprint, operation_id: str) -> Callable[[View], View]:
+    """Give a view a stable operationId in the OpenAPI document (for generated clients)."""
+    return documented_only(blueprint.doc(operationId=operation_id))
+
+
 def documents_errors(*codes: int) -> Callable[[View], View]:
     """Document the error responses a view can give, all in the one error shape."""
     return documented_only(
@@ -191,9 +196,8 @@ PUBLISH_BODY = {
 }
 
 
-@events_blp.route("/publish", methods=["POST"])
-@events_blp.route("/publish/batch", methods=["POST"], endpoint="publish_batch")
-@documented_only(
+# The publish endpoints' documentation, applied to both views without wrappers.
+PUBLISH_DOCS = documented_only(
     events_blp.doc(requestBody=PUBLISH_BODY),
     events_blp.doc(
         parameters=[
@@ -210,8 +214,13 @@ PUBLISH_BODY = {
     events_blp.response(
         202, AcceptedSchema, description="The whole batch is durably on the queue, counted once."
     ),
+    documents_errors(400, 401, 403, 408, 413, 415, 422, 429, 503),
 )
-@documents_errors(400, 401, 403, 408, 413, 415, 422, 429, 503)
+
+
+@events_blp.route("/publish", methods=["POST"])
+@PUBLISH_DOCS
+@operation(events_blp, "publishEvents")
 def publish_events() -> Response:
     """Accept one event or an array of up to 1,000, as one queued batch."""
     # The hot path: answered without flask-smorest's wrappers (documented above).
@@ -234,6 +243,14 @@ def publish_events() -> Response:
     return Response(orjson.dumps(answer), 202, headers, mimetype="application/json")
 
 
+@events_blp.route("/publish/batch", methods=["POST"])
+@PUBLISH_DOCS
+@operation(events_blp, "publishBatch")
+def publish_batch() -> Response:
+    """The same as POST /publish (kept for clients of the original design)."""
+    return publish_events()
+
+
 NDJSON = "application/x-ndjson"
 # How often a waiting follower looks for new events: they show within this
 # (plus the time until no older transaction is still open).
@@ -249,6 +266,7 @@ FOLLOW_POLL_SECONDS = 0.2
     " from the cursor on, one JSON object per line, each with its own `cursor` to resume from.",
 )
 @documents_errors(401, 403, 422, 429, 503)
+@operation(events_blp, "listEvents")
 def list_events(
     limit: int, wait: int, cursor: str | None = None, **filters: Any
 ) -> dict[str, Any] | Response:
@@ -328,6 +346,7 @@ def reject_unknown_query_parameters() -> None:
 @stats_blp.route("/stats", methods=["GET"])
 @stats_blp.response(200, StatsSchema)
 @documents_errors(401, 403, 429, 503)
+@operation(stats_blp, "getStats")
 def stats() -> dict[str, Any]:
     """Return exact counters of everything received, stored, dropped and queued."""
     return collect_stats(_engine(), _redis(), current_app.extensions["started_at"])
@@ -337,6 +356,7 @@ def stats() -> dict[str, Any]:
 @stats_blp.arguments(TopicQuerySchema, location="query", as_kwargs=True, unknown=RAISE)
 @stats_blp.response(200, TopicPageSchema)
 @documents_errors(401, 403, 422, 429, 503)
+@operation(stats_blp, "listTopicStats")
 def topic_stats(limit: int, cursor: str | None = None, prefix: str | None = None) -> dict[str, Any]:
     """Return per-topic counters, a page at a time, optionally only topics with a prefix."""
     after = _decode_topic_cursor(cursor) if cursor is not None else None
@@ -359,6 +379,7 @@ def _decode_topic_cursor(cursor: str) -> str:
 @dead_letters_blp.route("/dead-letters", methods=["GET"])
 @dead_letters_blp.response(200, DeadLetterSchema(many=True))
 @documents_errors(401, 403, 429, 503)
+@operation(dead_letters_blp, "listDeadLetters")
 def dead_letters() -> list[dict[str, Any]]:
     """Return the newest events the database refused, with the reason."""
     with _engine().connect() as conn:
@@ -368,6 +389,7 @@ def dead_letters() -> list[dict[str, Any]]:
 @dead_letters_blp.route("/dead-letters/<int:letter_id>/replay", methods=["POST"])
 @dead_letters_blp.response(200, ReplayResultSchema)
 @documents_errors(401, 403, 404, 422, 429, 503)
+@operation(dead_letters_blp, "replayDeadLetter")
 def replay_dead_letter(letter_id: int) -> dict[str, Any]:
     """Store a dead-lettered event again, after the cause was fixed."""
     try:
@@ -383,6 +405,7 @@ def replay_dead_letter(letter_id: int) -> dict[str, Any]:
 @health_blp.route("/health", methods=["GET"])
 @health_blp.doc(security=[])
 @health_blp.response(200, HealthSchema)
+@operation(health_blp, "health")
 def health() -> dict[str, str]:
     """Say the process is alive."""
     return {"status": "ok"}
@@ -397,6 +420,7 @@ def health() -> dict[str, str]:
     description="Not ready: a dependency is down, or a loss of broker data awaits"
     " acknowledgement; `checks` says which. See Retry-After.",
 )
+@operation(health_blp, "ready")
 def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
     """Check the database and the broker, and that no loss of broker data awaits acknowledgement."""
     checks = {"database": "ok", "broker": "ok", "broker_data_loss": "none"}
@@ -436,6 +460,7 @@ def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
 @broker_blp.route("/broker/data-loss", methods=["GET"])
 @broker_blp.response(200, BrokerLossSchema(many=True))
 @documents_errors(401, 403, 429, 503)
+@operation(broker_blp, "listBrokerDataLoss")
 def broker_data_loss() -> list[dict[str, Any]]:
     """List every detected loss of broker data, newest first."""
     with _engine().connect() as conn:
@@ -445,6 +470,7 @@ def broker_data_loss() -> list[dict[str, Any]]:
 @broker_blp.route("/broker/data-loss/acknowledge", methods=["POST"])
 @broker_blp.response(200, AcknowledgedSchema)
 @documents_errors(401, 403, 429, 503)
+@operation(broker_blp, "acknowledgeBrokerDataLoss")
 def acknowledge_broker_data_loss() -> dict[str, int]:
     """Acknowledge detected losses of broker data, so /ready reports ready again."""
     with _engine().begin() as conn:

@@ -103,7 +103,10 @@ class EventSchema(Schema):
     timestamp = UtcDateTime(
         required=True,
         format="iso",
-        metadata={"description": "ISO-8601 date-time with a UTC offset."},
+        metadata={
+            "description": "ISO-8601 date-time with a UTC offset.",
+            "example": "2026-12-02T10:00:00Z",
+        },
     )
     source = Text(metadata={"example": "checkout-service"})
     # JSON object keys are strings already: no key field to run per key.
@@ -111,7 +114,8 @@ class EventSchema(Schema):
         required=True,
         metadata={
             "description": f"JSON object: at most {MAX_PAYLOAD_BYTES} bytes serialized, "
-            f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string."
+            f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string.",
+            "example": {"user": "u1", "total": 42},
         },
     )
 

@@ -283,3 +283,20 @@ def test_metrics_carry_the_build_and_the_lag(url: str) -> None:
     assert re.search(r'^aggregator_build_info\{version="[^"]+"\} 1\.0$', text, re.M), text
     lag = re.search(r"^aggregator_backlog_age_seconds (\S+)$", text, re.M)
     assert lag is not None and float(lag.group(1)) >= 0
+
+
+def test_every_operation_has_a_unique_id_and_every_event_field_an_example(url: str) -> None:
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    ids = [
+        operation["operationId"]
+        for operations in spec["paths"].values()
+        for operation in operations.values()
+        if isinstance(operation, dict)
+    ]
+    assert (
+        len(ids)
+        == len(set(ids))
+        == sum(1 for ops in spec["paths"].values() for op in ops.values() if isinstance(op, dict))
+    )
+    event = spec["components"]["schemas"]["Event"]["properties"]
+    assert all("example" in field for field in event.values()), event
