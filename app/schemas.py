@@ -123,7 +123,9 @@ class EventSchema(Schema):
 class EventOutSchema(EventSchema):
     """A stored event as /events returns it."""
 
-    stored_at = fields.AwareDateTime(required=True, format="iso")
+    stored_at = fields.AwareDateTime(
+        required=True, format="iso", metadata={"example": "2026-12-02T10:00:01.234567+00:00"}
+    )
 
 
 class JsonObjectText(fields.String):
@@ -182,13 +184,17 @@ class EventPageSchema(Schema):
     """A page of events and the cursor of the next one."""
 
     events = fields.List(fields.Nested(EventOutSchema), required=True)
-    next_cursor = fields.String(required=True, allow_none=True)
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"example": "cDky", "description": "null at the end of the log"},
+    )
 
 
 class AcceptedSchema(Schema):
     """Answer to an accepted publish."""
 
-    accepted = fields.Integer(required=True)
+    accepted = fields.Integer(required=True, metadata={"example": 1})
     batch_id = fields.String(
         required=True, metadata={"description": "The task carrying the events; workers log it."}
     )
@@ -225,18 +231,18 @@ def load_events(body: Any, *, max_batch: int = MAX_BATCH) -> list[dict[str, Any]
 class ErrorBodySchema(Schema):
     """The one error shape: code, status, message and, for bad input, errors per field."""
 
-    code = fields.Integer(required=True)
-    status = fields.String(required=True)
-    message = fields.String(required=True)
+    code = fields.Integer(required=True, metadata={"example": 422})
+    status = fields.String(required=True, metadata={"example": "Unprocessable Entity"})
+    message = fields.String(required=True, metadata={"example": "invalid input"})
     errors = fields.Dict(metadata={"description": "Messages per field (per array index)."})
 
 
 class TopicStatsSchema(Schema):
     """Counters of one topic."""
 
-    stored = fields.Integer(required=True)
-    duplicates = fields.Integer(required=True)
-    failed = fields.Integer(required=True)
+    stored = fields.Integer(required=True, metadata={"example": 120})
+    duplicates = fields.Integer(required=True, metadata={"example": 4})
+    failed = fields.Integer(required=True, metadata={"example": 0})
 
 
 class BrokerDataLossSchema(Schema):
@@ -258,12 +264,12 @@ class BrokerDataLossSchema(Schema):
 class StatsSchema(Schema):
     """Counters that add up: received = stored + duplicates + failed + queued."""
 
-    total_received_queued = fields.Integer(required=True)
-    unique_processed_db = fields.Integer(required=True)
-    estimated_duplicate_dropped = fields.Integer(required=True)
-    failed_events = fields.Integer(required=True)
-    queued_events = fields.Integer(required=True)
-    uptime_seconds = fields.Float(required=True)
+    total_received_queued = fields.Integer(required=True, metadata={"example": 104})
+    unique_processed_db = fields.Integer(required=True, metadata={"example": 93})
+    estimated_duplicate_dropped = fields.Integer(required=True, metadata={"example": 11})
+    failed_events = fields.Integer(required=True, metadata={"example": 0})
+    queued_events = fields.Integer(required=True, metadata={"example": 0})
+    uptime_seconds = fields.Float(required=True, metadata={"example": 7.9})
     broker_data_loss = fields.Nested(BrokerDataLossSchema, required=True)
 
 
@@ -284,14 +290,16 @@ class TopicQuerySchema(Schema):
 class TopicCountersSchema(TopicStatsSchema):
     """One topic's counters."""
 
-    topic = fields.String(required=True)
+    topic = fields.String(required=True, metadata={"example": "orders.eu"})
 
 
 class TopicPageSchema(Schema):
     """A page of topics in code-point order, and the cursor of the next page."""
 
     topics = fields.List(fields.Nested(TopicCountersSchema), required=True)
-    next_cursor = fields.String(required=True, allow_none=True)
+    next_cursor = fields.String(
+        required=True, allow_none=True, metadata={"example": "b3JkZXJzLnVz"}
+    )
 
 
 class DeadLetterSchema(Schema):
