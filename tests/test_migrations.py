@@ -16,6 +16,7 @@ from scripts.services import create_database
 from scripts.services import drop_database
 from scripts.stack import ROOT
 from tests.helpers import alembic_config
+from tests.helpers import migrate
 
 
 @pytest.fixture
@@ -81,20 +82,17 @@ def test_models_match_migrations(database_url: str) -> None:
 
 
 def test_counter_totals_start_from_the_existing_topic_counters(empty_database: str) -> None:
+    migrate(empty_database, "0003")
     engine = make_engine(empty_database)
     try:
-        for revision in ("0003", "head"):
-            with engine.begin() as conn:
-                config = alembic_config(empty_database)
-                config.attributes["connection"] = conn
-                command.upgrade(config, revision)
-                if revision == "0003":
-                    conn.execute(
-                        text(
-                            "INSERT INTO topic_stats (topic, received, stored, duplicates, failed)"
-                            " VALUES ('a', 10, 7, 2, 1), ('b', 5, 5, 0, 0)"
-                        )
-                    )
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO topic_stats (topic, received, stored, duplicates, failed)"
+                    " VALUES ('a', 10, 7, 2, 1), ('b', 5, 5, 0, 0)"
+                )
+            )
+        migrate(empty_database)
         with engine.connect() as conn:
             totals = conn.execute(
                 text(
@@ -108,23 +106,20 @@ def test_counter_totals_start_from_the_existing_topic_counters(empty_database: s
 
 
 def test_positions_follow_the_old_txid_order_and_continue_from_it(empty_database: str) -> None:
+    migrate(empty_database, "0004")
     engine = make_engine(empty_database)
     try:
-        for revision in ("0004", "head"):
-            with engine.begin() as conn:
-                config = alembic_config(empty_database)
-                config.attributes["connection"] = conn
-                command.upgrade(config, revision)
-                if revision == "0004":
-                    # Ids out of txid order, as concurrent writers leave them.
-                    for event_id, txid in (("c", 30), ("a", 10), ("b", 20)):
-                        conn.execute(
-                            text(
-                                "INSERT INTO events (topic, event_id, timestamp, source,"
-                                " payload, txid) VALUES ('t', :e, now(), 's', '{}', :x)"
-                            ),
-                            {"e": event_id, "x": txid},
-                        )
+        with engine.begin() as conn:
+            # Ids out of txid order, as concurrent writers leave them.
+            for event_id, txid in (("c", 30), ("a", 10), ("b", 20)):
+                conn.execute(
+                    text(
+                        "INSERT INTO events (topic, event_id, timestamp, source, payload, txid)"
+                        " VALUES ('t', :e, now(), 's', '{}', :x)"
+                    ),
+                    {"e": event_id, "x": txid},
+                )
+        migrate(empty_database)
         with engine.begin() as conn:
             conn.execute(
                 text(
@@ -139,12 +134,9 @@ def test_positions_follow_the_old_txid_order_and_continue_from_it(empty_database
 
 
 def test_the_optional_payload_index_applies_to_a_migrated_database(empty_database: str) -> None:
+    migrate(empty_database)
     engine = make_engine(empty_database)
     try:
-        with engine.begin() as conn:
-            config = alembic_config(empty_database)
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
         sql = (ROOT / "deploy" / "sql" / "payload_gin.sql").read_text()
         statement = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
