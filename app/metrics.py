@@ -98,11 +98,19 @@ class StatsCollector(Collector):
         with self._engine.connect() as conn:
             totals = read_totals(conn)
             losses = loss_summary(conn)
-        events = GaugeMetricFamily(
-            "aggregator_events", "Events processed, by outcome (exact).", labels=["outcome"]
+        # Disjoint outcomes, so sum() is what was processed. "failed" drops by one
+        # when a dead letter is replayed (it moves to stored or duplicate).
+        events = CounterMetricFamily(
+            "aggregator_events",
+            "Events processed, by outcome (exact, from the ledger; disjoint).",
+            labels=["outcome"],
         )
-        for outcome in ("received", "stored", "duplicates", "failed"):
-            events.add_metric([outcome], getattr(totals, outcome))
+        for outcome, total in (
+            ("stored", totals.stored),
+            ("duplicate", totals.duplicates),
+            ("failed", totals.failed),
+        ):
+            events.add_metric([outcome], total)
         lost = CounterMetricFamily(
             "aggregator_broker_data_loss",
             "Losses of broker data detected (flushed, replaced, or restored from an older copy).",

@@ -292,8 +292,9 @@ def test_metrics_add_up_across_processes(url: str) -> None:
         for line in body.splitlines()
         if line and not line.startswith("#")
     }
-    assert samples['aggregator_events{outcome="stored"}'] == 30
-    assert samples['aggregator_events{outcome="duplicates"}'] == 1
+    assert samples['aggregator_events_total{outcome="stored"}'] == 30
+    assert samples['aggregator_events_total{outcome="duplicate"}'] == 1
+    assert samples['aggregator_events_total{outcome="failed"}'] == 0
     assert samples['aggregator_broker_messages{state="ready"}'] == 0
     # Written by the Celery worker processes, read by the API through the shared directory.
     assert samples["aggregator_task_duration_seconds_count"] >= 2
