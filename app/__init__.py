@@ -5,13 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-import redis
 from flask import Flask
 from flask import Response
 from flask import send_from_directory
 from flask_smorest import Api
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -24,15 +21,6 @@ DOCS_ASSETS = "/docs/assets"
 
 def _docs_asset(filename: str) -> Response:
     return send_from_directory(swagger_ui_path, filename, max_age=3600)
-
-
-def _redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.broker_timeout,
-        socket_connect_timeout=settings.broker_timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -69,12 +57,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Gunicorn runs this factory in each worker after the fork, so every
     # process gets its own pool; nothing connects until the first request.
     app.extensions["engine"] = make_engine(settings.database_url, pool_size=settings.pool_size)
+    # Imported here: tasks imports app.config, so a module-level import would be circular.
+    from tasks import make_redis
+
     # No quiet retries: redis-py's default would stretch a stall into seconds;
     # the client retries instead, with its idempotency key.
-    app.extensions["redis"] = _redis_client(settings)
+    app.extensions["redis"] = make_redis(settings)
     # The rate limiter's background sync has its own connections, so it never
     # holds one that an acceptance is waiting for.
-    app.extensions["redis_limits"] = _redis_client(settings)
+    app.extensions["redis_limits"] = make_redis(settings)
     app.extensions["started_at"] = time.monotonic()
     app.config["GROUP_COMMIT_BELOW"] = settings.group_commit_below
 
