@@ -12,9 +12,14 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python scripts/fetch_pip.py
   fi
 fi
-# Reinstall only when pyproject.toml changed since the last install.
-if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-  touch .venv/.installed
+# Install exactly what requirements-dev.lock pins (scripts/lock.sh writes it), every file
+# checked against its hash, then the project itself without touching those pins. Skip
+# both when the lock and pyproject.toml are what the last install used.
+stamp="$(cat requirements-dev.lock pyproject.toml | sha256sum)"
+if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
+  pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+  "${pip[@]}" --require-hashes -r requirements-dev.lock
+  "${pip[@]}" --no-deps -e .
+  echo "$stamp" > .venv/.installed
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
