@@ -62,9 +62,10 @@ from bench.harness import write_json
 from bench.profiling import py_spy
 from bench.profiling import summarise
 from publisher.cli import end_to_end_rate
-from publisher.client import PublishConfig
-from publisher.client import publish
+from publisher.client import Client
 from publisher.events import plan_events
+from publisher.events import run_prefix
+from publisher.events import run_topics
 from publisher.verify import wait_and_verify
 from scripts.stack import Api
 from scripts.stack import Worker
@@ -359,19 +360,12 @@ def run_workload(
     settle_timeout: float,
 ) -> dict[str, Any]:
     """Publish one workload, wait until /stats settles, and account time, CPU and memory."""
-    config = PublishConfig(
-        url=url,
-        count=events,
-        duplicate_ratio=duplicates,
-        batch_size=workload.batch_size,
-        concurrency=workload.concurrency,
-        progress=False,
-        token=BENCH_TOKEN,
-    )
+    planned = plan_events(events, duplicates, run_topics(run_prefix(), 4), "publisher")
+    client = Client(url, BENCH_TOKEN, concurrency=workload.concurrency)
     before = {group.name: group.cpu() for group in groups}
-    with RssSampler(groups) as sampler:
-        summary = publish(config)
-        verify = wait_and_verify(url, summary, timeout=settle_timeout, token=BENCH_TOKEN, poll=0.05)
+    with client, RssSampler(groups) as sampler:
+        summary = client.publish(planned, batch_size=workload.batch_size)
+        verify = wait_and_verify(client, summary, timeout=settle_timeout, poll=0.05)
     after = {group.name: group.cpu() for group in groups}
     cpu = {group.name: cpu_seconds(before[group.name], after[group.name]) for group in groups}
     sent = max(summary.sent, 1)
@@ -411,17 +405,10 @@ def run_workload(
 
 def warm_up(url: str, workload: Workload, events: int, settle_timeout: float) -> None:
     """Publish a few events first, so connections and imports are warm when we measure."""
-    config = PublishConfig(
-        url=url,
-        count=events,
-        duplicate_ratio=0.0,
-        batch_size=workload.batch_size,
-        concurrency=workload.concurrency,
-        progress=False,
-        token=BENCH_TOKEN,
-    )
-    summary = publish(config)
-    verify = wait_and_verify(url, summary, timeout=settle_timeout, token=BENCH_TOKEN, poll=0.05)
+    planned = plan_events(events, 0.0, run_topics(run_prefix(), 4), "publisher")
+    with Client(url, BENCH_TOKEN, concurrency=workload.concurrency) as client:
+        summary = client.publish(planned, batch_size=workload.batch_size)
+        verify = wait_and_verify(client, summary, timeout=settle_timeout, poll=0.05)
     if not verify.ok:
         raise RuntimeError(f"warm-up of {workload.name} failed: {verify.message}")
 

@@ -47,7 +47,7 @@ from bench.harness import scratch_dir
 from bench.harness import server_versions
 from bench.harness import table
 from bench.harness import warn_if_busy
-from publisher.client import percentile
+from publisher.outcomes import percentile
 from scripts.stack import Api
 
 # Rows written by one simulated transaction: the worker commits a batch of 500 at a time.

@@ -1,4 +1,4 @@
-"""Entry point for `python -m publisher`."""
+"""Entry point for `python -m publisher`, the same command as `aggregator`."""
 
 from publisher.cli import main
 

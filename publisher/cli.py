@@ -1,24 +1,71 @@
-"""Command line: parse options, publish, optionally verify, and print the outcome."""
+"""The `aggregator` command: publish events, follow the log, read counters and dead letters."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import IO
+from typing import Any
 
 import orjson
+from tqdm import tqdm
 
-from publisher.client import PublishConfig
-from publisher.client import PublishSummary
-from publisher.client import publish
+from publisher.client import DEFAULT_URL
+from publisher.client import HEALTH_TIMEOUT
+from publisher.client import MAX_BATCH
+from publisher.client import ApiError
+from publisher.client import Client
+from publisher.client import ClientError
+from publisher.client import Unreachable
+from publisher.events import InputError
+from publisher.events import plan_events
+from publisher.events import read_ndjson
+from publisher.events import run_prefix
+from publisher.events import run_topics
+from publisher.outcomes import PublishSummary
+from publisher.outcomes import RequestOutcome
 from publisher.verify import VerifyResult
 from publisher.verify import wait_and_verify
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
-# argparse already exits with 2 on a usage error, so failed requests get their own code.
+EXIT_USAGE = 2  # argparse's own code for a bad option; also unreadable input.
 EXIT_PUBLISH_FAILED = 3
+EXIT_UNREACHABLE = 4
+EXIT_REFUSED = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    done: every event accepted (publish), or the command did what it says
+  {EXIT_VERIFY_FAILED}    publish --verify: /stats does not match what was accepted
+  {EXIT_USAGE}    bad options, or input that is not NDJSON (the line is named)
+  {EXIT_PUBLISH_FAILED}    the API refused a request or some events were not accepted
+  {EXIT_UNREACHABLE}    the API did not answer (checked first, within {HEALTH_TIMEOUT:g} s)
+  {EXIT_REFUSED}    the API refused the token (401) or its scope (403)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C) before the end
+"""
+
+EXAMPLES = """examples:
+  aggregator publish events.ndjson                 # one JSON event per line
+  some-program | aggregator publish -              # from stdin, as it arrives
+  aggregator publish --generate 20000 --duplicates 0.1 --verify
+  aggregator tail --topic orders                   # everything stored, then follow
+  aggregator stats --topics --prefix orders
+  aggregator dead-letters list
+"""
+
+
+class Fail(Exception):
+    """End the command with a message on stderr and an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _ratio(raw: str) -> float:
@@ -42,6 +89,13 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _batch_size(raw: str) -> int:
+    value = _positive(raw)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_BATCH}, got {raw}")
+    return value
+
+
 def _seconds(raw: str) -> float:
     value = float(raw)
     if value <= 0:
@@ -49,66 +103,105 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _json_object(raw: str) -> str:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return raw
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """Build the argument parser; the token defaults to API_TOKEN from `environ`."""
+    """Build the parser; --url and --token default to AGGREGATOR_URL and API_TOKEN."""
     env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="python -m publisher",
-        description="Publish events with a known share of duplicates to the aggregator API.",
+    common = argparse.ArgumentParser(add_help=False)
+    add = common.add_argument
+    add(
+        "--url",
+        default=env.get("AGGREGATOR_URL") or DEFAULT_URL,
+        help="API base URL (env AGGREGATOR_URL, default %(default)s)",
     )
-    add = parser.add_argument
-    add("--url", default="http://127.0.0.1:8080", help="API base URL (default: %(default)s)")
-    add("--events", type=_non_negative, default=20000, help="events to publish (%(default)s)")
-    add("--duplicates", type=_ratio, default=0.1, help="share of copies, 0..<1 (%(default)s)")
-    add("--batch-size", type=_positive, default=500, help="events per request; 1 sends objects")
-    add("--concurrency", type=_positive, default=8, help="requests in flight (%(default)s)")
-    add("--topics", type=_positive, default=4, help="topics to spread events over (%(default)s)")
-    add("--topic-prefix", help="topic name prefix (default: run-<random hex>)")
-    add("--source", default="publisher", help="source field of every event (%(default)s)")
-    add("--max-retries", type=_non_negative, default=8, help="retries per request (%(default)s)")
-    add("--timeout", type=_seconds, default=10.0, help="seconds per attempt (%(default)s)")
     add("--token", default=env.get("API_TOKEN") or None, help="bearer token (env API_TOKEN)")
-    add("--seed", type=int, help="seed for which events are copied and their order")
+    add("--timeout", type=_seconds, default=10.0, help="seconds per request attempt (%(default)s)")
+    add("--max-retries", type=_non_negative, default=8, help="retries per request (%(default)s)")
+    add("--json", action="store_true", help="print JSON for machines instead of text")
+
+    parser = argparse.ArgumentParser(
+        prog="aggregator",
+        description="Publish events to the log aggregator and read back what it stored.",
+        epilog=EXAMPLES + "\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    publish = command("publish", "Publish NDJSON events from a file or stdin, or generated ones.")
+    add = publish.add_argument
+    add("file", nargs="?", help="NDJSON file, one event per line; - for stdin")
+    add("--generate", type=_non_negative, metavar="N", help="publish N generated events instead")
+    add("--duplicates", type=_ratio, default=0.1, help="--generate: share of copies (%(default)s)")
+    add("--topics", type=_positive, default=4, help="--generate: topics (%(default)s)")
+    add("--topic-prefix", help="--generate: topic prefix (default run-<random hex>)")
+    add("--source", default="publisher", help="--generate: source field (%(default)s)")
+    add("--seed", type=int, help="--generate: seed for which events are copied and their order")
+    add("--batch-size", type=_batch_size, default=500, help="events per request; 1 sends objects")
+    add("--concurrency", type=_positive, default=8, help="requests in flight (%(default)s)")
     add("--no-progress", action="store_true", help="hide the progress bar")
-    add("--verify", action="store_true", help="wait for /stats and check exact counts")
+    add("--verify", action="store_true", help="--generate: wait for /stats, check exact counts")
     add("--verify-timeout", type=_seconds, default=120.0, help="seconds to wait (%(default)s)")
-    add("--json", action="store_true", help="print one JSON object instead of text")
+
+    tail = command("tail", "Print stored events oldest first, then follow new ones.")
+    add = tail.add_argument
+    add("--topic", help="only this topic")
+    add("--source", help="only this source")
+    add(
+        "--payload",
+        type=_json_object,
+        help='payload contains this JSON object, e.g. \'{"level": "error"}\' (needs --topic)',
+    )
+    add("--since", help="timestamp >= this (ISO 8601)")
+    add("--until", help="timestamp < this (ISO 8601)")
+    add("--cursor", help="start after this cursor (printed when tail stops)")
+    add("--no-follow", action="store_true", help="stop at the end instead of waiting")
+    add("--limit", type=_positive, help="stop after this many events")
+    add(
+        "--wait", type=_positive, default=20, help="seconds each follow request waits (%(default)s)"
+    )
+
+    stats = command("stats", "Print exact counters: totals, or per topic.")
+    stats.add_argument("--topics", action="store_true", help="per-topic counters instead")
+    stats.add_argument("--prefix", help="with --topics: only topics starting with this")
+
+    letters = command("dead-letters", "List events the database refused, or replay them.")
+    letters.add_argument("action", choices=["list", "replay"])
+    letters.add_argument("ids", nargs="*", type=int, metavar="ID", help="replay: dead letter ids")
     return parser
 
 
-def parse_config(
-    argv: list[str] | None = None, environ: Mapping[str, str] | None = None
-) -> tuple[PublishConfig, argparse.Namespace]:
-    """Parse the command line into a PublishConfig and the remaining options."""
-    parser = build_parser(environ)
-    args = parser.parse_args(argv)
-    extra = {"topic_prefix": args.topic_prefix} if args.topic_prefix else {}
-    try:
-        config = PublishConfig(
-            url=args.url,
-            count=args.events,
-            duplicate_ratio=args.duplicates,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            topics=args.topics,
-            source=args.source,
-            max_retries=args.max_retries,
-            timeout=args.timeout,
-            token=args.token,
-            progress=not args.no_progress,
-            seed=args.seed,
-            **extra,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    return config, args
+# -- output ---------------------------------------------------------------------------------
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(orjson.dumps(document).decode() + "\n")
+    sys.stdout.flush()
 
 
 def format_summary(summary: PublishSummary) -> str:
     """Render the publish summary as a small text table."""
     rows = [
-        ("planned", f"{summary.planned} events in {summary.requests} requests"),
-        ("sent", f"{summary.sent} events answered 202"),
+        ("read", f"{summary.planned} events, sent in {summary.requests} requests"),
+        ("accepted", f"{summary.sent} events answered 202"),
         ("unique", f"{summary.unique}"),
         ("duplicates", f"{summary.duplicates}"),
         ("errors", f"{summary.errors} requests failed ({summary.failed_events} events)"),
@@ -124,10 +217,12 @@ def format_summary(summary: PublishSummary) -> str:
             f"max {summary.latency_max_ms:.1f} ms",
         ),
         ("statuses", ", ".join(f"{key}={n}" for key, n in summary.statuses.items()) or "-"),
-        ("topics", ", ".join(summary.topics)),
+        ("topics", ", ".join(summary.topics[:10]) + (" ..." if len(summary.topics) > 10 else "")),
     ]
     if summary.first_error:
         rows.append(("first error", summary.first_error))
+    if summary.stopped_by:
+        rows.append(("stopped", f"{summary.stopped_by}; {summary.unsent} events not sent"))
     return "\n".join(f"{name:<12}{value}" for name, value in rows)
 
 
@@ -147,29 +242,272 @@ def format_verify(summary: PublishSummary, result: VerifyResult) -> str:
     return line
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the process exit code."""
-    config, args = parse_config(argv)
-    summary = publish(config)
-    if not args.json:
-        print(format_summary(summary), flush=True)
+def format_event(event: dict[str, Any]) -> str:
+    """Render one stored event as a line: time, topic, source, id, payload."""
+    payload = orjson.dumps(event.get("payload")).decode()
+    return (
+        f"{event['timestamp']}  {event['topic']}  {event['source']}  {event['event_id']}  {payload}"
+    )
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def check_reachable(client: Client) -> None:
+    """Fail within HEALTH_TIMEOUT, with a clear message, when nobody answers at the URL."""
+    try:
+        client.health()
+    except Unreachable as exc:
+        raise Fail(
+            EXIT_UNREACHABLE,
+            f"cannot reach the API: {exc}. Is it running? Check --url or AGGREGATOR_URL.",
+        ) from None
+    except ApiError as exc:
+        raise Fail(
+            EXIT_UNREACHABLE, f"{client.url} does not look like the aggregator API: {exc}"
+        ) from None
+
+
+def _read_input(
+    args: argparse.Namespace, stack: ExitStack
+) -> tuple[Iterator[dict[str, Any]], int | None, list[InputError]]:
+    """Return the events to publish, how many (when known) and a list that collects a bad line."""
+    problems: list[InputError] = []
+    if args.generate is not None:
+        prefix = args.topic_prefix or run_prefix()
+        try:
+            events = plan_events(
+                args.generate,
+                args.duplicates,
+                run_topics(prefix, args.topics),
+                args.source,
+                args.seed,
+            )
+        except ValueError as exc:
+            raise Fail(EXIT_USAGE, str(exc)) from None
+        return iter(events), len(events), problems
+    if args.file in (None, "-"):
+        if args.file is None and sys.stdin.isatty():
+            raise Fail(EXIT_USAGE, "give an NDJSON file, - for stdin, or --generate N")
+        stream: IO[bytes] = sys.stdin.buffer
+        total = None
+    else:
+        try:
+            stream = stack.enter_context(open(args.file, "rb"))
+        except OSError as exc:
+            raise Fail(EXIT_USAGE, f"cannot read {args.file}: {exc.strerror}") from None
+        # A file is checked whole before anything is sent: a broken line
+        # never leaves half of a file published.
+        try:
+            total = sum(1 for _ in read_ndjson(stream))
+        except InputError as exc:
+            raise Fail(EXIT_USAGE, f"{args.file}: {exc}; nothing was sent") from None
+        stream.seek(0)
+
+    def checked() -> Iterator[dict[str, Any]]:
+        try:
+            yield from read_ndjson(stream)
+        except InputError as exc:  # From a pipe: stop there, report what was sent.
+            problems.append(exc)
+
+    return checked(), total, problems
+
+
+def run_publish(client: Client, args: argparse.Namespace) -> int:
+    """Publish, print the summary (and verification), and return the exit code."""
+    if args.generate is not None and args.file is not None:
+        raise Fail(EXIT_USAGE, "give either a file or --generate, not both")
+    if args.verify and args.generate is None:
+        # Verification compares whole topics with this run: only a generated
+        # run's topics are known to hold nothing else.
+        raise Fail(EXIT_USAGE, "--verify needs --generate (its topics are new)")
+    with ExitStack() as stack:
+        events, total, problems = _read_input(args, stack)
+        check_reachable(client)
+        progress = stack.enter_context(
+            tqdm(
+                total=total,
+                unit="ev",
+                desc="accepted",
+                file=sys.stderr,
+                # None: shown only on a terminal.
+                disable=True if args.no_progress or args.json else None,
+            )
+        )
+        failed = 0
+
+        def advance(outcome: RequestOutcome) -> None:
+            nonlocal failed
+            if outcome.accepted:
+                progress.update(len(outcome.events))
+            else:
+                failed += len(outcome.events)
+                progress.set_postfix(failed=failed, last=outcome.error, refresh=False)
+
+        summary = client.publish(events, batch_size=args.batch_size, on_outcome=advance)
     result = None
-    if args.verify:
+    if args.verify and summary.stopped_by is None:
         if not args.json:
+            print(format_summary(summary), flush=True)
             print(f"{'verify':<12}waiting up to {args.verify_timeout:.0f} s for /stats", flush=True)
         # Poll often: the wait is part of the end-to-end time we report.
-        result = wait_and_verify(config.url, summary, args.verify_timeout, config.token, poll=0.05)
+        result = wait_and_verify(client, summary, args.verify_timeout, poll=0.05)
     if args.json:
-        document = {
-            "summary": summary.as_dict(),
-            "verify": result.as_dict() if result else None,
-            "end_to_end_events_per_second": end_to_end_rate(summary, result) if result else None,
-        }
-        sys.stdout.write(orjson.dumps(document).decode() + "\n")
-    elif result is not None:
-        print(format_verify(summary, result))
+        emit_json(
+            {
+                "summary": summary.as_dict(),
+                "verify": result.as_dict() if result else None,
+                "end_to_end_events_per_second": end_to_end_rate(summary, result)
+                if result
+                else None,
+                "input_error": str(problems[0]) if problems else None,
+            }
+        )
+    else:
+        if result is None:
+            print(format_summary(summary))
+        else:
+            print(format_verify(summary, result))
+    if problems:
+        raise Fail(EXIT_USAGE, f"stdin: {problems[0]}; the events before it were published")
+    if summary.stopped_by == "interrupted":
+        return EXIT_INTERRUPTED
+    if summary.stopped_by is not None:
+        raise Fail(EXIT_REFUSED, f"the API refused the token: {summary.first_error}")
     if result is not None and not result.ok:
         return EXIT_VERIFY_FAILED
-    if summary.errors:
-        return EXIT_PUBLISH_FAILED
+    return EXIT_PUBLISH_FAILED if summary.errors else EXIT_OK
+
+
+def run_tail(client: Client, args: argparse.Namespace) -> int:
+    """Print matching events oldest first; follow unless --no-follow; stop at --limit."""
+    check_reachable(client)
+    filters = {
+        name: getattr(args, name)
+        for name in ("topic", "source", "payload", "since", "until")
+        if getattr(args, name) is not None
+    }
+
+    def warn(exc: ClientError) -> None:
+        print(f"aggregator: {exc}; trying again", file=sys.stderr, flush=True)
+
+    if args.no_follow:
+        pages = client.pages(cursor=args.cursor, **filters)
+    else:
+        pages = client.follow(cursor=args.cursor, wait=args.wait, on_error=warn, **filters)
+    cursor = args.cursor
+    printed = 0
+    try:
+        for page in pages:
+            for event in page.events:
+                print(orjson.dumps(event).decode() if args.json else format_event(event))
+                printed += 1
+                if args.limit is not None and printed >= args.limit:
+                    # The page's cursor would skip the rest of it; say none rather than lie.
+                    return EXIT_OK
+            sys.stdout.flush()
+            cursor = page.next_cursor or cursor
+    except KeyboardInterrupt:
+        pass
+    if cursor and not args.json:
+        print(f"aggregator: resume with --cursor {cursor}", file=sys.stderr)
     return EXIT_OK
+
+
+def run_stats(client: Client, args: argparse.Namespace) -> int:
+    """Print /stats, or every topic's counters."""
+    check_reachable(client)
+    if args.topics:
+        rows = list(client.topic_stats(args.prefix))
+        if args.json:
+            emit_json(rows)
+        else:
+            print(f"{'topic':<40} {'stored':>10} {'duplicates':>10} {'failed':>8}")
+            for row in rows:
+                counts = f"{row['stored']:>10} {row['duplicates']:>10} {row['failed']:>8}"
+                print(f"{row['topic']:<40} {counts}")
+        return EXIT_OK
+    figures = client.stats()
+    if args.json:
+        emit_json(figures)
+    else:
+        for name, value in figures.items():
+            shown = orjson.dumps(value).decode() if isinstance(value, dict | list) else value
+            print(f"{name:<32}{shown}")
+    return EXIT_OK
+
+
+def run_dead_letters(client: Client, args: argparse.Namespace) -> int:
+    """List dead letters, or replay the given ones."""
+    check_reachable(client)
+    if args.action == "list":
+        if args.ids:
+            raise Fail(EXIT_USAGE, "list takes no ids")
+        letters = client.dead_letters()
+        if args.json:
+            emit_json(letters)
+        else:
+            for letter in letters:
+                where = f"{letter['topic']}  {letter['event_id']}"
+                print(f"{letter['id']:>6}  {letter['failed_at']}  {where}  {letter['error']}")
+            print(f"{len(letters)} dead letters", file=sys.stderr)
+        return EXIT_OK
+    if not args.ids:
+        raise Fail(EXIT_USAGE, "replay needs at least one dead letter id (see: dead-letters list)")
+    results = []
+    code = EXIT_OK
+    for letter_id in args.ids:
+        try:
+            results.append(client.replay_dead_letter(letter_id))
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                raise
+            results.append({"id": letter_id, "error": str(exc)})
+            code = EXIT_PUBLISH_FAILED
+    if args.json:
+        emit_json(results)
+    else:
+        for result in results:
+            print(f"{result['id']:>6}  {result.get('result') or result['error']}")
+    return code
+
+
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "publish": run_publish,
+    "tail": run_tail,
+    "stats": run_stats,
+    "dead-letters": run_dead_letters,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return the process exit code."""
+    args = build_parser().parse_args(argv)
+    concurrency = getattr(args, "concurrency", 1)
+    try:
+        with Client(
+            args.url,
+            args.token,
+            timeout=args.timeout,
+            max_retries=args.max_retries,
+            concurrency=concurrency,
+        ) as client:
+            return COMMANDS[args.command](client, args)
+    except Fail as exc:
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return exc.code
+    except ApiError as exc:
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return EXIT_REFUSED if exc.status in (401, 403) else EXIT_PUBLISH_FAILED
+    except Unreachable as exc:
+        print(f"aggregator: lost the API: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ValueError as exc:  # e.g. a --url that is not http(s)
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Piped into `head`: the reader is gone; say nothing more.
+        sys.stderr.close()
+        return EXIT_OK

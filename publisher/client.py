@@ -1,190 +1,84 @@
-"""Publishing over HTTP: concurrent batches with urllib3 retries, and a summary of the outcome."""
+"""The aggregator's HTTP client: publish with retries and exact accounting, read events and stats.
+
+    with Client("http://127.0.0.1:8080", token) as client:
+        client.health()                             # Unreachable within 2 s if nobody answers
+        summary = client.publish(events)            # batches, Idempotency-Keys, Retry-After
+        for event in client.events(topic="orders"): # every stored event, oldest first
+            ...
+        for page in client.follow(topic="orders"):  # and then whatever arrives next
+            ...
+
+Every publish request carries its own Idempotency-Key and sends it again on
+each retry, so a retry after an ambiguous failure (a timeout, a reset, a
+gateway's 502) is counted once by the API. The summary says how many events the
+API may have accepted beyond the 202s it answered (see publisher.outcomes).
+"""
 
 from __future__ import annotations
 
-import math
-import secrets
-import sys
+import copy
+import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import as_completed
-from dataclasses import asdict
 from dataclasses import dataclass
-from dataclasses import field
+from dataclasses import replace
 from typing import Any
 from typing import Self
+from urllib.parse import urlencode
 
 import orjson
 import urllib3
-from tqdm import tqdm
-from urllib3.exceptions import ConnectTimeoutError
 from urllib3.exceptions import HTTPError
 from urllib3.exceptions import MaxRetryError
-from urllib3.exceptions import ProxyError
 from urllib3.util import parse_url
-from urllib3.util.retry import RequestHistory
 from urllib3.util.retry import Retry
 
-from publisher.events import batched
-from publisher.events import event_key
-from publisher.events import plan_events
+from publisher.events import iter_batches
+from publisher.outcomes import PublishSummary
+from publisher.outcomes import RequestOutcome
+from publisher.outcomes import summarize
+from publisher.retries import RETRY_STATUSES
+from publisher.retries import is_ambiguous
+from publisher.retries import make_retry
 
+DEFAULT_URL = "http://127.0.0.1:8080"
+# The API's limit on events per request.
 MAX_BATCH = 1000
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# Our API answers 429 and 503 before it enqueues anything. A gateway's 502 or 504
-# says nothing of the sort: the API behind it may have accepted the batch.
-GATEWAY_STATUSES = frozenset({502, 504})
+# How long `health()` waits before saying the API is unreachable.
+HEALTH_TIMEOUT = 2.0
+# A follower that lost the API tries again after at most this long.
+FOLLOW_BACKOFF_MAX = 5.0
 
 
-def _default_prefix() -> str:
-    return f"run-{secrets.token_hex(4)}"
+class ClientError(Exception):
+    """Something the caller should hear about: the API is away or said no."""
 
 
-@dataclass
-class PublishConfig:
-    """What to publish, where to, and how hard to push."""
+class Unreachable(ClientError):
+    """The API did not answer (refused, reset, timed out) after the retries."""
 
-    url: str
-    count: int = 20000
-    duplicate_ratio: float = 0.1
-    batch_size: int = 500
-    concurrency: int = 8
-    topics: int = 4
-    topic_prefix: str = field(default_factory=_default_prefix)
-    source: str = "publisher"
-    max_retries: int = 8
-    timeout: float = 10.0
-    token: str | None = None
-    progress: bool = True
-    seed: int | None = None
 
-    def __post_init__(self) -> None:
-        if parse_url(self.url).scheme not in ("http", "https"):
-            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
-        if self.count < 0:
-            raise ValueError(f"count must be >= 0, got {self.count}")
-        if not 0.0 <= self.duplicate_ratio < 1.0:
-            raise ValueError(f"duplicate ratio must be in [0, 1), got {self.duplicate_ratio}")
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise ValueError(f"batch size must be in [1, {MAX_BATCH}], got {self.batch_size}")
-        if self.concurrency < 1 or self.topics < 1:
-            raise ValueError("concurrency and topics must be >= 1")
-        if self.max_retries < 0 or self.timeout <= 0:
-            raise ValueError("max retries must be >= 0 and timeout > 0")
-        if not self.topic_prefix:
-            raise ValueError("topic prefix must not be empty")
+class ApiError(ClientError):
+    """The API answered with an error status; `errors` names the fields of a 422."""
 
-    def topic_names(self) -> list[str]:
-        """Return this run's topics, which no other run shares."""
-        return [f"{self.topic_prefix}-{k}" for k in range(self.topics)]
+    def __init__(self, status: int, message: str, errors: Any = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.errors = errors
 
 
 @dataclass(frozen=True)
-class RequestOutcome:
-    """The final result of one publish request, after its retries."""
+class Page:
+    """One page of GET /events, and the cursor to ask for the next."""
 
     events: list[dict[str, Any]]
-    final: str
-    accepted: bool
-    ambiguous_attempts: int
-    latency: float
-    error: str | None = None
-    # The Idempotency-Key sent with every attempt (None: sent without one).
-    key: str | None = None
-    # The batch the API said carries the events (workers log it).
-    batch_id: str | None = None
-
-    @property
-    def possible_extra_acceptances(self) -> int:
-        """How many more times than answered the API may have accepted this batch."""
-        if self.key is None:
-            return self.ambiguous_attempts  # Each attempt that got through counts.
-        # With a key the API counts the request once, however many attempts got
-        # through: only a request that never got its 202 may still have been accepted.
-        return 0 if self.accepted else min(1, self.ambiguous_attempts)
-
-
-@dataclass
-class PublishSummary:
-    """What a run sent and what the API answered; event counts unless named otherwise."""
-
-    planned: int
-    sent: int
-    unique: int
-    duplicates: int
-    errors: int
-    failed_events: int
-    ambiguous: int
-    uncertain_unique: int
-    requests: int
-    elapsed: float
-    events_per_second: float
-    latency_p50_ms: float
-    latency_p99_ms: float
-    latency_max_ms: float
-    topics: list[str]
-    statuses: dict[str, int]
-    first_error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the summary as JSON-ready primitives."""
-        return asdict(self)
-
-
-class RecordedRetry(Retry):
-    """A Retry whose attempt history survives MaxRetryError, which urllib3 raises without it."""
-
-    # Retry-After on a 413 must not turn a body that is too large into a retry.
-    RETRY_AFTER_STATUS_CODES = frozenset({429, 503})
-
-    def __init__(self, *args: Any, log: list[RequestHistory] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.log: list[RequestHistory] = [] if log is None else log
-
-    def new(self, **kw: Any) -> Self:
-        """Return the next Retry, sharing this one's log and recording its history in it."""
-        retry = super().new(**kw)
-        retry.log = self.log
-        self.log[:] = retry.history
-        return retry
-
-
-def make_retry(max_retries: int) -> RecordedRetry:
-    """Build the retry policy for one request: backoff with jitter, honouring Retry-After."""
-    return RecordedRetry(
-        total=max_retries,
-        allowed_methods=frozenset({"GET", "POST"}),
-        status_forcelist=RETRY_STATUSES,
-        backoff_factor=0.2,
-        backoff_jitter=0.2,
-        backoff_max=10.0,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-    )
-
-
-def is_ambiguous(attempt: RequestHistory) -> bool:
-    """Say whether a failed attempt may still have been accepted by the API."""
-    if attempt.error is not None:
-        error = attempt.error
-        if isinstance(error, ProxyError):
-            error = error.original_error
-        # Only a failed connect proves the request never left this process.
-        return not isinstance(error, ConnectTimeoutError)
-    return attempt.status in GATEWAY_STATUSES
-
-
-def _error_message(data: bytes) -> str:
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data[:200].decode(errors="replace")
-    if isinstance(body, dict) and "message" in body:
-        return str(body["message"])[:300]
-    return str(body)[:300]
+    next_cursor: str | None
 
 
 def encode_body(batch: list[dict[str, Any]], as_object: bool) -> bytes:
@@ -196,139 +90,290 @@ def encode_body(batch: list[dict[str, Any]], as_object: bool) -> bytes:
     return orjson.dumps(batch)
 
 
-def send_batch(
-    pool: urllib3.PoolManager,
-    url: str,
-    batch: list[dict[str, Any]],
-    *,
-    headers: dict[str, str],
-    as_object: bool,
-    max_retries: int,
-    timeout: float,
-    idempotency_key: str | None = None,
-) -> RequestOutcome:
-    """POST one batch with its own Idempotency-Key, sent again on every retry; report the end."""
-    body = encode_body(batch, as_object)
-    retry = make_retry(max_retries)
-    key = idempotency_key or uuid.uuid4().hex
-    started = time.perf_counter()
-    try:
-        response = pool.request(
-            "POST",
-            url,
-            body=body,
-            headers={**headers, "Idempotency-Key": key},
-            retries=retry,
-            timeout=timeout,
-        )
-    except HTTPError as exc:
-        reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason else exc
-        final, accepted, error = type(reason).__name__, False, f"{type(reason).__name__}: {reason}"
-    else:
-        final, accepted = str(response.status), response.status == 202
-        error = None if accepted else f"HTTP {response.status}: {_error_message(response.data)}"
-    latency = time.perf_counter() - started
-    ambiguous = sum(1 for attempt in retry.log if is_ambiguous(attempt))
-    batch_id = _batch_id(response.data) if accepted else None
-    return RequestOutcome(batch, final, accepted, ambiguous, latency, error, key, batch_id)
-
-
-def _batch_id(data: bytes) -> str | None:
+def _error_of(data: bytes) -> tuple[str, Any]:
+    """Return the message and field errors of an error body (the API's one JSON shape)."""
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return None
-    return body.get("batch_id") if isinstance(body, dict) else None
+        return data[:200].decode(errors="replace"), None
+    if isinstance(body, dict) and "message" in body:
+        return str(body["message"])[:300], body.get("errors")
+    return str(body)[:300], None
 
 
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Return the nearest-rank percentile of values, or 0.0 when there are none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
+def _describe(errors: Any) -> str:
+    return f" {orjson.dumps(errors).decode()[:500]}" if errors else ""
 
 
-def summarize(
-    planned: int, outcomes: Sequence[RequestOutcome], elapsed: float, topics: list[str]
-) -> PublishSummary:
-    """Turn per-request outcomes into the run's event counts and latencies."""
-    accepted = [outcome for outcome in outcomes if outcome.accepted]
-    failed = [outcome for outcome in outcomes if not outcome.accepted]
-    sent = sum(len(outcome.events) for outcome in accepted)
-    accepted_keys = {event_key(event) for outcome in accepted for event in outcome.events}
-    # Keys seen only in failed requests that may have got through: the API may store them.
-    uncertain_keys = {
-        event_key(event)
-        for outcome in failed
-        if outcome.possible_extra_acceptances
-        for event in outcome.events
-    }
-    latencies = [outcome.latency for outcome in outcomes]
-    errors = [outcome.error for outcome in outcomes if outcome.error]
-    return PublishSummary(
-        planned=planned,
-        sent=sent,
-        unique=len(accepted_keys),
-        duplicates=sent - len(accepted_keys),
-        errors=len(failed),
-        failed_events=sum(len(outcome.events) for outcome in failed),
-        # Events the API may have accepted beyond what it answered 202.
-        ambiguous=sum(
-            len(outcome.events) * outcome.possible_extra_acceptances for outcome in outcomes
-        ),
-        uncertain_unique=len(uncertain_keys - accepted_keys),
-        requests=len(outcomes),
-        elapsed=round(elapsed, 3),
-        events_per_second=round(sent / elapsed, 1) if elapsed > 0 else 0.0,
-        latency_p50_ms=round(percentile(latencies, 50) * 1000, 1),
-        latency_p99_ms=round(percentile(latencies, 99) * 1000, 1),
-        latency_max_ms=round(max(latencies, default=0.0) * 1000, 1),
-        topics=list(topics),
-        statuses=dict(sorted(Counter(outcome.final for outcome in outcomes).items())),
-        first_error=errors[0] if errors else None,
-    )
+def _reason(exc: HTTPError) -> str:
+    reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason else exc
+    return f"{type(reason).__name__}: {reason}"
 
 
-def auth_headers(token: str | None) -> dict[str, str]:
-    """Return the Authorization header for a bearer token, or nothing."""
-    return {"Authorization": f"Bearer {token}"} if token else {}
+class Client:
+    """A connection pool to one aggregator API, with its token and retry policy.
 
+    Thread-safe: `publish` sends from a pool of `concurrency` threads itself.
+    """
 
-def publish(config: PublishConfig) -> PublishSummary:
-    """Publish the planned events in concurrent batches and summarise the outcome."""
-    topics = config.topic_names()
-    events = plan_events(config.count, config.duplicate_ratio, topics, config.source, config.seed)
-    url = config.url.rstrip("/") + "/publish"
-    headers = {"Content-Type": "application/json", **auth_headers(config.token)}
-    pool = urllib3.PoolManager(maxsize=config.concurrency)
-    executor = ThreadPoolExecutor(config.concurrency, thread_name_prefix="publish")
-    outcomes: list[RequestOutcome] = []
-    started = time.perf_counter()
-    try:
-        futures = [
-            executor.submit(
-                send_batch,
-                pool,
-                url,
-                batch,
-                headers=headers,
-                as_object=config.batch_size == 1,
-                max_retries=config.max_retries,
-                timeout=config.timeout,
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        max_retries: int = 8,
+        concurrency: int = 8,
+    ) -> None:
+        if parse_url(url).scheme not in ("http", "https"):
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        if max_retries < 0 or timeout <= 0 or concurrency < 1:
+            raise ValueError("max_retries must be >= 0, timeout > 0 and concurrency >= 1")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.concurrency = concurrency
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._pool = urllib3.PoolManager(maxsize=concurrency)
+
+    def with_retries(self, max_retries: int) -> Client:
+        """Return a client sharing this one's connections, with another retry budget."""
+        other = copy.copy(self)
+        other.max_retries = max_retries
+        return other
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._pool.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- health ---------------------------------------------------------------------------
+
+    def health(self, timeout: float = HEALTH_TIMEOUT) -> dict[str, Any]:
+        """Check that the API answers GET /health, once, within `timeout` seconds."""
+        try:
+            response = self._pool.request(
+                "GET",
+                f"{self.url}/health",
+                retries=False,
+                timeout=urllib3.Timeout(total=timeout),
             )
-            for batch in batched(events, config.batch_size)
-        ]
-        with tqdm(
-            total=len(events), unit="ev", file=sys.stderr, disable=not config.progress
-        ) as bar:
-            for future in as_completed(futures):
-                outcome = future.result()
+        except HTTPError as exc:
+            raise Unreachable(f"no answer from {self.url} within {timeout:g} s ({exc})") from None
+        if response.status != 200:
+            message, _ = _error_of(response.data)
+            raise ApiError(response.status, f"{self.url}/health: {message}")
+        return orjson.loads(response.data)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def publish_batch(
+        self,
+        events: list[dict[str, Any]],
+        *,
+        as_object: bool = False,
+        idempotency_key: str | None = None,
+    ) -> RequestOutcome:
+        """POST one batch with its own Idempotency-Key, sent again on each retry; report the end."""
+        body = encode_body(events, as_object)
+        retry = make_retry(self.max_retries)
+        key = idempotency_key or uuid.uuid4().hex
+        headers = {**self._headers, "Content-Type": "application/json", "Idempotency-Key": key}
+        started = time.perf_counter()
+        batch_id = None
+        try:
+            response = self._pool.request(
+                "POST",
+                f"{self.url}/publish",
+                body=body,
+                headers=headers,
+                retries=retry,
+                timeout=self.timeout,
+            )
+        except HTTPError as exc:
+            error = _reason(exc)
+            final, accepted = error.split(":", 1)[0], False
+        else:
+            final, accepted = str(response.status), response.status == 202
+            if accepted:
+                error = None
+                batch_id = orjson.loads(response.data).get("batch_id")
+            else:
+                message, errors = _error_of(response.data)
+                error = f"HTTP {response.status}: {message}{_describe(errors)}"
+        latency = time.perf_counter() - started
+        ambiguous = sum(1 for attempt in retry.log if is_ambiguous(attempt))
+        return RequestOutcome(events, final, accepted, ambiguous, latency, error, key, batch_id)
+
+    def publish(
+        self,
+        events: Iterable[dict[str, Any]],
+        *,
+        batch_size: int = 500,
+        on_outcome: Callable[[RequestOutcome], None] | None = None,
+    ) -> PublishSummary:
+        """Publish `events` in batches, `concurrency` requests at a time, and summarise.
+
+        `events` is read only as fast as batches are sent, so a large file or a
+        pipe streams through. A batch of one is sent as a bare object. A refused
+        token (401/403) stops the run: nothing more is sent, and `unsent` counts
+        what was left. Ctrl-C does the same after the requests in flight end.
+        """
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch size must be in [1, {MAX_BATCH}], got {batch_size}")
+        topics: set[str] = set()
+        read = 0
+        outcomes: list[RequestOutcome] = []
+        stop = threading.Event()
+        report = threading.Lock()
+        # Bounds the batches read ahead of the requests, so memory stays flat.
+        in_flight = threading.BoundedSemaphore(self.concurrency * 2)
+
+        def finished(future: Future[RequestOutcome]) -> None:
+            in_flight.release()
+            outcome = future.result()
+            with report:
                 outcomes.append(outcome)
-                bar.update(len(outcome.events))
-    finally:
-        # On Ctrl-C, drop the batches not yet started instead of sending them first.
-        executor.shutdown(wait=True, cancel_futures=True)
-        pool.clear()
-    return summarize(len(events), outcomes, time.perf_counter() - started, topics)
+                if outcome.refused:
+                    stop.set()
+                if on_outcome is not None:
+                    on_outcome(outcome)
+
+        def send(batch: list[dict[str, Any]]) -> RequestOutcome:
+            return self.publish_batch(batch, as_object=batch_size == 1)
+
+        started = time.perf_counter()
+        executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish")
+        stopped_by: str | None = None
+        try:
+            for batch in iter_batches(events, batch_size):
+                read += len(batch)
+                topics.update(str(event.get("topic")) for event in batch)
+                in_flight.acquire()
+                if stop.is_set():
+                    in_flight.release()
+                    stopped_by = "the API refused the token"
+                    break
+                executor.submit(send, batch).add_done_callback(finished)
+        except KeyboardInterrupt:
+            stopped_by = "interrupted"
+        finally:
+            # Requests in flight end (and are counted); nothing new is sent.
+            executor.shutdown(wait=True, cancel_futures=True)
+        if stop.is_set():
+            stopped_by = "the API refused the token"
+        summary = summarize(read, outcomes, time.perf_counter() - started, sorted(topics))
+        return replace(summary, stopped_by=stopped_by)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _get(self, path: str, params: dict[str, Any] | None = None, *, wait: float = 0) -> Any:
+        """GET a JSON document, retrying 429/5xx and lost connections (reads are safe to repeat)."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        url = f"{self.url}{path}" + (f"?{urlencode(query)}" if query else "")
+        return self._request("GET", url, make_retry(self.max_retries), self.timeout + wait)
+
+    def _request(self, method: str, url: str, retries: Retry, timeout: float) -> Any:
+        try:
+            response = self._pool.request(
+                method, url, headers=self._headers, retries=retries, timeout=timeout
+            )
+        except HTTPError as exc:
+            raise Unreachable(f"{method} {url}: {_reason(exc)}") from None
+        if 200 <= response.status < 300:
+            return orjson.loads(response.data)
+        message, errors = _error_of(response.data)
+        raise ApiError(response.status, message + _describe(errors), errors)
+
+    def pages(
+        self, *, cursor: str | None = None, limit: int = 500, wait: int = 0, **filters: Any
+    ) -> Iterator[Page]:
+        """Yield pages of GET /events from `cursor` (or the start) until the last one.
+
+        Filters are the endpoint's: topic, source, since, until, payload (a JSON
+        object, or its text). With `wait`, the last page is awaited for that long.
+        """
+        if isinstance(filters.get("payload"), dict):
+            filters["payload"] = orjson.dumps(filters["payload"]).decode()
+        while True:
+            params = {"cursor": cursor, "limit": limit, "wait": wait or None, **filters}
+            body = self._get("/events", params, wait=wait)
+            yield Page(body["events"], body["next_cursor"])
+            if body["next_cursor"] is None:
+                return
+            cursor = body["next_cursor"]
+
+    def events(self, *, cursor: str | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Yield every stored event matching `filters`, oldest first."""
+        for page in self.pages(cursor=cursor, **filters):
+            yield from page.events
+
+    def follow(
+        self,
+        *,
+        cursor: str | None = None,
+        wait: int = 20,
+        on_error: Callable[[ClientError], None] | None = None,
+        **filters: Any,
+    ) -> Iterator[Page]:
+        """Yield pages from `cursor` on, then wait for new events, for ever.
+
+        The API holds each request up to `wait` seconds until something arrives.
+        When it is away, or busy (503 to followers), this keeps trying with
+        backoff, after telling `on_error`; a refused token or bad filter raises.
+        """
+        backoff = 0.5
+        while True:
+            try:
+                for page in self.pages(cursor=cursor, wait=wait, **filters):
+                    backoff = 0.5
+                    yield page
+                    cursor = page.next_cursor or cursor
+            except (Unreachable, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status not in RETRY_STATUSES:
+                    raise
+                if on_error is not None:
+                    on_error(exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, FOLLOW_BACKOFF_MAX)
+
+    def stats(self) -> dict[str, Any]:
+        """Return GET /stats: exact totals across topics."""
+        return self._get("/stats")
+
+    def topic_stats(self, prefix: str | None = None) -> Iterator[dict[str, Any]]:
+        """Yield each topic's counters from GET /stats/topics, walking every page."""
+        params: dict[str, Any] = {"limit": 1000, "prefix": prefix or None}
+        while True:
+            page = self._get("/stats/topics", params)
+            yield from page["topics"]
+            if page["next_cursor"] is None:
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Return the newest events the database refused, with the reason."""
+        return self._get("/dead-letters")
+
+    def replay_dead_letter(self, letter_id: int) -> dict[str, Any]:
+        """Store a dead-lettered event again; its result is "stored" or "duplicate"."""
+        # Retry only answers the API gave before doing anything (429, 503) and
+        # failed connects: a replay that may have run is not sent again.
+        retries = Retry(
+            total=self.max_retries,
+            connect=self.max_retries,
+            read=0,
+            other=0,
+            allowed_methods=frozenset({"POST"}),
+            status_forcelist=frozenset({429, 503}),
+            backoff_factor=0.2,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+        url = f"{self.url}/dead-letters/{int(letter_id)}/replay"
+        return self._request("POST", url, retries, self.timeout)

@@ -1,12 +1,56 @@
-"""Pure event generation: a planned run with an exact number of duplicates, and batching."""
+"""Events to publish: read from NDJSON or generated with exact duplicates; batching."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import secrets
 import uuid
+from collections.abc import Iterable
+from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
+from typing import IO
 from typing import Any
+
+import orjson
+
+
+class InputError(ValueError):
+    """A line of the input is not a JSON object; names the line."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.line = line
+
+
+def read_ndjson(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+    """Yield one event per non-blank line of `stream`, as it is read.
+
+    The API validates each event's fields; this only makes sure each line is a
+    JSON object, so a broken line is reported with its number before anything
+    after it is sent.
+    """
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(number, f"not JSON ({exc})") from None
+        if not isinstance(event, dict):
+            raise InputError(number, f"expected a JSON object, got {type(event).__name__}")
+        yield event
+
+
+def run_prefix() -> str:
+    """Return a topic prefix no other generated run shares."""
+    return f"run-{secrets.token_hex(4)}"
+
+
+def run_topics(prefix: str, count: int) -> list[str]:
+    """Return the topics of a generated run: `count` names under `prefix`."""
+    return [f"{prefix}-{k}" for k in range(count)]
 
 
 def duplicate_count(count: int, duplicate_ratio: float) -> int:
@@ -63,6 +107,15 @@ def batched(events: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
     return [events[start : start + size] for start in range(0, len(events), size)]
+
+
+def iter_batches(events: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Yield consecutive batches of at most `size`, reading `events` only as far as needed."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    iterator = iter(events)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 def event_key(event: dict[str, Any]) -> tuple[str, str]:

@@ -8,15 +8,11 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlencode
 
-import orjson
-import urllib3
-from urllib3.exceptions import HTTPError
-from urllib3.util.retry import Retry
-
-from publisher.client import PublishSummary
-from publisher.client import auth_headers
+from publisher.client import ApiError
+from publisher.client import Client
+from publisher.client import Unreachable
+from publisher.outcomes import PublishSummary
 
 
 @dataclass(frozen=True)
@@ -56,14 +52,6 @@ class VerifyResult:
         return asdict(self)
 
 
-class StatsUnavailable(Exception):
-    """/stats gave no usable answer this time; polling may try again."""
-
-
-class StatsRefused(Exception):
-    """/stats refused the request (e.g. a wrong token); polling cannot help."""
-
-
 def sum_topics(stats: dict[str, Any], topics: list[str]) -> TopicTotals:
     """Sum the /stats counters of the given topics (absent topics count as zero)."""
     per_topic = stats.get("topics") or {}
@@ -76,46 +64,14 @@ def sum_topics(stats: dict[str, Any], topics: list[str]) -> TopicTotals:
     )
 
 
-def fetch_topic_counters(
-    pool: urllib3.PoolManager, base_url: str, headers: dict[str, str], topics: list[str]
-) -> dict[str, dict[str, int]]:
+def fetch_topic_counters(client: Client, topics: list[str]) -> dict[str, dict[str, int]]:
     """Walk GET /stats/topics for the topics' common prefix; return topic -> counters."""
-    found: dict[str, dict[str, int]] = {}
-    params = {"limit": "1000"}
-    prefix = os.path.commonprefix(topics)
-    if prefix:
-        params["prefix"] = prefix
-    while True:
-        page = fetch_stats(pool, f"{base_url}/stats/topics?{urlencode(params)}", headers)
-        for row in page["topics"]:
-            found[row.pop("topic")] = row
-        if page["next_cursor"] is None:
-            return found
-        params["cursor"] = page["next_cursor"]
-
-
-def fetch_stats(pool: urllib3.PoolManager, url: str, headers: dict[str, str]) -> dict[str, Any]:
-    """GET one /stats URL once, retrying briefly on 429 and 5xx, and return the parsed body."""
-    retry = Retry(
-        total=3,
-        allowed_methods=frozenset({"GET"}),
-        status_forcelist=frozenset({429, 502, 503, 504}),
-        backoff_factor=0.2,
-        backoff_max=2.0,
-        raise_on_status=False,
-    )
-    try:
-        response = pool.request("GET", url, headers=headers, retries=retry, timeout=10.0)
-    except HTTPError as exc:
-        raise StatsUnavailable(f"{type(exc).__name__}: {exc}") from exc
-    if response.status == 200:
-        try:
-            return orjson.loads(response.data)
-        except orjson.JSONDecodeError as exc:
-            raise StatsUnavailable(f"/stats answered malformed JSON: {exc}") from exc
-    if 400 <= response.status < 500 and response.status != 429:
-        raise StatsRefused(f"HTTP {response.status}: {response.data[:200]!r}")
-    raise StatsUnavailable(f"HTTP {response.status}")
+    wanted = set(topics)
+    return {
+        row.pop("topic"): row
+        for row in client.topic_stats(os.path.commonprefix(topics) or None)
+        if row["topic"] in wanted
+    }
 
 
 def compare(
@@ -164,46 +120,37 @@ def _bounds(low: int, high: int) -> str:
 
 
 def wait_and_verify(
-    url: str,
-    summary: PublishSummary,
-    timeout: float = 120.0,
-    token: str | None = None,
-    poll: float = 0.5,
+    client: Client, summary: PublishSummary, timeout: float = 120.0, poll: float = 0.5
 ) -> VerifyResult:
     """Poll /stats until the run's topics settle (or timeout), then compare exact counts."""
-    base_url = url.rstrip("/")
-    stats_url = base_url + "/stats"
-    headers = auth_headers(token)
-    pool = urllib3.PoolManager(maxsize=1)
+    # A few quick retries per poll: the loop itself keeps trying until the deadline.
+    client = client.with_retries(3)
     started = time.monotonic()
     deadline = started + timeout
     previous: TopicTotals | None = None
     latest = TopicTotals(0, 0, 0, 0)
     settled = False
     problem: str | None = None
-    try:
-        while True:
-            try:
-                figures = fetch_stats(pool, stats_url, headers)
-                figures["topics"] = fetch_topic_counters(pool, base_url, headers, summary.topics)
-                latest = sum_topics(figures, summary.topics)
-            except StatsUnavailable as exc:
-                problem = str(exc)  # A broker or database blip: the next poll tries again.
-            else:
-                # Settled: all our events are counted, nothing is queued, and the
-                # figures held still between two polls (late ambiguous copies land too).
-                settled = (
-                    latest.processed >= summary.sent and latest.queued == 0 and latest == previous
-                )
-                previous = latest
-            if settled or time.monotonic() >= deadline:
-                break
-            time.sleep(poll)
-    except StatsRefused as exc:
-        result = compare(summary, latest, False, time.monotonic() - started)
-        return replace(result, ok=False, message=f"/stats refused the request: {exc}")
-    finally:
-        pool.clear()
+    while True:
+        try:
+            figures = client.stats()
+            figures["topics"] = fetch_topic_counters(client, summary.topics)
+            latest = sum_topics(figures, summary.topics)
+        except ApiError as exc:
+            if exc.status < 500 and exc.status != 429:
+                result = compare(summary, latest, False, time.monotonic() - started)
+                return replace(result, ok=False, message=f"/stats refused the request: {exc}")
+            problem = str(exc)  # A broker or database blip: the next poll tries again.
+        except Unreachable as exc:
+            problem = str(exc)
+        else:
+            # Settled: all our events are counted, nothing is queued, and the
+            # figures held still between two polls (late ambiguous copies land too).
+            settled = latest.processed >= summary.sent and latest.queued == 0 and latest == previous
+            previous = latest
+        if settled or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
     result = compare(summary, latest, settled, time.monotonic() - started)
     if not settled and problem:
         return replace(result, message=f"{result.message} (last /stats error: {problem})")

@@ -1,7 +1,8 @@
 """The main job end to end: services, migrations, API, worker, Flower, a verified publish, /stats.
 
 Run through scripts/demo.sh, which prepares the venv first. Arguments are passed
-to the publisher (e.g. `--batch-size 1 --concurrency 50`), except
+to `aggregator publish` (e.g. `--events 2000 --batch-size 1 --concurrency 50`;
+`--events N` stands for its `--generate N`), except
 `--keep-running`: then API, worker and Flower stay up after the publish, with
 their URLs and credentials printed, until Ctrl-C. Everything started here is
 stopped at the end; data stays in .local/ for the next run.
@@ -43,6 +44,12 @@ def wait_for_interrupt() -> None:
             pass
     except KeyboardInterrupt:
         pass
+
+
+def generate_options(argv: list[str]) -> list[str]:
+    """Return `aggregator publish` options; `--events N` means `--generate N` (default 20000)."""
+    options = ["--generate" if arg == "--events" else arg for arg in argv]
+    return options if "--generate" in options else ["--generate", "20000", *options]
 
 
 def main(argv: list[str]) -> int:
@@ -88,8 +95,9 @@ def main(argv: list[str]) -> int:
         print(f"Token   {token}  (curl -H 'Authorization: Bearer {token}' {api.url}/stats)")
         print(f"Flower  {flower.url}  user admin, password {flower_password}")
 
-        banner("python -m publisher --verify " + " ".join(argv))
-        command = [sys.executable, "-m", "publisher", "--url", api.url, "--verify", *argv]
+        publish = ["publish", "--url", api.url, *generate_options(argv), "--verify"]
+        banner("aggregator " + " ".join(publish))
+        command = [str(BIN / "aggregator"), *publish]
         # The token goes by environment, not argv, so `ps` does not show it.
         published = subprocess.run(command, env={**os.environ, **env, "API_TOKEN": token}, cwd=ROOT)
 

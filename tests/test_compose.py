@@ -214,17 +214,19 @@ def test_worker_concurrency_is_configurable() -> None:
     assert words[words.index("--concurrency") + 1] == "${WORKER_CONCURRENCY:-2}"
 
 
-def test_publisher_command_runs_the_publisher_package() -> None:
+def test_publisher_command_runs_the_aggregator_console_script() -> None:
     words = command("publisher")
-    assert words[:3] == ["python", "-m", "publisher"]
+    assert words[:2] == ["aggregator", "publish"]
     assert words[words.index("--url") + 1] == "http://proxy:8080"
     assert "--verify" in words
-    assert (ROOT / "publisher" / "__main__.py").is_file()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["aggregator"] == "publisher.cli:main"
     # The options the service passes are ones the CLI accepts, with valid values.
     from publisher.cli import build_parser
 
-    args = build_parser({}).parse_args([with_defaults(word) for word in words[3:]])
+    args = build_parser({}).parse_args([with_defaults(word) for word in words[1:]])
     assert args.url == "http://proxy:8080"
+    assert args.generate == 20000
     assert args.verify is True
 
 

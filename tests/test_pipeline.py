@@ -16,8 +16,10 @@ from sqlalchemy import text
 
 from app.db import batches
 from app.db import events
-from publisher.client import PublishConfig
-from publisher.client import publish as publish_run
+from publisher.client import Client
+from publisher.events import plan_events
+from publisher.events import run_prefix
+from publisher.events import run_topics
 from publisher.verify import wait_and_verify
 from scripts.services import RedisServer
 from scripts.stack import Api
@@ -231,19 +233,12 @@ def test_event_the_database_refuses_is_dead_lettered_and_others_stored(
 def test_publisher_run_verifies_exactly(
     url: str, engine: Engine, batch_size: int, count: int
 ) -> None:
-    config = PublishConfig(
-        url=url,
-        count=count,
-        duplicate_ratio=0.1,
-        batch_size=batch_size,
-        concurrency=8,
-        topics=3,
-        progress=False,
-    )
-    summary = publish_run(config)
+    events = plan_events(count, 0.1, run_topics(run_prefix(), 3), "publisher")
+    with Client(url, concurrency=8) as client:
+        summary = client.publish(events, batch_size=batch_size)
+        result = wait_and_verify(client, summary, timeout=60, poll=0.2)
     assert summary.errors == 0
     assert (summary.sent, summary.unique) == (count, count - count // 10)
-    result = wait_and_verify(url, summary, timeout=60, poll=0.2)
     assert result.ok, result.message
     figures = stats(url)
     assert figures["unique_processed_db"] == summary.unique

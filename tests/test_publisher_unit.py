@@ -1,5 +1,6 @@
 """Unit tests of the publisher's pure logic: planning, batching, retries, summaries, CLI."""
 
+import io
 from collections import Counter
 from datetime import datetime
 
@@ -13,19 +14,25 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import RequestHistory
 
 from publisher.cli import EXIT_OK
+from publisher.cli import EXIT_PUBLISH_FAILED
+from publisher.cli import EXIT_REFUSED
+from publisher.cli import EXIT_UNREACHABLE
+from publisher.cli import EXIT_USAGE
+from publisher.cli import build_parser
 from publisher.cli import format_summary
 from publisher.cli import main
-from publisher.cli import parse_config
-from publisher.client import PublishConfig
-from publisher.client import RequestOutcome
 from publisher.client import encode_body
-from publisher.client import is_ambiguous
-from publisher.client import make_retry
-from publisher.client import percentile
-from publisher.client import summarize
+from publisher.events import InputError
 from publisher.events import batched
 from publisher.events import event_key
+from publisher.events import iter_batches
 from publisher.events import plan_events
+from publisher.events import read_ndjson
+from publisher.outcomes import RequestOutcome
+from publisher.outcomes import percentile
+from publisher.outcomes import summarize
+from publisher.retries import is_ambiguous
+from publisher.retries import make_retry
 from publisher.verify import TopicTotals
 from publisher.verify import compare
 from publisher.verify import sum_topics
@@ -302,21 +309,20 @@ def test_sum_topics_counts_only_the_runs_topics():
 
 
 def test_cli_defaults():
-    config, args = parse_config([], environ={})
-    assert config.url == "http://127.0.0.1:8080"
-    assert (config.count, config.duplicate_ratio, config.batch_size) == (20000, 0.1, 500)
-    assert (config.concurrency, config.topics, config.max_retries) == (8, 4, 8)
-    assert config.token is None
-    assert config.progress is True
-    assert config.topic_prefix.startswith("run-")
-    assert not args.verify and not args.json
+    args = build_parser({}).parse_args(["publish", "--generate=5"])
+    assert args.url == "http://127.0.0.1:8080"
+    assert (args.generate, args.duplicates, args.batch_size) == (5, 0.1, 500)
+    assert (args.concurrency, args.topics, args.max_retries) == (8, 4, 8)
+    assert args.token is None and args.file is None and args.topic_prefix is None
+    assert not args.verify and not args.json and not args.no_progress
     assert args.verify_timeout == 120.0
 
 
-def test_cli_options_reach_the_config():
+def test_cli_options_reach_the_arguments():
     argv = [
+        "publish",
         "--url=http://api:9000",
-        "--events=10",
+        "--generate=10",
         "--duplicates=0.5",
         "--batch-size=1",
         "--concurrency=2",
@@ -332,62 +338,106 @@ def test_cli_options_reach_the_config():
         "--verify-timeout=5",
         "--json",
     ]
-    config, args = parse_config(argv, environ={"API_TOKEN": "from-env"})
-    assert config == PublishConfig(
-        url="http://api:9000",
-        count=10,
-        duplicate_ratio=0.5,
-        batch_size=1,
-        concurrency=2,
-        topics=2,
-        topic_prefix="mine",
-        source="me",
-        max_retries=0,
-        timeout=2.5,
-        token="secret",
-        progress=False,
-        seed=42,
+    args = build_parser({"API_TOKEN": "from-env"}).parse_args(argv)
+    assert (args.url, args.generate, args.duplicates, args.batch_size) == (
+        "http://api:9000",
+        10,
+        0.5,
+        1,
     )
-    assert config.topic_names() == ["mine-0", "mine-1"]
-    assert args.verify and args.json and args.verify_timeout == 5.0
+    assert (args.concurrency, args.topics, args.topic_prefix, args.source) == (2, 2, "mine", "me")
+    assert (args.max_retries, args.timeout, args.token, args.seed) == (0, 2.5, "secret", 42)
+    assert args.no_progress and args.verify and args.json and args.verify_timeout == 5.0
 
 
-def test_cli_token_defaults_to_api_token_env():
-    config, _ = parse_config([], environ={"API_TOKEN": "from-env"})
-    assert config.token == "from-env"
+def test_cli_url_and_token_default_to_the_environment():
+    environ = {"API_TOKEN": "from-env", "AGGREGATOR_URL": "http://elsewhere:1"}
+    for command in (["publish", "-"], ["tail"], ["stats"], ["dead-letters", "list"]):
+        args = build_parser(environ).parse_args(command)
+        assert (args.url, args.token) == ("http://elsewhere:1", "from-env")
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--duplicates=1.0"],
-        ["--duplicates=-0.1"],
-        ["--batch-size=0"],
-        ["--batch-size=1001"],
-        ["--concurrency=0"],
-        ["--events=-1"],
-        ["--timeout=0"],
-        ["--url=ftp://example"],
+        ["publish", "--duplicates=1.0"],
+        ["publish", "--duplicates=-0.1"],
+        ["publish", "--batch-size=0"],
+        ["publish", "--batch-size=1001"],
+        ["publish", "--concurrency=0"],
+        ["publish", "--generate=-1"],
+        ["publish", "--timeout=0"],
+        ["tail", "--payload=[1]"],
+        ["tail", "--payload=nope"],
+        ["dead-letters", "forget"],
+        [],
     ],
 )
 def test_cli_rejects_bad_options(argv, capsys):
     with pytest.raises(SystemExit) as exited:
-        parse_config(argv, environ={})
+        build_parser({}).parse_args(argv)
     assert exited.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["publish", "--generate=1", "--url=ftp://example"],
+        ["publish", "some.ndjson", "--generate=1"],
+        ["publish", "some.ndjson", "--verify"],
+        ["publish", "/nonexistent/events.ndjson"],
+    ],
+)
+def test_cli_refuses_impossible_requests_with_exit_2(argv, capsys):
+    assert main(argv) == EXIT_USAGE
+    assert capsys.readouterr().err.startswith("aggregator: ")
+
+
+def test_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for code in (EXIT_OK, EXIT_USAGE, EXIT_PUBLISH_FAILED, EXIT_UNREACHABLE, EXIT_REFUSED):
+        assert f"\n  {code} " in text
 
 
 def test_text_summary_names_the_figures():
     summary = summarize(3, [RequestOutcome([ev("a", "1")] * 3, "202", True, 0, 0.5)], 1.0, ["a"])
     text = format_summary(summary)
-    for label in ("sent", "unique", "duplicates", "errors", "ambiguous", "events/s", "p99"):
+    for label in ("accepted", "unique", "duplicates", "errors", "ambiguous", "events/s", "p99"):
         assert label in text
     assert "3 events answered 202" in text
+    assert "stopped" not in text
 
 
-def test_main_with_no_events_prints_one_json_object(capsys):
-    code = main(["--events=0", "--no-progress", "--json", "--url=http://127.0.0.1:9"])
-    document = orjson.loads(capsys.readouterr().out)
-    assert code == EXIT_OK
-    assert document["summary"]["planned"] == 0
-    assert document["verify"] is None
+def test_summary_counts_events_never_sent():
+    refused = RequestOutcome([ev("a", "1")] * 2, "401", False, 0, 0.1, "HTTP 401: no")
+    summary = summarize(10, [refused], 1.0, ["a"])
+    assert (summary.sent, summary.failed_events, summary.unsent) == (0, 2, 8)
+    assert refused.refused
+
+
+def test_ndjson_skips_blank_lines_and_names_a_broken_one():
+    good = [{"topic": "a", "n": 1}, {"topic": "b", "n": 2}]
+    lines = b'{"topic": "a", "n": 1}\n\n   \n{"topic": "b", "n": 2}\n'
+    assert list(read_ndjson(io.BytesIO(lines))) == good
+    with pytest.raises(InputError, match="line 3: not JSON"):
+        list(read_ndjson(io.BytesIO(b'{"a": 1}\n\n{"a": \n')))
+    with pytest.raises(InputError, match="line 1: expected a JSON object, got list"):
+        list(read_ndjson(io.BytesIO(b"[1, 2]\n")))
+
+
+def test_iter_batches_reads_only_as_far_as_it_yields():
+    consumed = []
+
+    def events():
+        for n in range(10):
+            consumed.append(n)
+            yield {"n": n}
+
+    batches = iter_batches(events(), 4)
+    assert [event["n"] for event in next(batches)] == [0, 1, 2, 3]
+    assert consumed == [0, 1, 2, 3]
+    assert [len(batch) for batch in batches] == [4, 2]

@@ -25,7 +25,6 @@ from typing import Self
 
 import redis
 import requests
-import urllib3
 from mirakuru.exceptions import ProcessFinishedWithError
 from sqlalchemy import Engine
 from sqlalchemy import func
@@ -33,14 +32,15 @@ from sqlalchemy import select
 
 from app.db import batches
 from app.db import events
-from publisher.client import PublishConfig
-from publisher.client import PublishSummary
-from publisher.client import RequestOutcome
-from publisher.client import send_batch
-from publisher.client import summarize
+from publisher.client import Client
 from publisher.events import batched
 from publisher.events import event_key
 from publisher.events import plan_events
+from publisher.events import run_prefix
+from publisher.events import run_topics
+from publisher.outcomes import PublishSummary
+from publisher.outcomes import RequestOutcome
+from publisher.outcomes import summarize
 from publisher.verify import VerifyResult
 from publisher.verify import wait_and_verify
 from scripts.services import RedisServer
@@ -110,9 +110,9 @@ class Sent:
 
 
 class PacedPublisher:
-    """The publisher's own request path (plan_events, send_batch, summarize) in a thread.
+    """The client's own request path (plan_events, Client.publish_batch, summarize) in a thread.
 
-    publisher.client.publish returns counts only; the invariants need the keys each answer
+    Client.publish returns counts only; the invariants need the keys each answer
     covered, so this keeps every RequestOutcome. Requests are spread over `spread` seconds
     (think time, as locust's wait_time) so the run is still going while faults are injected.
     """
@@ -128,19 +128,11 @@ class PacedPublisher:
         max_retries: int = 20,
         timeout: float = 10.0,
     ) -> None:
-        self.config = PublishConfig(
-            url=url,
-            count=count,
-            duplicate_ratio=0.1,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            topics=3,
-            max_retries=max_retries,
-            timeout=timeout,
-            progress=False,
-        )
+        self.client = Client(url, timeout=timeout, max_retries=max_retries, concurrency=concurrency)
+        self.concurrency = concurrency
+        self.topics = run_topics(run_prefix(), 3)
         self.spread = spread
-        self.events = plan_events(count, 0.1, self.config.topic_names(), self.config.source)
+        self.events = plan_events(count, 0.1, self.topics, "publisher")
         self.batches = batched(self.events, batch_size)
         self.sent: list[Sent] = []
         self._lock = threading.Lock()
@@ -160,36 +152,25 @@ class PacedPublisher:
         self._cancel.set()
         self._thread.join(timeout=60)
 
-    def _send(self, index: int, pool: urllib3.PoolManager) -> None:
+    def _send(self, index: int) -> None:
         due = self._started + index * self.spread / len(self.batches)
         if self._cancel.wait(max(0.0, due - time.monotonic())):
             return
         started = time.monotonic()
-        outcome = send_batch(
-            pool,
-            self.config.url.rstrip("/") + "/publish",
-            self.batches[index],
-            headers={"Content-Type": "application/json"},
-            as_object=False,
-            max_retries=self.config.max_retries,
-            timeout=self.config.timeout,
-        )
+        outcome = self.client.publish_batch(self.batches[index])
         with self._lock:
             self.sent.append(Sent(started, time.monotonic(), outcome))
 
     def _run(self) -> None:
-        pool = urllib3.PoolManager(maxsize=self.config.concurrency)
         try:
-            with ThreadPoolExecutor(self.config.concurrency) as executor:
-                futures = [
-                    executor.submit(self._send, index, pool) for index in range(len(self.batches))
-                ]
+            with ThreadPoolExecutor(self.concurrency) as executor:
+                futures = [executor.submit(self._send, index) for index in range(len(self.batches))]
                 for future in futures:
                     future.result()
         except BaseException as exc:  # Re-raised in the test by wait().
             self._error = exc
         finally:
-            pool.clear()
+            self.client.close()
             self._elapsed = time.monotonic() - self._started
 
     def done(self) -> bool:
@@ -207,7 +188,7 @@ class PacedPublisher:
         if self._error is not None:
             raise self._error
         outcomes = [sent.outcome for sent in self.sent]
-        return summarize(len(self.events), outcomes, self._elapsed, self.config.topic_names())
+        return summarize(len(self.events), outcomes, self._elapsed, self.topics)
 
     def accepted_keys(self) -> set[Key]:
         return {event_key(e) for s in self.sent if s.outcome.accepted for e in s.outcome.events}
@@ -341,7 +322,8 @@ def check_invariants(
     settle: float = 60,
 ) -> None:
     """Settle, report the scenario's numbers, then check every invariant of a run."""
-    result = wait_and_verify(api.url, summary, timeout=settle, poll=0.2)
+    with Client(api.url) as client:
+        result = wait_and_verify(client, summary, timeout=settle, poll=0.2)
     stored = stored_keys(engine, summary.topics)
     accepted = run.accepted_keys()
     lost = accepted - set(stored)
