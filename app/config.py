@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
@@ -217,3 +219,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         auth_failure_limit=env.get("AUTH_FAILURE_LIMIT", Settings.auth_failure_limit).strip(),
         proxy_hops=_count(env, "PROXY_HOPS", Settings.proxy_hops),
     )
+
+
+def load_metrics_instance(environ: Mapping[str, str] | None = None) -> str:
+    """Return METRICS_INSTANCE, or this host's name, to tell hosts' metric files apart.
+
+    Read on its own, at import, because prometheus_client names a process's files
+    before any Settings exist. Containers sharing one metrics directory reuse pids
+    (each has its own 1, 7, ...); host names are unique per container, except with
+    `network_mode: host`, hence the override.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get("METRICS_INSTANCE", "").strip()
+    if raw:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", raw):
+            raise SettingsError(f"METRICS_INSTANCE may hold letters, digits, . and -, got {raw!r}")
+        return raw
+    # prometheus_client splits file names at "_": keep the host name free of it.
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"

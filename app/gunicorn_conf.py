@@ -5,6 +5,8 @@ import tempfile
 
 from prometheus_client import multiprocess
 
+from app.metric_files import file_id
+
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8080")
 # One gevent process per core serves many connections; 2 suits the 2-core
 # machine the benchmarks run on (more processes only split group commits).
@@ -46,4 +48,5 @@ def post_worker_init(worker: object) -> None:
 
 def child_exit(server: object, worker: object) -> None:
     """Fold a finished worker's live gauges out of /metrics."""
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+    # Its files are named after host and pid (app.metric_files), not the pid alone.
+    multiprocess.mark_process_dead(file_id(worker.pid))  # type: ignore[attr-defined]

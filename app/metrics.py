@@ -1,8 +1,9 @@
 """Prometheus metrics: request and task instruments, and exact counters read at scrape time.
 
-Processes write to PROMETHEUS_MULTIPROC_DIR (prometheus_client reads that
-variable itself, at import), so /metrics adds up every gunicorn worker, and
-every Celery process that shares the directory.
+Processes write to PROMETHEUS_MULTIPROC_DIR, in files named after host and pid
+(app.metric_files), so /metrics adds up every gunicorn worker and every Celery
+process sharing the directory, across containers too. /metrics shows only the
+aggregator_* series: anything else in the directory is some library's.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from prometheus_client import generate_latest
 from prometheus_client import multiprocess
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError
 from sqlalchemy.exc import OperationalError
 
+from app import metric_files
 from app.broker_log import loss_summary
 from app.store import read_totals
 from tasks.acceptance import backlog_age
@@ -38,6 +41,11 @@ from tasks.acceptance import depth
 from tasks.acceptance import persistence
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)
+# Every series of the aggregator starts so; dashboards and alerts rely on it.
+PREFIX = "aggregator_"
+
+# Before the first metric below is created: it decides where their values live.
+metric_files.install()
 
 REQUESTS = Counter(
     "aggregator_http_requests_total", "HTTP requests answered.", ["endpoint", "method", "status"]
@@ -160,13 +168,25 @@ def build_info() -> GaugeMetricFamily:
     return info
 
 
-def _registry() -> CollectorRegistry:
+class OwnSeries(Collector):
+    """The aggregator_* families of a source, and nothing else.
+
+    Whatever else writes to the shared directory (Flower's flower_* series, when
+    it is given the directory) or sits in the default registry (process_*,
+    python_*) is not the aggregator's to expose.
+    """
+
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self._source.collect() if family.name.startswith(PREFIX))
+
+
+def _source() -> Collector:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    else:
-        registry = REGISTRY
-    return registry
+        return multiprocess.MultiProcessCollector(None)
+    return REGISTRY
 
 
 # Label values must come from a fixed set: any other method a client sends
@@ -198,8 +218,7 @@ def init_metrics(app: Flask) -> None:
     @app.get("/metrics")
     def metrics() -> Response:
         """Expose metrics in the Prometheus text format."""
-        registry = _registry()
-        body = generate_latest(registry)
-        extra = CollectorRegistry(auto_describe=False)
-        extra.register(stats)
-        return Response(body + generate_latest(extra), mimetype=CONTENT_TYPE_LATEST)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(OwnSeries(_source()))
+        registry.register(stats)
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -160,6 +160,20 @@ def find_docker_compose() -> Path:
     return Path("/usr/bin/docker-compose")
 
 
+def find_promtool() -> Path:
+    """Locate promtool ($PROMTOOL, PATH); as root on Debian, install prometheus (which ships it).
+
+    Tests check and unit-test the alert rules in deploy/prometheus/ with it.
+    """
+    if os.environ.get("PROMTOOL"):
+        return Path(os.environ["PROMTOOL"])
+    found = shutil.which("promtool")
+    if found:
+        return Path(found)
+    _apt_install("prometheus")
+    return Path("/usr/bin/promtool")
+
+
 def find_nginx() -> Path:
     """Locate nginx ($NGINX, PATH, /usr/sbin); as root on Debian, install nginx-light.
 
@@ -523,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"NGINX={find_nginx()}")
     print(f"CHROMIUM={find_chromium()}")
     print(f"DOCKER_COMPOSE={find_docker_compose()}")
+    print(f"PROMTOOL={find_promtool()}")
     return 0
 
 

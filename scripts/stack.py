@@ -184,11 +184,15 @@ class Flower(_HttpProcess):
         self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
         # The login goes by environment (Flower reads FLOWER_*), not argv, so
         # `ps` does not show it.
+        options = _process_options({**env, "FLOWER_BASIC_AUTH": auth}, self._log_file)
+        # Flower's flower_* series belong to its own /metrics; given the API's
+        # metrics directory, it would write them there too.
+        options["envvars"].pop("PROMETHEUS_MULTIPROC_DIR", None)  # type: ignore[attr-defined]
         self.executor = HTTPExecutor(
             command,
             url=f"{self.url}/healthcheck",
             # Basic auth covers every page, so "up" means it answers at all.
             status=r"(200|401)",
             method="GET",
-            **_process_options({**env, "FLOWER_BASIC_AUTH": auth}, self._log_file),
+            **options,
         )
