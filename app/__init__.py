@@ -15,6 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from app.config import Settings
 from app.config import load_settings
 from app.db import make_engine
+from app.logs import RequestIds
 
 DOCS_ASSETS = "/docs/assets"
 
@@ -92,6 +93,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops
         )
+    # Outermost, so every answer (errors and 404s included) carries the request id.
+    app.wsgi_app = RequestIds(app.wsgi_app)  # type: ignore[method-assign]
     app.extensions["followers"] = threading.BoundedSemaphore(settings.max_followers)
     api = Api(app)
     app.add_url_rule(f"{DOCS_ASSETS}/<path:filename>", "docs_assets", _docs_asset)

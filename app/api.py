@@ -25,6 +25,7 @@ from marshmallow import RAISE
 from marshmallow import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy import text
+from structlog.contextvars import bind_contextvars
 from werkzeug.exceptions import BadRequest
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.exceptions import NotFound
@@ -239,6 +240,8 @@ def publish_events() -> Response:
         REPLAYS.inc()
     else:
         ACCEPTED.inc(receipt.accepted)
+    # The access line (app.logs) and the worker's line for this batch both carry it.
+    bind_contextvars(batch_id=receipt.batch_id)
     answer = {"accepted": receipt.accepted, "batch_id": receipt.batch_id, "idempotency_key": key}
     return Response(orjson.dumps(answer), 202, headers, mimetype="application/json")
 

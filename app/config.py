@@ -69,6 +69,22 @@ def parse_tokens(raw: str) -> tuple[ApiToken, ...]:
     return tuple(tokens)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def load_log_level(environ: Mapping[str, str] | None = None) -> str:
+    """Return LOG_LEVEL (default INFO) as a logging level name, failing loudly on others.
+
+    Read on its own as well, so gunicorn's master can set up its logs before
+    (and regardless of) the rest of the settings.
+    """
+    env = os.environ if environ is None else environ
+    level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
 def _flag(environ: Mapping[str, str], name: str) -> bool:
     raw = environ.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no"):
@@ -138,6 +154,8 @@ class Settings:
     # Proxies in front whose X-Forwarded-For to trust for the client address
     # (1 behind the compose nginx); 0 trusts none.
     proxy_hops: int = 0
+    # Lowest level written to the logs (app.logs), for the API and the worker alike.
+    log_level: str = "INFO"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -218,6 +236,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         rate_limit=env.get("RATE_LIMIT", Settings.rate_limit).strip(),
         auth_failure_limit=env.get("AUTH_FAILURE_LIMIT", Settings.auth_failure_limit).strip(),
         proxy_hops=_count(env, "PROXY_HOPS", Settings.proxy_hops),
+        log_level=load_log_level(env),
     )
 
 

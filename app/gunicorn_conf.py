@@ -26,6 +26,9 @@ graceful_timeout = 10
 keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
 errorlog = "-"
+# JSON lines for the error and access logs, like every other log line (app/logs.py);
+# the level comes from LOG_LEVEL.
+logger_class = "app.logs.GunicornLogger"
 control_socket_disable = True
 
 # Metrics of all workers add up only through a shared directory; make one if

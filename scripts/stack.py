@@ -73,7 +73,12 @@ class Api(_HttpProcess):
     """gunicorn serving create_app() on a free loopback port."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, workers: int = 3, port: int | None = None
+        self,
+        env: dict[str, str],
+        log: Path,
+        workers: int = 3,
+        port: int | None = None,
+        access_log: bool = False,
     ) -> None:
         self.port = free_port(port)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -91,7 +96,11 @@ class Api(_HttpProcess):
             command,
             url=f"{self.url}/health",
             status=200,
-            **_process_options({**env, "GUNICORN_ACCESS_LOG": ""}, self._log_file),
+            # No access log unless asked: a line per request would swamp the logs of
+            # load tests and benchmarks.
+            **_process_options(
+                {**env, "GUNICORN_ACCESS_LOG": "-" if access_log else ""}, self._log_file
+            ),
         )
 
     def worker_pids(self) -> list[int]:

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import redis
 from celery import Celery
+from celery.apps.worker import install_worker_term_handler
+from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_init
+from celery.signals import setup_logging
+from celery.signals import task_prerun
 from celery.signals import worker_process_init
 from celery.signals import worker_ready
+from celery.signals import worker_shutting_down
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import Engine
+from structlog.contextvars import bind_contextvars
+from structlog.contextvars import clear_contextvars
 
 from app.config import Settings
+from app.config import load_log_level
 from app.config import load_settings
 from app.db import make_engine
+from app.logs import configure_logging
 from tasks.pending import Scripts
 
 celery_app = Celery("tasks", include=["tasks.ingest"])
 celery_app.config_from_object("celery_config")
+
+logger = logging.getLogger(__name__)
 
 _engine: Engine | None = None
 _redis: redis.Redis | None = None
@@ -33,6 +48,45 @@ def make_redis(settings: Settings) -> redis.Redis:
         socket_connect_timeout=settings.broker_timeout,
         retry=Retry(NoBackoff(), 0),
     )
+
+
+# Celery's setup_logging signal: when anyone handles it, Celery installs none of
+# its text handlers (and leaves stdout alone). celeryd_init comes earlier, before
+# the worker's first warnings; LOG_LEVEL decides, not --loglevel.
+@celeryd_init.connect
+@setup_logging.connect
+def _log_json(**_: object) -> None:
+    """Log JSON lines (app.logs) in the worker and its pool processes."""
+    configure_logging(load_log_level())
+
+
+@celeryd_after_setup.connect
+def _no_banner(sender: str, instance: Any, **_: object) -> None:
+    """Say the worker is starting in one log line instead of the text banner."""
+    # The banner is printed, not logged; quiet is what --quiet sets.
+    instance.quiet = True
+    logger.info(
+        "%s starting", sender, extra={"hostname": sender, "concurrency": instance.concurrency}
+    )
+
+
+@worker_ready.connect
+def _quiet_shutdown(sender: Any, **_: object) -> None:
+    """Replace Celery's SIGTERM handler with the same one minus its printed text line."""
+    # Installed just before the worker is ready; _log_shutdown says it instead.
+    install_worker_term_handler(sender.controller, verbose=False)
+
+
+@worker_shutting_down.connect
+def _log_shutdown(sender: str, sig: str, how: str, **_: object) -> None:
+    logger.info("%s: %s shutdown (%s)", sender, how, sig, extra={"signal": sig})
+
+
+@task_prerun.connect
+def _task_context(task_id: str, task: Any, **_: object) -> None:
+    """Tag every line a task logs with its id and name (and nothing of the task before)."""
+    clear_contextvars()
+    bind_contextvars(task_id=task_id, task=task.name)
 
 
 @worker_process_init.connect

@@ -10,6 +10,7 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
+from structlog.contextvars import bind_contextvars
 
 from app.config import load_settings
 from app.metrics import TASK_DURATION
@@ -57,6 +58,8 @@ _backoff = Backoff(_settings.retry_backoff_max)
 @celery_app.task(name="tasks.ingest.store_batch", bind=True)
 def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None:
     """Store one accepted batch exactly once."""
+    # Every line below (and Celery's own for this task) carries the batch id as a field.
+    bind_contextvars(batch_id=batch_id)
     epoch, seq = parse_stamp(self.request.get(STAMP_HEADER))
     try:
         with TASK_DURATION.time():
@@ -90,4 +93,11 @@ def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None
         outcome.duplicates,
         outcome.failed,
         outcome.replayed,
+        extra={
+            "received": outcome.received,
+            "stored": outcome.stored,
+            "duplicates": outcome.duplicates,
+            "failed": outcome.failed,
+            "replayed": outcome.replayed,
+        },
     )
