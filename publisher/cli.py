@@ -9,6 +9,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import IO
 from typing import Any
 
@@ -345,6 +346,10 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
                 progress.set_postfix(failed=failed, last=outcome.error, refresh=False)
 
         summary = client.publish(events, batch_size=args.batch_size, on_outcome=advance)
+    if total is not None and summary.stopped_by is not None:
+        # Stopped early: the events never read count as not sent too.
+        unsent = total - summary.sent - summary.failed_events
+        summary = replace(summary, planned=total, unsent=unsent)
     result = None
     if args.verify and summary.stopped_by is None:
         if not args.json:
@@ -405,11 +410,11 @@ def run_tail(client: Client, args: argparse.Namespace) -> int:
                 if args.limit is not None and printed >= args.limit:
                     # The page's cursor would skip the rest of it; say none rather than lie.
                     return EXIT_OK
-            sys.stdout.flush()
             cursor = page.next_cursor or cursor
+            sys.stdout.flush()
     except KeyboardInterrupt:
         pass
-    if cursor and not args.json:
+    if cursor:
         print(f"aggregator: resume with --cursor {cursor}", file=sys.stderr)
     return EXIT_OK
 

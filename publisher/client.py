@@ -263,8 +263,9 @@ class Client:
         except KeyboardInterrupt:
             stopped_by = "interrupted"
         finally:
-            # Requests in flight end (and are counted); nothing new is sent.
-            executor.shutdown(wait=True, cancel_futures=True)
+            # Requests in flight end and are counted; when stopped early the
+            # batches still queued are dropped rather than sent.
+            executor.shutdown(wait=True, cancel_futures=stopped_by is not None or stop.is_set())
         if stop.is_set():
             stopped_by = "the API refused the token"
         summary = summarize(read, outcomes, time.perf_counter() - started, sorted(topics))
