@@ -103,6 +103,57 @@ class TestDatabaseOutage(PrivateDatabase):
         assert_still_processing(api.url)
 
 
+class TestMetricsDuringOutage(PrivateDatabase):
+    def test_metrics_answer_while_the_database_is_down(
+        self,
+        postgres: PostgresServer,
+        api: Api,
+        worker: Workers,
+        broker: RedisServer,
+        outage_engine: Engine,
+    ) -> None:
+        """/metrics says the database is down and still shows the backlog on the broker."""
+        worker.start()
+        # The broker needs its epoch (set by a check, which needs the database) to accept.
+        wait_until(lambda: checkpoints(outage_engine) == 1, timeout=15)
+        postgres.stop()
+        for n in range(3):
+            body = [make_event(f"mo-{n}-{i}", topic="metrics") for i in range(10)]
+            response = requests.post(f"{api.url}/publish", json=body, timeout=10)
+            assert response.status_code == 202, response.text
+
+        def scrape() -> dict[str, float]:
+            response = requests.get(f"{api.url}/metrics", timeout=10)
+            assert response.status_code == 200, response.text
+            return {
+                line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in response.text.splitlines()
+                if line and not line.startswith("#")
+            }
+
+        wait_until(lambda: scrape()["aggregator_backlog_age_seconds"] >= 1, timeout=15)
+        down = scrape()
+        assert down['aggregator_dependency_up{dependency="database"}'] == 0
+        assert down['aggregator_dependency_up{dependency="broker"}'] == 1
+        # The broker's figures are all there: depth, pending batches, lag.
+        on_broker = (
+            down['aggregator_broker_messages{state="ready"}']
+            + down['aggregator_broker_messages{state="unacked"}']
+        )
+        assert on_broker >= 1, down
+        assert down["aggregator_pending_batches"] == 3, down
+        # Figures from the ledger are left out rather than made up.
+        assert not any(name.startswith("aggregator_events_total") for name in down), down
+        assert any(name.startswith("aggregator_build_info{") for name in down), down
+
+        postgres.start()
+        settled_stats(api.url, received=30, timeout=60)
+        up = scrape()
+        assert up['aggregator_dependency_up{dependency="database"}'] == 1
+        assert up['aggregator_events_total{outcome="stored"}'] == 30
+        assert up["aggregator_backlog_age_seconds"] == 0
+
+
 def checkpoints(engine: Engine) -> int:
     with engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(broker_checkpoints)).scalar_one()
