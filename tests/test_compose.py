@@ -181,6 +181,21 @@ def test_app_services_get_the_shared_environment(name: str) -> None:
         assert environment[key] == value
 
 
+def test_api_and_workers_share_one_metrics_volume_and_flower_keeps_out() -> None:
+    for name in ("aggregator", "worker"):
+        assert SERVICES[name]["environment"]["PROMETHEUS_MULTIPROC_DIR"] == "/metrics"
+        assert mounts(name)["/metrics"] == "metrics"
+    # Flower's flower_* series would land among the aggregator's.
+    assert "PROMETHEUS_MULTIPROC_DIR" not in SERVICES["flower"]["environment"]
+    assert "/metrics" not in mounts("flower")
+    options = COMPOSE["volumes"]["metrics"]["driver_opts"]
+    assert options["type"] == "tmpfs"
+    # Writable by the user the image runs as (a fresh volume belongs to root).
+    uid = re.search(r"--uid (\d+)", (ROOT / "Dockerfile").read_text())
+    assert uid is not None
+    assert f"uid={uid.group(1)}" in options["o"].split(",")
+
+
 def test_gunicorn_serves_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> None:
     words = command("aggregator")
     assert words[0] == "gunicorn"
@@ -284,6 +299,9 @@ def test_compose_validates_with_the_example_secrets(tmp_path: Path) -> None:
     assert "build" in resolved["migrate"]
     images = {resolved[name]["image"] for name in APP_SERVICES}
     assert len(images) == 1  # one image for every app service
+    for name in ("aggregator", "worker"):
+        assert resolved[name]["environment"]["PROMETHEUS_MULTIPROC_DIR"] == "/metrics"
+    assert yaml.safe_load(done.stdout)["volumes"]["metrics"]["driver_opts"]["type"] == "tmpfs"
 
 
 def test_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None:
