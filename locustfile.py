@@ -29,17 +29,21 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC
 from datetime import datetime
 from typing import Any
 
-import requests
-from locust import HttpUser
+from locust import User
 from locust import between
 from locust import events
 from locust import task
 from locust.env import Environment
 from locust.runners import MasterRunner
+
+from publisher.client import Client
+from publisher.client import ClientError
+from publisher.outcomes import RequestOutcome
 
 RUN_ID = os.environ.get("LOCUST_RUN_ID") or f"locust-{uuid.uuid4().hex[:8]}"
 TOPICS = tuple(f"{RUN_ID}.{name}" for name in ("orders", "payments", "auth", "audit"))
@@ -78,19 +82,47 @@ class Tally:
 TALLY = Tally()
 
 
-def auth_headers() -> dict[str, str]:
-    """Return the Authorization header when API_TOKEN is set."""
-    token = os.environ.get("API_TOKEN", "")
-    return {"Authorization": f"Bearer {token}"} if token else {}
+class ApiUser(User):
+    """A user with its own publisher.client.Client: the same client the CLI and tests use."""
+
+    abstract = True
+
+    def on_start(self) -> None:
+        token = os.environ.get("API_TOKEN") or None
+        self.api = Client(self.host or "", token, max_retries=RETRIES, concurrency=1)
+
+    def on_stop(self) -> None:
+        self.api.close()
+
+    def record(self, kind: str, name: str, seconds: float, error: str | None) -> None:
+        """Report one request to Locust's statistics."""
+        self.environment.events.request.fire(
+            request_type=kind,
+            name=name,
+            response_time=seconds * 1000,
+            response_length=0,
+            exception=Exception(error) if error else None,
+            context={},
+        )
+
+    def timed(self, name: str, call: Callable[[], Any]) -> None:
+        """Run one read through the client and report its time and any error."""
+        started = time.perf_counter()
+        error = None
+        try:
+            call()
+        except ClientError as exc:
+            error = str(exc)
+        self.record("GET", name, time.perf_counter() - started, error)
 
 
-class Publisher(HttpUser):
+class Publisher(ApiUser):
     """Base for publishing users: builds events, re-sends some, counts only 202s."""
 
     abstract = True
 
     def on_start(self) -> None:
-        self.client.headers.update(auth_headers())
+        super().on_start()
         self.sent = 0
         self.pool: list[dict[str, Any]] = []
 
@@ -107,48 +139,24 @@ class Publisher(HttpUser):
             "payload": {"n": self.sent, "level": random.choice(("info", "warn", "error"))},
         }
 
-    def publish(self, batch: list[dict[str, Any]], body: Any, name: str) -> None:
-        """POST body to /publish and tally the batch only when the API answers 202.
+    def publish(self, batch: list[dict[str, Any]], name: str) -> None:
+        """Publish through the client and tally the batch only when the API answers 202.
 
-        A 429 or 503 is retried after its Retry-After with the same Idempotency-Key,
-        so a request that was accepted although its answer was lost counts once.
+        The client retries 429 and 503 after their Retry-After with the same
+        Idempotency-Key, so a request accepted although its answer was lost counts once.
+        The time reported is the whole request, retries included.
         """
-        key = uuid.uuid4().hex
-        for attempt in range(1, RETRIES + 2):
-            with self.client.post(
-                "/publish",
-                json=body,
-                name=name,
-                headers={"Idempotency-Key": key},
-                catch_response=True,
-            ) as response:
-                if response.status_code in (429, 503) and attempt <= RETRIES:
-                    response.failure(f"{response.status_code}, retrying with the same key")
-                    retry_after = response.headers.get("Retry-After", "1")
-                    wait = float(retry_after) if retry_after.isdigit() else 1.0
-                else:
-                    self._settle(response, batch)
-                    return
-            time.sleep(wait)
+        outcome = self.api.publish_batch(batch, as_object=len(batch) == 1)
+        self.record("POST", name, outcome.latency, outcome.error)
+        self._settle(outcome)
 
-    def _settle(self, response: Any, batch: list[dict[str, Any]]) -> None:
-        """Mark the final answer a success only if it is a 202 for the whole batch; tally it."""
-        if response.status_code != 202:
+    def _settle(self, outcome: RequestOutcome) -> None:
+        if not outcome.accepted:
             TALLY.failed_requests += 1
-            response.failure(f"expected 202, got {response.status_code}: {response.text[:200]}")
             return
-        try:
-            accepted = response.json()["accepted"]
-        except (ValueError, KeyError, TypeError):
-            accepted = None
-        if accepted != len(batch):
-            TALLY.failed_requests += 1
-            response.failure(f"accepted {accepted!r}, sent {len(batch)}")
-            return
-        response.success()
-        TALLY.accept(batch)
+        TALLY.accept(outcome.events)
         # Only accepted events may be re-sent: a re-send of a rejected one is no duplicate.
-        self.pool.extend(batch[: POOL_SIZE - len(self.pool)])
+        self.pool.extend(outcome.events[: POOL_SIZE - len(self.pool)])
 
 
 class SingleEventPublisher(Publisher):
@@ -159,8 +167,7 @@ class SingleEventPublisher(Publisher):
 
     @task
     def publish_one(self) -> None:
-        event = self.next_event()
-        self.publish([event], event, name="/publish [1 event]")
+        self.publish([self.next_event()], name="/publish [1 event]")
 
 
 class BatchPublisher(Publisher):
@@ -179,44 +186,28 @@ class BatchPublisher(Publisher):
             if event["event_id"] not in seen:
                 seen.add(event["event_id"])
                 batch.append(event)
-        self.publish(batch, batch, name=f"/publish [{BATCH_SIZE} events]")
+        self.publish(batch, name=f"/publish [{BATCH_SIZE} events]")
 
 
-class Reader(HttpUser):
+class Reader(ApiUser):
     """Reads back this run's events and the counters now and then."""
 
     weight = 1
     wait_time = between(1, 2)
 
-    def on_start(self) -> None:
-        self.client.headers.update(auth_headers())
-
     @task(3)
     def read_events(self) -> None:
-        params = {"topic": random.choice(TOPICS), "limit": 50}
-        with self.client.get(
-            "/events", params=params, name="/events?topic=[run]", catch_response=True
-        ) as response:
-            if response.status_code != 200:
-                response.failure(f"expected 200, got {response.status_code}")
+        pages = self.api.pages(topic=random.choice(TOPICS), limit=50)
+        self.timed("/events?topic=[run]", lambda: next(pages))
 
     @task(1)
     def read_stats(self) -> None:
-        with self.client.get("/stats", catch_response=True) as response:
-            if response.status_code != 200:
-                response.failure(f"expected 200, got {response.status_code}")
+        self.timed("/stats", self.api.stats)
 
 
-def run_counters(host: str) -> dict[str, int]:
+def run_counters(client: Client) -> dict[str, int]:
     """Sum stored, duplicates and failed over this run's topics from GET /stats/topics."""
-    response = requests.get(
-        f"{host.rstrip('/')}/stats/topics",
-        params={"prefix": f"{RUN_ID}.", "limit": 1000},
-        headers=auth_headers(),
-        timeout=10,
-    )
-    response.raise_for_status()
-    topics = {row["topic"]: row for row in response.json()["topics"]}
+    topics = {row["topic"]: row for row in client.topic_stats(f"{RUN_ID}.")}
     sums = {"stored": 0, "duplicates": 0, "failed": 0}
     for topic in TOPICS:
         for key in sums:
@@ -229,10 +220,11 @@ def verify(environment: Environment) -> bool:
     timeout = float(os.environ.get("LOCUST_VERIFY_TIMEOUT", "120"))
     deadline = time.monotonic() + timeout
     counters: dict[str, int] = {}
+    client = Client(environment.host or "", os.environ.get("API_TOKEN") or None, max_retries=3)
     while True:
         try:
-            counters = run_counters(environment.host or "")
-        except requests.RequestException as exc:
+            counters = run_counters(client)
+        except ClientError as exc:
             logger.warning("verify: GET /stats failed: %s", exc)
         if counters and sum(counters.values()) >= TALLY.total:
             break
@@ -240,6 +232,7 @@ def verify(environment: Environment) -> bool:
             logger.error("verify: gave up after %.0f s waiting for the queue to drain", timeout)
             break
         time.sleep(0.5)
+    client.close()
     expected = {"stored": TALLY.unique, "duplicates": TALLY.duplicates, "failed": 0}
     ok = counters == expected
     log = logger.info if ok else logger.error
