@@ -158,6 +158,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--seed", type=int, help="--generate: seed for which events are copied and their order")
     add("--batch-size", type=_batch_size, default=500, help="events per request; 1 sends objects")
     add("--concurrency", type=_positive, default=8, help="requests in flight (%(default)s)")
+    add(
+        "--linger",
+        type=_seconds,
+        default=0.5,
+        help="stdin: send a batch that is not full after this many seconds (%(default)s)",
+    )
     add("--no-progress", action="store_true", help="hide the progress bar")
     add("--verify", action="store_true", help="--generate: wait for /stats, check exact counts")
     add("--verify-timeout", type=_seconds, default=120.0, help="seconds to wait (%(default)s)")
@@ -345,7 +351,11 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
                 failed += len(outcome.events)
                 progress.set_postfix(failed=failed, last=outcome.error, refresh=False)
 
-        summary = client.publish(events, batch_size=args.batch_size, on_outcome=advance)
+        # A pipe may trickle: send what came within --linger rather than wait for a full batch.
+        linger = args.linger if total is None else None
+        summary = client.publish(
+            events, batch_size=args.batch_size, linger=linger, on_outcome=advance
+        )
     if total is not None and summary.stopped_by is not None:
         # Stopped early: the events never read count as not sent too.
         unsent = total - summary.sent - summary.failed_events

@@ -39,6 +39,7 @@ from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
 from publisher.events import iter_batches
+from publisher.events import iter_lingering_batches
 from publisher.outcomes import PublishSummary
 from publisher.outcomes import RequestOutcome
 from publisher.outcomes import summarize
@@ -215,12 +216,15 @@ class Client:
         events: Iterable[dict[str, Any]],
         *,
         batch_size: int = 500,
+        linger: float | None = None,
         on_outcome: Callable[[RequestOutcome], None] | None = None,
     ) -> PublishSummary:
         """Publish `events` in batches, `concurrency` requests at a time, and summarise.
 
         `events` is read only as fast as batches are sent, so a large file or a
-        pipe streams through. A batch of one is sent as a bare object. A refused
+        pipe streams through; with `linger`, a batch that is not full is sent once
+        its first event has waited that many seconds (for a live pipe). A batch of
+        one is sent as a bare object. A refused
         token (401/403) stops the run: nothing more is sent, and `unsent` counts
         what was left. Ctrl-C does the same after the requests in flight end.
         """
@@ -251,7 +255,11 @@ class Client:
         executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish")
         stopped_by: str | None = None
         try:
-            for batch in iter_batches(events, batch_size):
+            if linger is None:
+                batches = iter_batches(events, batch_size)
+            else:
+                batches = iter_lingering_batches(events, batch_size, linger)
+            for batch in batches:
                 read += len(batch)
                 topics.update(str(event.get("topic")) for event in batch)
                 in_flight.acquire()

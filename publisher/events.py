@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import random
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -115,6 +118,52 @@ def iter_batches(events: Iterable[dict[str, Any]], size: int) -> Iterator[list[d
         raise ValueError(f"batch size must be >= 1, got {size}")
     iterator = iter(events)
     while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def iter_lingering_batches(
+    events: Iterable[dict[str, Any]], size: int, linger: float
+) -> Iterator[list[dict[str, Any]]]:
+    """Yield batches of at most `size`, or fewer once the first has waited `linger` seconds.
+
+    For a live pipe: events that trickle in are sent within `linger` of arriving
+    instead of waiting for a full batch. A reader thread consumes `events`; an
+    error it meets is raised here, after the events before it were yielded.
+    """
+    if size < 1 or linger <= 0:
+        raise ValueError(f"batch size must be >= 1 and linger > 0, got {size} and {linger}")
+    end = object()
+    # Bounded, so a fast producer waits for the requests instead of filling memory.
+    buffered: queue.Queue[Any] = queue.Queue(maxsize=size * 4)
+
+    def read() -> None:
+        try:
+            for event in events:
+                buffered.put(event)
+        except Exception as exc:  # Handed over to the consumer, in order.
+            buffered.put(exc)
+        buffered.put(end)
+
+    threading.Thread(target=read, name="read-events", daemon=True).start()
+    while True:
+        item = buffered.get()
+        batch: list[dict[str, Any]] = []
+        deadline = time.monotonic() + linger
+        while item is not end and not isinstance(item, Exception):
+            batch.append(item)
+            remaining = deadline - time.monotonic()
+            if len(batch) >= size or remaining <= 0:
+                break
+            try:
+                item = buffered.get(timeout=remaining)
+            except queue.Empty:
+                break
+        else:
+            if batch:
+                yield batch
+            if isinstance(item, Exception):
+                raise item
+            return
         yield batch
 
 

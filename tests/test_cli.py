@@ -110,6 +110,28 @@ def test_publishes_from_stdin_and_stops_at_a_broken_line(url: str, engine: Engin
     assert_adds_up(figures, engine, sent=40)
 
 
+def test_a_live_pipe_is_published_as_it_arrives(url: str) -> None:
+    sender = subprocess.Popen(
+        [str(BIN / "aggregator"), "publish", "-", "--url", url, "--linger", "0.2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert sender.stdin is not None
+    try:
+        sender.stdin.write(ndjson([make_event(f"p-{n}", topic="pipe") for n in range(3)]))
+        sender.stdin.flush()
+        # The pipe is still open and the batch far from full: sent after the linger.
+        settled_stats(url, received=3)
+        sender.stdin.write(ndjson([make_event(f"p-{n}", topic="pipe") for n in range(3, 5)]))
+    finally:
+        out, err = sender.communicate(timeout=30)
+    assert sender.returncode == 0, err.decode()
+    assert "5 events answered 202" in out.decode()
+    assert "in 2 requests" in out.decode()
+    assert settled_stats(url, received=5)["topics"]["pipe"]["stored"] == 5
+
+
 def test_generated_run_verifies_exactly(url: str) -> None:
     run = aggregator(
         "publish", "--url", url, "--generate", "2000", "--duplicates", "0.2", "--verify", "--json"

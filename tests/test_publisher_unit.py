@@ -1,6 +1,7 @@
 """Unit tests of the publisher's pure logic: planning, batching, retries, summaries, CLI."""
 
 import io
+import threading
 from collections import Counter
 from datetime import datetime
 
@@ -26,6 +27,7 @@ from publisher.events import InputError
 from publisher.events import batched
 from publisher.events import event_key
 from publisher.events import iter_batches
+from publisher.events import iter_lingering_batches
 from publisher.events import plan_events
 from publisher.events import read_ndjson
 from publisher.outcomes import RequestOutcome
@@ -441,3 +443,33 @@ def test_iter_batches_reads_only_as_far_as_it_yields():
     assert [event["n"] for event in next(batches)] == [0, 1, 2, 3]
     assert consumed == [0, 1, 2, 3]
     assert [len(batch) for batch in batches] == [4, 2]
+
+
+def test_lingering_batches_are_full_when_events_come_fast():
+    events = ({"n": n} for n in range(25))
+    assert [len(batch) for batch in iter_lingering_batches(events, 10, linger=30)] == [10, 10, 5]
+
+
+def test_lingering_batches_send_what_came_once_the_first_event_waited():
+    release = threading.Event()
+
+    def trickle():
+        yield from ({"n": n} for n in range(3))
+        release.wait(30)  # The rest comes only after the first batch went out.
+        yield from ({"n": n} for n in range(3, 5))
+
+    batches = iter_lingering_batches(trickle(), 100, linger=0.05)
+    assert [event["n"] for event in next(batches)] == [0, 1, 2]
+    release.set()
+    assert [[event["n"] for event in batch] for batch in batches] == [[3, 4]]
+
+
+def test_lingering_batches_raise_an_input_error_after_the_events_before_it():
+    def broken():
+        yield {"n": 0}
+        raise InputError(2, "not JSON")
+
+    batches = iter_lingering_batches(broken(), 100, linger=0.05)
+    assert next(batches) == [{"n": 0}]
+    with pytest.raises(InputError, match="line 2"):
+        next(batches)
