@@ -145,16 +145,23 @@ class GunicornLogger(glogging.Logger):
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:
         """Log one line per request; its request_id (and batch_id) come from the context."""
         # Called in the greenlet or thread that served the request, after the answer.
+        # Read from environ and the status line: every worker class passes those
+        # (gevent_pywsgi passes headers instead of a request object).
         if self.access_log_enabled:
+            method = environ.get("REQUEST_METHOD", "-")
+            path = environ.get("PATH_INFO", "-")
+            status = resp.status
+            if isinstance(status, str):
+                status = int(status.split(None, 1)[0])
             self.access_log.info(
                 "%s %s %s",
-                req.method,
-                req.path,
-                resp.status_code,
+                method,
+                path,
+                status,
                 extra={
-                    "method": req.method,
-                    "path": req.path,
-                    "status": resp.status_code,
+                    "method": method,
+                    "path": path,
+                    "status": status,
                     "duration_ms": round(request_time.total_seconds() * 1000, 3),
                 },
             )
