@@ -7,7 +7,6 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.apps.worker import install_worker_term_handler
 from celery.signals import celeryd_after_setup
 from celery.signals import celeryd_init
 from celery.signals import setup_logging
@@ -74,6 +73,9 @@ def _no_banner(sender: str, instance: Any, **_: object) -> None:
 def _quiet_shutdown(sender: Any, **_: object) -> None:
     """Replace Celery's SIGTERM handler with the same one minus its printed text line."""
     # Installed just before the worker is ready; _log_shutdown says it instead.
+    # Imported here: the API imports this package too and has no use for it.
+    from celery.apps.worker import install_worker_term_handler
+
     install_worker_term_handler(sender.controller, verbose=False)
 
 
