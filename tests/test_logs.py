@@ -19,6 +19,8 @@ import redis
 import requests
 from sqlalchemy import make_url
 
+from app.config import SettingsError
+from app.config import load_settings
 from app.logs import json_formatter
 from app.logs import request_id_from
 from scripts.services import RedisServer
@@ -241,6 +243,13 @@ def test_sane_request_ids_are_kept() -> None:
         assert request_id_from(given) == given
     for given in ("", None, "x" * 129, "a b", "a\tb", "a\nb", "é", "<script>"):
         assert HEX_ID.fullmatch(request_id_from(given))
+
+
+def test_log_level_comes_from_the_environment() -> None:
+    assert load_settings({}).log_level == "INFO"
+    assert load_settings({"LOG_LEVEL": " debug "}).log_level == "DEBUG"
+    with pytest.raises(SettingsError, match="LOG_LEVEL"):
+        load_settings({"LOG_LEVEL": "verbose"})
 
 
 def test_every_line_of_both_logs_is_one_json_object(api: Api, worker: Worker) -> None:
