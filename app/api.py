@@ -441,7 +441,7 @@ def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
         checks["broker_data_loss"] = "unknown"
     try:
         _redis().ping()
-        # Informational: what a 202 survives (README, Reliability).
+        # Informational: what a 202 survives (docs/reliability.md).
         checks["broker_persistence"] = persistence(_redis())
     except Exception as exc:
         checks["broker"] = f"down: {type(exc).__name__}"

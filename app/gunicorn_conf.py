@@ -14,7 +14,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gevent: each connection is a greenlet, so idle or slow clients cost no thread,
 # concurrent small requests meet in group commit (app/publish.py), and a process
 # does not spend its CPU on threads fighting for the GIL (gthread x16 cost ~1.8x
-# the CPU per request on two cores; see README, Performance).
+# the CPU per request on two cores; see docs/performance.md).
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # Only for GUNICORN_WORKER_CLASS=gthread.

@@ -246,7 +246,7 @@ class TopicStatsSchema(Schema):
 
 
 class BrokerDataLossSchema(Schema):
-    """Losses of broker data detected so far (see the README, Reliability)."""
+    """Losses of broker data detected so far (see docs/reliability.md)."""
 
     detected = fields.Integer(required=True)
     last_detected_at = fields.String(allow_none=True, required=True)

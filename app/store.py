@@ -183,7 +183,7 @@ def _copy_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
 
     psycopg2 adapts every element of _insert_events' arrays in Python; COPY
     streams one text buffer that PostgreSQL parses (about twice the rows per
-    second on this machine, see README, Performance).
+    second on this machine, see docs/performance.md).
     """
     conn.execute(_CREATE_STAGE)
     lines = "".join(

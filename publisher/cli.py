@@ -204,10 +204,14 @@ def emit_json(document: Any) -> None:
     sys.stdout.flush()
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def format_summary(summary: PublishSummary) -> str:
     """Render the publish summary as a small text table."""
     rows = [
-        ("read", f"{summary.planned} events, sent in {summary.requests} requests"),
+        ("read", f"{summary.planned} events, sent in {_plural(summary.requests, 'request')}"),
         ("accepted", f"{summary.sent} events answered 202"),
         ("unique", f"{summary.unique}"),
         ("duplicates", f"{summary.duplicates}"),
