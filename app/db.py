@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 from sqlalchemy import BigInteger
+from sqlalchemy import CheckConstraint
 from sqlalchemy import Column
 from sqlalchemy import DateTime
 from sqlalchemy import Engine
@@ -118,6 +119,13 @@ dead_letters = Table(
     Column("error", Text, nullable=False),
     Column("failed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("replayed_at", DateTime(timezone=True), nullable=True),
+    # What the replay did: "stored" or "duplicate" (/metrics counts replays by result).
+    Column("replayed_as", Text, nullable=True),
+    CheckConstraint(
+        "(replayed_at IS NULL AND replayed_as IS NULL)"
+        " OR (replayed_at IS NOT NULL AND replayed_as IN ('stored', 'duplicate'))",
+        name="replay_result",
+    ),
     Index(None, "topic", "event_id"),
     # A redelivered batch refuses the same rows again; one letter per row.
     UniqueConstraint("batch_id", "topic", "event_id"),

@@ -36,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from app import metric_files
 from app.broker_log import loss_summary
 from app.store import read_totals
+from app.store import replay_counts
 from tasks.acceptance import backlog_age
 from tasks.acceptance import depth
 from tasks.acceptance import persistence
@@ -105,20 +106,30 @@ class StatsCollector(Collector):
     def _from_database(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
         with self._engine.connect() as conn:
             totals = read_totals(conn)
+            replays = replay_counts(conn)
             losses = loss_summary(conn)
-        # Disjoint outcomes, so sum() is what was processed. "failed" drops by one
-        # when a dead letter is replayed (it moves to stored or duplicate).
+        # By each event's first outcome, so every series only grows (a replay
+        # moves an event from failed to stored in /stats, which a counter must
+        # not show as failed going down) and sum() is what was processed.
         events = CounterMetricFamily(
             "aggregator_events",
-            "Events processed, by outcome (exact, from the ledger; disjoint).",
+            "Events processed, by first outcome (exact, from the ledger; disjoint;"
+            " replays of failed events are aggregator_dead_letter_replays_total).",
             labels=["outcome"],
         )
         for outcome, total in (
-            ("stored", totals.stored),
-            ("duplicate", totals.duplicates),
-            ("failed", totals.failed),
+            ("stored", totals.stored - replays["stored"]),
+            ("duplicate", totals.duplicates - replays["duplicate"]),
+            ("failed", totals.failed + replays["stored"] + replays["duplicate"]),
         ):
             events.add_metric([outcome], total)
+        replayed = CounterMetricFamily(
+            "aggregator_dead_letter_replays",
+            "Failed events replayed, by what the replay did (stored, duplicate).",
+            labels=["result"],
+        )
+        for result, count in replays.items():
+            replayed.add_metric([result], count)
         lost = CounterMetricFamily(
             "aggregator_broker_data_loss",
             "Losses of broker data detected (flushed, replaced, or restored from an older copy).",
@@ -129,7 +140,7 @@ class StatsCollector(Collector):
             "Detected losses of broker data not yet acknowledged by an operator.",
         )
         unacknowledged.add_metric([], losses["unacknowledged"])
-        return [events, lost, unacknowledged]
+        return [events, replayed, lost, unacknowledged]
 
     def _from_broker(self) -> list[GaugeMetricFamily]:
         figures = depth(self._client)

@@ -617,6 +617,16 @@ def iter_events(
         yield event
 
 
+def replay_counts(conn: Connection) -> dict[str, int]:
+    """Return how many dead letters were replayed, by what the replay did (stored, duplicate)."""
+    rows = conn.execute(
+        select(dead_letters.c.replayed_as, func.count())
+        .where(dead_letters.c.replayed_as.is_not(None))
+        .group_by(dead_letters.c.replayed_as)
+    ).all()
+    return {"stored": 0, "duplicate": 0} | {result: count for result, count in rows}
+
+
 def list_dead_letters(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
     """Return the newest dead letters that have not been replayed."""
     stmt = (
@@ -702,7 +712,9 @@ def replay_dead_letter(conn: Connection, letter_id: int) -> str | None:
         raise ReplayRefused(_clean(getattr(exc, "orig", None) or exc).strip()) from None
     moved_to = "stored" if stored else "duplicates"
     conn.execute(
-        update(dead_letters).where(dead_letters.c.id == letter_id).values(replayed_at=func.now())
+        update(dead_letters)
+        .where(dead_letters.c.id == letter_id)
+        .values(replayed_at=func.now(), replayed_as="stored" if stored else "duplicate")
     )
     conn.execute(
         update(topic_stats)

@@ -275,18 +275,29 @@ def test_dead_letter_is_replayed_after_the_cause_is_fixed(url: str, engine: Engi
     assert requests.get(f"{url}/dead-letters", timeout=10).json() == []
     again = requests.post(f"{url}/dead-letters/{letter['id']}/replay", timeout=10)
     assert again.status_code == 404
+    # /metrics counts by first outcome, so "failed" never goes down: the replay is counted apart.
+    samples = scrape(url)
+    assert samples['aggregator_events_total{outcome="stored"}'] == 1
+    assert samples['aggregator_events_total{outcome="failed"}'] == 1
+    assert samples['aggregator_dead_letter_replays_total{result="stored"}'] == 1
+    assert samples['aggregator_dead_letter_replays_total{result="duplicate"}'] == 0
+
+
+def scrape(url: str) -> dict[str, float]:
+    """GET /metrics as series -> value."""
+    body = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_metrics_add_up_across_processes(url: str) -> None:
     publish(url, [make_event(f"mt-{i}") for i in range(30)])
     publish(url, make_event("mt-0"))
     settled_stats(url, received=31)
-    body = requests.get(f"{url}/metrics", timeout=10).text
-    samples = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in body.splitlines()
-        if line and not line.startswith("#")
-    }
+    samples = scrape(url)
     assert samples['aggregator_events_total{outcome="stored"}'] == 30
     assert samples['aggregator_events_total{outcome="duplicate"}'] == 1
     assert samples['aggregator_events_total{outcome="failed"}'] == 0
