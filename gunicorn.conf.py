@@ -10,4 +10,4 @@ if os.environ.get("GUNICORN_WORKER_CLASS", "gevent") == "gevent":
 
     monkey.patch_all()
 
-from app.gunicorn_conf import *  # noqa: E402, F403
+from app.gunicorn_conf import *  # noqa: F403

@@ -424,7 +424,7 @@ def health() -> dict[str, str]:
     " acknowledgement; `checks` says which. See Retry-After.",
 )
 @operation(health_blp, "ready")
-def ready() -> tuple[dict[str, Any], int] | dict[str, Any]:
+def ready() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
     """Check the database and the broker, and that no loss of broker data awaits acknowledgement."""
     checks = {"database": "ok", "broker": "ok", "broker_data_loss": "none"}
     try:

@@ -134,6 +134,6 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(KeyReused, handle_key_reused)
     for exc_type in BROKER_ERRORS:
         app.register_error_handler(exc_type, handle_broker_error)
-    for exc_type in DATABASE_ERRORS:
-        app.register_error_handler(exc_type, handle_database_error)
+    for db_exc_type in DATABASE_ERRORS:
+        app.register_error_handler(db_exc_type, handle_database_error)
     app.register_error_handler(Exception, handle_unexpected)

@@ -257,7 +257,7 @@ def _claim_statement() -> Insert:
     )
 
 
-def _record_statement() -> Select[tuple[int]]:
+def _record_statement() -> Select[Any]:
     ledger = (
         update(batches)
         # Not named "batch_id": in an UPDATE that name would mean SET batch_id.

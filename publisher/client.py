@@ -186,7 +186,8 @@ class Client:
         key = idempotency_key or uuid.uuid4().hex
         headers = {**self._headers, "Content-Type": "application/json", "Idempotency-Key": key}
         started = time.perf_counter()
-        batch_id = None
+        batch_id: str | None = None
+        error: str | None
         try:
             response = self._pool.request(
                 "POST",

@@ -91,7 +91,7 @@ class Api(_HttpProcess):
             str(workers),
             "app:create_app()",
         ]
-        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(log, "ab")
         self.executor = HTTPExecutor(
             command,
             url=f"{self.url}/health",
@@ -130,7 +130,7 @@ class Worker:
             "--without-gossip",
             "--without-mingle",
         ]
-        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(log, "ab")
         self.executor = SimpleExecutor(command, **_process_options(env, self._log_file))
 
     def output(self) -> str:
@@ -190,7 +190,7 @@ class Flower(_HttpProcess):
             f"--port={self.port}",
             "--address=127.0.0.1",
         ]
-        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(log, "ab")
         # The login goes by environment (Flower reads FLOWER_*), not argv, so
         # `ps` does not show it.
         options = _process_options({**env, "FLOWER_BASIC_AUTH": auth}, self._log_file)

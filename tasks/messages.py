@@ -41,7 +41,7 @@ def build_message(batch_id: str, events: list[dict[str, Any]]) -> str:
         ],
         serializer="msgpack",
     )
-    headers = {
+    headers: dict[str, Any] = {
         "lang": "py",
         "task": TASK_NAME,
         "id": batch_id,

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -260,13 +261,18 @@ class BrokerState:
     backlog_bytes: int
 
 
+def _text(value: Any) -> str:
+    # Our clients return bytes (no decode_responses); the redis stubs allow str too.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def read_state(client: redis.Redis) -> BrokerState:
     """Read the broker's epoch, sequence, accepted events and backlog."""
     epoch, seq, accepted, backlog = client.hmget(
         STATE_KEY, ["epoch", "seq", "accepted_events", "backlog_bytes"]
     )
     return BrokerState(
-        epoch.decode() if epoch is not None else None,
+        _text(epoch) if epoch is not None else None,
         int(seq or 0),
         int(accepted or 0),
         int(backlog or 0),
@@ -275,19 +281,19 @@ def read_state(client: redis.Redis) -> BrokerState:
 
 def read_pending(client: redis.Redis) -> dict[str, int]:
     """Return every accepted, uncommitted batch id with its number of events."""
-    return {key.decode(): int(value) for key, value in client.hgetall(PENDING_KEY).items()}
+    return {_text(key): int(value) for key, value in client.hgetall(PENDING_KEY).items()}
 
 
 def oldest_pending_age(client: redis.Redis) -> float:
     """Seconds since the oldest pending batch was (last) put on the queue; 0 when none."""
     oldest = client.zrange(SENT_KEY, 0, 0, withscores=True)
-    return max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
+    return max(0.0, time.time() - float(oldest[0][1])) if oldest else 0.0
 
 
 def overdue(client: redis.Redis, older_than: float) -> list[str]:
     """Return the pending batches last put on the queue more than older_than seconds ago."""
     ids = client.zrangebyscore(SENT_KEY, "-inf", time.time() - older_than)
-    return [batch_id.decode() for batch_id in ids]
+    return [_text(batch_id) for batch_id in ids]
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ http {{
 """
         )
         self.base = base
-        self._stderr = open(base / "stderr.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._stderr = open(base / "stderr.log", "wb")
         self.process = subprocess.Popen(
             [
                 str(find_nginx()),
