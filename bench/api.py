@@ -34,14 +34,13 @@ from bench.harness import describe
 from bench.harness import finish
 from bench.harness import log
 from bench.harness import machine
-from bench.harness import migrate
 from bench.harness import redis_pid
-from bench.harness import scratch_dir
 from bench.harness import server_versions
 from bench.harness import table
 from bench.harness import warn_if_busy
 from bench.profiling import py_spy
 from bench.profiling import summarise
+from scripts.services import scratch_dir
 from scripts.stack import Api
 
 TOKEN = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
@@ -183,7 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(scratch_dir("agg-bench-api-"))
         services = stack.enter_context(bench_services(base, durable=True, redis_aof=True))
-        migrate(services.database_url)
         document["services"] = server_versions(services)
         env = {
             **services.env,

@@ -44,19 +44,16 @@ from bench.harness import bench_services
 from bench.harness import code_digest
 from bench.harness import cpu_seconds
 from bench.harness import describe
+from bench.harness import empty_tables
 from bench.harness import finish
 from bench.harness import fmt
 from bench.harness import log
 from bench.harness import log_tail
 from bench.harness import machine
-from bench.harness import migrate
-from bench.harness import plain_dsn
 from bench.harness import postmaster_pid
 from bench.harness import redis_pid
-from bench.harness import scratch_dir
 from bench.harness import server_versions
 from bench.harness import table
-from bench.harness import truncate_app_tables
 from bench.harness import warn_if_busy
 from bench.harness import write_json
 from bench.profiling import py_spy
@@ -67,6 +64,8 @@ from publisher.events import plan_events
 from publisher.events import run_prefix
 from publisher.events import run_topics
 from publisher.verify import wait_and_verify
+from scripts.services import plain_dsn
+from scripts.services import scratch_dir
 from scripts.stack import Api
 from scripts.stack import Worker
 
@@ -301,7 +300,7 @@ def measure_ceiling(
         log(f"ceiling {label} failed: {exc!r}")
         results["app_store"] = {"method": label, "error": repr(exc)}
     finally:
-        truncate_app_tables(services)
+        empty_tables(services)
     return results
 
 
@@ -565,7 +564,7 @@ def run_config(
             if args.warmup:
                 warm_up(api.url, workload, args.warmup, args.settle_timeout)
             for repeat in range(args.repeat):
-                truncate_app_tables(services)
+                empty_tables(services)
                 log(f"{workload.name}: {args.events} events, run {repeat + 1}/{args.repeat}")
                 label = f"{workload.name}-api{api_workers}-wrk{worker_processes}-{repeat + 1}"
                 with contextlib.ExitStack() as profiling:
@@ -598,7 +597,7 @@ def run_config(
                     failed = True
                     print(log_tail(api.log), file=sys.stderr)
                     print(log_tail(worker.log), file=sys.stderr)
-        truncate_app_tables(services)
+        empty_tables(services)
     return failed
 
 
@@ -627,7 +626,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         services = stack.enter_context(
             bench_services(base, durable=True, redis_aof=True, redis_fsync=args.redis_fsync)
         )
-        migrate(services.database_url)
         document["services"] = {
             **server_versions(services),
             "private_postgres": services.private_postgres,

@@ -1,4 +1,7 @@
-"""Shared pieces of the benchmarks: private services, migrations, process accounting, output."""
+"""Shared pieces of the benchmarks: their services, process accounting, output.
+
+Servers, databases and migrations come from scripts.services, as the tests' and the demo's do.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,9 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -26,20 +26,15 @@ from typing import Any
 import psutil
 import psycopg2
 import redis
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import make_url
 
 from app.db import make_engine
-from app.db import metadata
-from scripts.services import PostgresServer
-from scripts.services import RedisServer
-from scripts.services import create_database
-from scripts.services import drop_database
-from scripts.services import find_pg_bindir
-from scripts.services import find_redis_server
-from scripts.services import free_port
-from scripts.stack import ROOT
+from scripts.services import ROOT
+from scripts.services import plain_dsn
+from scripts.services import postgres_server_url
+from scripts.services import private_redis
+from scripts.services import throwaway_database
+from scripts.services import truncate_app_tables
 from tasks.pending import forget_everything
 
 RESULTS = ROOT / "bench" / "results"
@@ -49,28 +44,6 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1", None, ""}
 def log(message: str) -> None:
     """Print a progress line to stderr, so stdout holds only the result tables."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def plain_dsn(url: str) -> str:
-    """Turn a SQLAlchemy URL into a libpq DSN for psycopg2 (password kept)."""
-    parsed = make_url(url).set(drivername="postgresql")
-    return parsed.render_as_string(hide_password=False)
-
-
-def with_database(url: str, database: str) -> str:
-    """Return url pointing at another database on the same server (password kept)."""
-    return make_url(url).set(database=database).render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def scratch_dir(prefix: str) -> Iterator[Path]:
-    """Yield a temp directory the postgres/nobody account can traverse; remove it afterwards."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -97,83 +70,35 @@ def bench_services(
     redis_fsync: str = "always",
     prefix: str = "agg_bench",
 ) -> Iterator[Services]:
-    """Yield a fresh database and a Redis: DATABASE_URL/REDIS_URL when set, else private ones.
+    """Yield a fresh, migrated database and a Redis: DATABASE_URL/REDIS_URL when set, else private.
 
     The benchmark truncates and fills tables, so it always works in a database
     of its own (created here, dropped on the way out), even on a given server.
     """
-    started: list[PostgresServer | RedisServer] = []
-    server_url: str | None = None
-    database: str | None = None
-    try:
-        if os.environ.get("DATABASE_URL"):
-            server_url = with_database(os.environ["DATABASE_URL"], "postgres")
-            private_postgres = False
-        else:
-            pg = PostgresServer(base / "pg", free_port(), find_pg_bindir(), durable=durable)
-            started.append(pg)
-            pg.start()
-            server_url = pg.url()
-            private_postgres = True
-            log(f"started PostgreSQL on 127.0.0.1:{pg.port} (durable={durable})")
-        database = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        create_database(server_url, database)
-        database_url = with_database(server_url, database)
-        if os.environ.get("REDIS_URL"):
-            redis_url = os.environ["REDIS_URL"]
-            private_redis = False
-        else:
-            rs = RedisServer(
-                base / "redis",
-                free_port(),
-                find_redis_server(),
-                appendonly=redis_aof,
-                appendfsync=redis_fsync,
-            )
-            started.append(rs)
-            rs.start()
-            redis_url = rs.url
-            private_redis = True
-            log(f"started Redis on 127.0.0.1:{rs.port} (appendonly={redis_aof}, {redis_fsync})")
-        yield Services(database_url, redis_url, private_postgres, private_redis)
-    finally:
-        if server_url is not None and database is not None:
-            try:
-                drop_database(server_url, database)
-            except psycopg2.Error as exc:
-                log(f"could not drop database {database}: {exc}")
-        for server in reversed(started):
-            server.stop()
-            if isinstance(server, PostgresServer):
-                shutil.rmtree(server.sockdir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        server_url = stack.enter_context(postgres_server_url(base / "pg", durable=durable))
+        database_url = stack.enter_context(throwaway_database(server_url, prefix))
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            options = {"appendonly": redis_aof, "appendfsync": redis_fsync}
+            redis_url = stack.enter_context(private_redis(base / "redis", **options)).url
+            log(f"started Redis on {redis_url} (appendonly={redis_aof}, {redis_fsync})")
+        yield Services(
+            database_url,
+            redis_url,
+            private_postgres=not os.environ.get("DATABASE_URL"),
+            private_redis=not os.environ.get("REDIS_URL"),
+        )
 
 
-def migrate(database_url: str) -> None:
-    """Run `alembic upgrade head` on database_url, the way deploys (and tests) do."""
-    engine = make_engine(database_url)
+def empty_tables(services: Services) -> None:
+    """Empty the application's tables (and the pending marks of a private Redis)."""
+    engine = make_engine(services.database_url)
     try:
         with engine.begin() as conn:
-            config = Config(toml_file=str(ROOT / "pyproject.toml"))
-            config.set_main_option("sqlalchemy.url", database_url)
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            truncate_app_tables(conn)
     finally:
         engine.dispose()
-
-
-def app_tables() -> list[str]:
-    """Return the names of every table the application defines."""
-    return [table.name for table in metadata.sorted_tables]
-
-
-def truncate_app_tables(services: Services) -> None:
-    """Empty the application's tables (and the pending marks of a private Redis)."""
-    conn = psycopg2.connect(plain_dsn(services.database_url))
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(f"TRUNCATE {', '.join(app_tables())}")
-    finally:
-        conn.close()
     if services.private_redis:
         client = redis.Redis.from_url(services.redis_url)
         try:

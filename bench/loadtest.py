@@ -24,11 +24,10 @@ from pathlib import Path
 
 from bench.harness import bench_services
 from bench.harness import log
-from bench.harness import migrate
-from bench.harness import scratch_dir
 from bench.harness import table
+from scripts.services import ROOT
+from scripts.services import scratch_dir
 from scripts.stack import BIN
-from scripts.stack import ROOT
 from scripts.stack import Api
 from scripts.stack import Worker
 
@@ -102,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         scratch_dir("agg-load-") as base,
         bench_services(base, durable=True, redis_aof=True) as services,
     ):
-        migrate(services.database_url)
         # Production settings: a token and the default rate limit.
         env = {**services.env, "API_TOKENS": token}
         api = Api(env, base / "api.log", workers=2).start()

@@ -31,7 +31,6 @@ import urllib3
 from app.store import encode_cursor
 from bench.harness import ProcessGroup
 from bench.harness import RssSampler
-from bench.harness import app_tables
 from bench.harness import bench_services
 from bench.harness import code_digest
 from bench.harness import describe
@@ -41,13 +40,13 @@ from bench.harness import log
 from bench.harness import log_tail
 from bench.harness import machine
 from bench.harness import median
-from bench.harness import migrate
-from bench.harness import plain_dsn
-from bench.harness import scratch_dir
 from bench.harness import server_versions
 from bench.harness import table
 from bench.harness import warn_if_busy
 from publisher.outcomes import percentile
+from scripts.services import plain_dsn
+from scripts.services import scratch_dir
+from scripts.services import truncate_sql
 from scripts.stack import Api
 
 # Rows written by one simulated transaction: the worker commits a batch of 500 at a time.
@@ -172,7 +171,7 @@ def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
                 cur.execute(f'DROP INDEX "{name}"')
             for name, _ in constraints:
                 cur.execute(f'ALTER TABLE events DROP CONSTRAINT "{name}"')
-            cur.execute(f"TRUNCATE {', '.join(app_tables())}")
+            cur.execute(truncate_sql())
             started = time.perf_counter()
             # FREEZE: the table was truncated in this transaction, so rows can be
             # written frozen and no later pass has to set hint bits on 10M rows.
@@ -437,7 +436,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = stack.enter_context(scratch_dir("agg-reads-"))
         # Reads do not depend on commit durability; fsync off makes the fill faster.
         services = stack.enter_context(bench_services(base, durable=False, redis_aof=False))
-        migrate(services.database_url)
         document["services"] = {
             **server_versions(services),
             "private_postgres": services.private_postgres,

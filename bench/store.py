@@ -26,9 +26,8 @@ from app.db import make_engine
 from app.store import store_exactly_once
 from bench.harness import bench_services
 from bench.harness import log
-from bench.harness import migrate
-from bench.harness import scratch_dir
-from scripts.stack import ROOT
+from scripts.services import ROOT
+from scripts.services import scratch_dir
 
 
 def _sizes(raw: str) -> list[int]:
@@ -110,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with scratch_dir("agg-bench-store-") as base:
         with bench_services(Path(base), durable=True, redis_aof=False) as services:
-            migrate(services.database_url)
             if args.payload_gin:
                 create_payload_gin(services.database_url)
                 log("with the optional GIN index on events.payload")

@@ -21,9 +21,9 @@ import threading
 import urllib.request
 from contextlib import ExitStack
 
+from scripts.services import ROOT
 from scripts.services import local_services
 from scripts.stack import BIN
-from scripts.stack import ROOT
 from scripts.stack import Api
 from scripts.stack import Flower
 from scripts.stack import Worker

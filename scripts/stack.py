@@ -16,10 +16,10 @@ import psutil
 from mirakuru import HTTPExecutor
 from mirakuru import SimpleExecutor
 
+from scripts.services import ROOT
 from scripts.services import free_port
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_until(

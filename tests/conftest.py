@@ -2,71 +2,46 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import URL
 from sqlalchemy import Connection
 from sqlalchemy import Engine
-from sqlalchemy import make_url
-from sqlalchemy import text
 
 from app.db import make_engine
-from scripts.services import PostgresServer
+from scripts import services
 from scripts.services import RedisServer
-from scripts.services import create_database
-from scripts.services import drop_database
-from scripts.services import find_pg_bindir
-from scripts.services import find_redis_server
-from scripts.services import free_port
+from scripts.services import postgres_server_url
+from scripts.services import private_redis
+from scripts.services import throwaway_database
+from scripts.services import truncate_app_tables
 from scripts.stack import Api
 from scripts.stack import Worker
 from tasks.pending import forget_everything
-from tests.helpers import TABLES
-from tests.helpers import migrate
-
-
-def _render(url: URL) -> str:
-    # str(url) masks the password as ***; processes we start need the real one.
-    return url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
 def scratch_dir() -> Iterator[Path]:
     """A directory an unprivileged PostgreSQL account can reach, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="agg-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with services.scratch_dir("agg-test-") as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
 def pg_server_url(scratch_dir: Path) -> Iterator[str]:
     """URL of a PostgreSQL server: DATABASE_URL's when given, else a private one."""
-    if os.environ.get("DATABASE_URL"):
-        yield _render(make_url(os.environ["DATABASE_URL"]).set(database="postgres"))
-        return
-    server = PostgresServer(scratch_dir / "pg", free_port(), find_pg_bindir(), durable=False)
-    server.start()
-    yield server.url()
-    server.stop()
+    with postgres_server_url(scratch_dir / "pg", durable=False) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database migrated to head, dropped at the end of the session."""
-    name = f"agg_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    create_database(pg_server_url, name)
-    url = _render(make_url(pg_server_url).set(database=name))
-    migrate(url)
-    yield url
-    drop_database(pg_server_url, name)
+    with throwaway_database(pg_server_url, "agg_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +60,7 @@ def conn(engine: Engine) -> Iterator[Connection]:
     """
     with engine.connect() as connection:
         transaction = connection.begin()
-        connection.execute(text(f"TRUNCATE {TABLES}"))
+        truncate_app_tables(connection)
         yield connection
         transaction.rollback()
 
@@ -93,23 +68,17 @@ def conn(engine: Engine) -> Iterator[Connection]:
 @pytest.fixture(scope="session")
 def redis_server(scratch_dir: Path) -> Iterator[RedisServer]:
     """A private redis-server (AOF on) for the whole session."""
-    server = RedisServer(scratch_dir / "redis", free_port(), find_redis_server())
-    server.start()
-    yield server
-    server.stop()
+    with private_redis(scratch_dir / "redis") as server:
+        yield server
 
 
 @pytest.fixture
 def quiet_broker(scratch_dir: Path) -> Iterator[redis.Redis]:
     """A private Redis no worker listens to, so nothing but the test touches its queue."""
-    server = RedisServer(
-        scratch_dir / f"redis-quiet-{uuid.uuid4().hex[:6]}", free_port(), find_redis_server()
-    )
-    server.start()
-    client = redis.Redis.from_url(server.url)
-    yield client
-    client.close()
-    server.stop()
+    with private_redis(scratch_dir / f"redis-quiet-{uuid.uuid4().hex[:6]}") as server:
+        client = redis.Redis.from_url(server.url)
+        yield client
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +129,7 @@ def worker(stack_env: dict[str, str], logs: Path) -> Iterator[Worker]:
 def clean(engine: Engine, redis_server: RedisServer) -> None:
     """Empty the tables and the pending marks; end-to-end tests share committed data."""
     with engine.begin() as connection:
-        connection.execute(text(f"TRUNCATE {TABLES}"))
+        truncate_app_tables(connection)
     with redis.Redis.from_url(redis_server.url) as client:
         forget_everything(client)
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import requests
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine
 from sqlalchemy import func
 from sqlalchemy import select
@@ -15,35 +12,7 @@ from sqlalchemy import text
 
 from app.db import batches
 from app.db import events
-from app.db import make_engine
 from scripts.stack import wait_until
-
-ROOT = Path(__file__).parent.parent
-# The broker tables first: the workers' broker check reads them before batches, so a
-# TRUNCATE taking its locks in this order cannot deadlock with it; batches before events, as
-# the worker claims its ledger row first.
-TABLES = (
-    "broker_checkpoints, broker_losses, batches, events, topic_stats, counter_totals, dead_letters"
-)
-
-
-def alembic_config(database_url: str) -> Config:
-    """Return an Alembic config for the repository's migrations on database_url."""
-    config = Config(toml_file=str(ROOT / "pyproject.toml"))
-    config.set_main_option("sqlalchemy.url", database_url)
-    return config
-
-
-def migrate(database_url: str, revision: str = "head") -> None:
-    """Run `alembic upgrade` against database_url, the way deploys do."""
-    engine = make_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            config = alembic_config(database_url)
-            config.attributes["connection"] = conn
-            command.upgrade(config, revision)
-    finally:
-        engine.dispose()
 
 
 def make_event(event_id: str, topic: str = "orders", **payload: Any) -> dict[str, Any]:

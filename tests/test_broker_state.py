@@ -10,14 +10,13 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy import func
 from sqlalchemy import select
-from sqlalchemy import text
 
 from app.db import broker_checkpoints
 from app.db import broker_losses
+from scripts.services import truncate_app_tables
 from tasks.broker_state import broker_name
 from tasks.broker_state import check
 from tasks.pending import read_state
-from tests.helpers import TABLES
 
 
 @pytest.fixture
@@ -25,7 +24,7 @@ def tidy(engine: Engine) -> Iterator[None]:
     """Leave no recorded loss behind: the session's API would report it in /ready."""
     yield
     with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES}"))
+        truncate_app_tables(conn)
 
 
 def losses(engine: Engine) -> int:

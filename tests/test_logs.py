@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import uuid
@@ -17,22 +16,18 @@ from typing import Any
 import pytest
 import redis
 import requests
-from sqlalchemy import make_url
 
 from app.config import SettingsError
 from app.config import load_settings
 from app.logs import json_formatter
 from app.logs import request_id_from
 from scripts.services import RedisServer
-from scripts.services import create_database
-from scripts.services import drop_database
-from scripts.services import find_redis_server
-from scripts.services import free_port
+from scripts.services import private_redis
+from scripts.services import throwaway_database
 from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import wait_until
 from tests.helpers import make_event
-from tests.helpers import migrate
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
@@ -77,10 +72,8 @@ def access_line(api: Api, request_id: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def broker(scratch_dir: Path) -> Iterator[RedisServer]:
     """A Redis of this module's own, so no other test's worker takes its batches."""
-    server = RedisServer(scratch_dir / "redis-logs", free_port(), find_redis_server())
-    server.start()
-    yield server
-    server.stop()
+    with private_redis(scratch_dir / "redis-logs") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +81,8 @@ def env(
     stack_env: dict[str, str], pg_server_url: str, broker: RedisServer
 ) -> Iterator[dict[str, str]]:
     """The test environment on a database and a broker of this module's own."""
-    name = f"agg_logs_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    create_database(pg_server_url, name)
-    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    yield {**stack_env, "DATABASE_URL": url, "REDIS_URL": broker.url, "LOG_LEVEL": "INFO"}
-    drop_database(pg_server_url, name)
+    with throwaway_database(pg_server_url, "agg_logs") as url:
+        yield {**stack_env, "DATABASE_URL": url, "REDIS_URL": broker.url, "LOG_LEVEL": "INFO"}
 
 
 @pytest.fixture(scope="module")

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from alembic import command
 from sqlalchemy import inspect
-from sqlalchemy import make_url
 from sqlalchemy import text
 
 from app.db import make_engine
-from scripts.services import create_database
-from scripts.services import drop_database
+from scripts.services import alembic_config
+from scripts.services import migrate
+from scripts.services import throwaway_database
 from scripts.stack import ROOT
-from tests.helpers import alembic_config
-from tests.helpers import migrate
 
 
 @pytest.fixture
 def empty_database(pg_server_url: str) -> Iterator[str]:
-    name = f"agg_migrate_{uuid.uuid4().hex[:8]}"
-    create_database(pg_server_url, name)
-    yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    drop_database(pg_server_url, name)
+    with throwaway_database(pg_server_url, "agg_migrate", migrated=False) as url:
+        yield url
 
 
 def tables_and_constraints(url: str) -> tuple[set[str], list[str]]:

@@ -19,8 +19,8 @@ from app.db import make_engine
 from scripts.services import PostgresServer
 from scripts.services import find_pg_bindir
 from scripts.services import free_port
+from scripts.services import migrate
 from tests.helpers import make_event
-from tests.helpers import migrate
 
 
 def store_batches(engine: Engine, prefix: str, batches: int, size: int = 10) -> None:

@@ -9,11 +9,11 @@ from scripts.services import RedisServer
 from scripts.services import find_pg_bindir
 from scripts.services import find_redis_server
 from scripts.services import free_port
+from scripts.services import migrate
 from scripts.stack import Api
 from scripts.stack import Worker
 from tests.helpers import assert_adds_up
 from tests.helpers import make_event
-from tests.helpers import migrate
 from tests.helpers import publish
 from tests.helpers import settled_stats
 from tests.helpers import stats

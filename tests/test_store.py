@@ -19,7 +19,7 @@ from app.db import batches
 from app.db import dead_letters
 from app.db import events
 from app.db import make_engine
-from tests.helpers import TABLES
+from scripts.services import truncate_app_tables
 
 
 def row(event_id: str, topic: str = "t", **payload: Any) -> dict[str, Any]:
@@ -118,10 +118,10 @@ def test_cursors_issued_before_positions_still_continue_after_them(conn: Connect
 def committed(engine: Engine) -> Iterator[Engine]:
     """Pages only show committed transactions, so these tests commit and clean up."""
     with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES}"))
+        truncate_app_tables(conn)
     yield engine
     with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES}"))
+        truncate_app_tables(conn)
 
 
 def test_pages_walk_all_rows_in_order(committed: Engine) -> None:

@@ -12,12 +12,11 @@ from sqlalchemy import Engine
 from app.db import make_engine
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
-from scripts.services import find_pg_bindir
-from scripts.services import find_redis_server
-from scripts.services import free_port
+from scripts.services import migrate
+from scripts.services import private_postgres
+from scripts.services import private_redis
 from scripts.stack import Api
 from tests.faults.harness import Workers
-from tests.helpers import migrate
 
 # --- fixtures: a private broker, API and workers per test ------------------------------------
 
@@ -28,15 +27,8 @@ def broker(scratch_dir: Path) -> Iterator[RedisServer]:
 
     DEBUG is allowed from loopback, so a test can stall it with `DEBUG SLEEP`.
     """
-    server = RedisServer(
-        scratch_dir / f"redis-faults-{uuid.uuid4().hex[:6]}",
-        free_port(),
-        find_redis_server(),
-        debug=True,
-    )
-    server.start()
-    yield server
-    server.stop()
+    with private_redis(scratch_dir / f"redis-faults-{uuid.uuid4().hex[:6]}", debug=True) as server:
+        yield server
 
 
 @pytest.fixture
@@ -63,17 +55,12 @@ def worker(fault_env: dict[str, str], logs: Path) -> Iterator[Workers]:
 @pytest.fixture
 def postgres(scratch_dir: Path) -> Iterator[PostgresServer]:
     """A PostgreSQL of the test's own, migrated, so the test can stop and start it."""
-    server = PostgresServer(
-        scratch_dir / f"pg-faults-{uuid.uuid4().hex[:6]}",
-        free_port(),
-        find_pg_bindir(),
-        durable=False,
-    )
-    server.start()
-    server.create_database("aggregator")
-    migrate(server.url("aggregator"))
-    yield server
-    server.stop()
+    with private_postgres(
+        scratch_dir / f"pg-faults-{uuid.uuid4().hex[:6]}", durable=False
+    ) as server:
+        server.create_database("aggregator")
+        migrate(server.url("aggregator"))
+        yield server
 
 
 @pytest.fixture

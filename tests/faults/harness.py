@@ -53,7 +53,6 @@ from tests.helpers import assert_adds_up
 from tests.helpers import make_event
 from tests.helpers import stats
 
-ROOT = Path(__file__).resolve().parent.parent
 Key = tuple[str, str]
 
 

@@ -20,8 +20,7 @@ from sqlalchemy import Engine
 
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
-from scripts.services import find_redis_server
-from scripts.services import free_port
+from scripts.services import private_redis
 from scripts.stack import Api
 from scripts.stack import wait_until
 from tasks.pending import MESSAGE_KEY
@@ -135,15 +134,9 @@ class TestFullBrokerDuringDatabaseOutage:
 
     @pytest.fixture
     def broker(self, scratch_dir: Path) -> Iterator[RedisServer]:
-        server = RedisServer(
-            scratch_dir / f"redis-memory-{uuid.uuid4().hex[:6]}",
-            free_port(),
-            find_redis_server(),
-            maxmemory="3mb",
-        )
-        server.start()
-        yield server
-        server.stop()
+        datadir = scratch_dir / f"redis-memory-{uuid.uuid4().hex[:6]}"
+        with private_redis(datadir, maxmemory="3mb") as server:
+            yield server
 
     @pytest.fixture(params=["budget", "maxmemory"])
     def fault_env(

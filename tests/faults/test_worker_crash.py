@@ -21,8 +21,7 @@ from sqlalchemy import select
 from app.db import batches
 from app.db import events
 from scripts.services import RedisServer
-from scripts.services import find_redis_server
-from scripts.services import free_port
+from scripts.services import private_redis
 from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import wait_until
@@ -36,10 +35,8 @@ from tests.helpers import settled_stats
 
 @pytest.fixture(scope="module")
 def broker(scratch_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(scratch_dir / "redis-crash", free_port(), find_redis_server())
-    server.start()
-    yield server
-    server.stop()
+    with private_redis(scratch_dir / "redis-crash") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

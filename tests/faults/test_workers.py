@@ -20,11 +20,11 @@ from sqlalchemy import Engine
 from sqlalchemy import select
 
 from app.db import batches
+from scripts.services import ROOT
 from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import alive
 from scripts.stack import wait_until
-from tests.faults.harness import ROOT
 from tests.faults.harness import PacedPublisher
 from tests.faults.harness import Workers
 from tests.faults.harness import assert_broker_drained
