@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import threading
 import time
@@ -35,8 +34,11 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from app import broker_log
 from app import publish
-from app import store
 from app.auth import charge_events
+from app.cursors import InvalidCursor
+from app.cursors import decode_cursor
+from app.cursors import decode_topic_cursor
+from app.cursors import encode_topic_cursor
 from app.metrics import ACCEPTED
 from app.metrics import REPLAYS
 from app.schemas import AcceptedSchema
@@ -53,6 +55,11 @@ from app.schemas import TopicPageSchema
 from app.schemas import TopicQuerySchema
 from app.schemas import load_events
 from app.stats import collect_stats
+from app.store import reading
+from app.store.counters import topic_page
+from app.store.dead_letters import ReplayRefused
+from app.store.dead_letters import list_dead_letters
+from app.store.dead_letters import replay_dead_letter as replay_letter
 from tasks.acceptance import Request
 from tasks.acceptance import fingerprint
 from tasks.acceptance import persistence
@@ -300,7 +307,7 @@ def _events_page(
 ) -> tuple[list[dict[str, Any]], str | None]:
     try:
         with _engine().connect() as conn:
-            return store.list_events(
+            return reading.list_events(
                 conn,
                 limit=limit,
                 cursor=cursor,
@@ -308,15 +315,15 @@ def _events_page(
                 always_cursor=follow,
                 **filters,
             )
-    except store.InvalidCursor as exc:
+    except InvalidCursor as exc:
         raise ValidationError({"cursor": [str(exc)]}) from None
 
 
 def _export(cursor: str | None, filters: dict[str, Any]) -> Response:
     if cursor is not None:
         try:
-            store.decode_cursor(cursor)
-        except store.InvalidCursor as exc:
+            decode_cursor(cursor)
+        except InvalidCursor as exc:
             raise ValidationError({"cursor": [str(exc)]}) from None
     engine = _engine()
 
@@ -324,7 +331,7 @@ def _export(cursor: str | None, filters: dict[str, Any]) -> Response:
         # If the database goes away mid-stream the stream just ends: resume
         # from the cursor of the last line received.
         with engine.connect() as conn:
-            for event in store.iter_events(conn, cursor=cursor, **filters):
+            for event in reading.iter_events(conn, cursor=cursor, **filters):
                 yield orjson.dumps(event) + b"\n"
 
     return Response(stream_with_context(lines()), mimetype=NDJSON)
@@ -362,21 +369,14 @@ def stats() -> dict[str, Any]:
 @operation(stats_blp, "listTopicStats")
 def topic_stats(limit: int, cursor: str | None = None, prefix: str | None = None) -> dict[str, Any]:
     """Return per-topic counters, a page at a time, optionally only topics with a prefix."""
-    after = _decode_topic_cursor(cursor) if cursor is not None else None
-    with _engine().connect() as conn:
-        page, last = store.topic_page(conn, limit=limit, after=after, prefix=prefix)
-    next_cursor = base64.urlsafe_b64encode(last.encode()).decode() if last is not None else None
-    return {"topics": page, "next_cursor": next_cursor}
-
-
-def _decode_topic_cursor(cursor: str) -> str:
     try:
-        topic = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        topic = ""
-    if not topic:
-        raise ValidationError({"cursor": ["not a cursor this API issued"]})
-    return topic
+        after = decode_topic_cursor(cursor) if cursor is not None else None
+    except InvalidCursor as exc:
+        raise ValidationError({"cursor": [str(exc)]}) from None
+    with _engine().connect() as conn:
+        page, last = topic_page(conn, limit=limit, after=after, prefix=prefix)
+    next_cursor = encode_topic_cursor(last) if last is not None else None
+    return {"topics": page, "next_cursor": next_cursor}
 
 
 @dead_letters_blp.route("/dead-letters", methods=["GET"])
@@ -386,7 +386,7 @@ def _decode_topic_cursor(cursor: str) -> str:
 def dead_letters() -> list[dict[str, Any]]:
     """Return the newest events the database refused, with the reason."""
     with _engine().connect() as conn:
-        return store.list_dead_letters(conn)
+        return list_dead_letters(conn)
 
 
 @dead_letters_blp.route("/dead-letters/<int:letter_id>/replay", methods=["POST"])
@@ -397,8 +397,8 @@ def replay_dead_letter(letter_id: int) -> dict[str, Any]:
     """Store a dead-lettered event again, after the cause was fixed."""
     try:
         with _engine().begin() as conn:
-            result = store.replay_dead_letter(conn, letter_id)
-    except store.ReplayRefused as exc:
+            result = replay_letter(conn, letter_id)
+    except ReplayRefused as exc:
         raise ValidationError({"event": [f"the database still refuses it: {exc}"]}) from None
     if result is None:
         raise NotFound(f"no dead letter {letter_id} waiting for replay")

@@ -30,6 +30,16 @@ metadata = MetaData(
     }
 )
 
+# The fields of an event as a publisher sends it, in column order.
+EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
+# The four counters every batch, topic and stripe keeps (received = stored + duplicates + failed).
+COUNTERS = ("received", "stored", "duplicates", "failed")
+
+
+def _counter_columns(type_: type[Integer] | type[BigInteger]) -> list[Column[int]]:
+    return [Column(name, type_, nullable=False, server_default="0") for name in COUNTERS]
+
+
 events = Table(
     "events",
     metadata,
@@ -45,7 +55,7 @@ events = Table(
     Column("txid", BigInteger, nullable=False, server_default=text("txid_current()")),
     # The log's order. Writers take positions only while holding LOG_LOCK until
     # they commit, so positions become visible in order and a reader's cursor
-    # can never pass a row that commits later (app.store).
+    # can never pass a row that commits later (app.store.ledger).
     Column(
         "position",
         BigInteger,
@@ -66,10 +76,9 @@ batches = Table(
     "batches",
     metadata,
     Column("batch_id", Text, primary_key=True),
+    # Known when the batch is claimed, so it has no default.
     Column("received", Integer, nullable=False),
-    Column("stored", Integer, nullable=False, server_default="0"),
-    Column("duplicates", Integer, nullable=False, server_default="0"),
-    Column("failed", Integer, nullable=False, server_default="0"),
+    *(column for column in _counter_columns(Integer) if column.name != "received"),
     Column("processed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     # Which acceptance this batch was: the broker's epoch and its sequence number
     # there (tasks.broker_state compares them with the broker to detect lost data).
@@ -84,10 +93,7 @@ topic_stats = Table(
     "topic_stats",
     metadata,
     Column("topic", Text, primary_key=True),
-    Column("received", BigInteger, nullable=False, server_default="0"),
-    Column("stored", BigInteger, nullable=False, server_default="0"),
-    Column("duplicates", BigInteger, nullable=False, server_default="0"),
-    Column("failed", BigInteger, nullable=False, server_default="0"),
+    *_counter_columns(BigInteger),
 )
 
 # The totals of topic_stats, kept in STRIPES rows so concurrent workers rarely
@@ -97,10 +103,7 @@ counter_totals = Table(
     "counter_totals",
     metadata,
     Column("stripe", SmallInteger, primary_key=True),
-    Column("received", BigInteger, nullable=False, server_default="0"),
-    Column("stored", BigInteger, nullable=False, server_default="0"),
-    Column("duplicates", BigInteger, nullable=False, server_default="0"),
-    Column("failed", BigInteger, nullable=False, server_default="0"),
+    *_counter_columns(BigInteger),
 )
 # Topics in code-point order whatever the database's collation, so a prefix
 # is one contiguous index range (GET /stats/topics?prefix=).

@@ -35,8 +35,8 @@ from sqlalchemy.exc import OperationalError
 
 from app import metric_files
 from app.broker_log import loss_summary
-from app.store import read_totals
-from app.store import replay_counts
+from app.store.counters import read_totals
+from app.store.dead_letters import replay_counts
 from tasks.acceptance import backlog_age
 from tasks.acceptance import depth
 from tasks.acceptance import persistence

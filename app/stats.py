@@ -9,8 +9,8 @@ import redis
 from sqlalchemy import Engine
 
 from app.broker_log import loss_summary
-from app.store import processed_batches
-from app.store import read_totals
+from app.store.counters import read_totals
+from app.store.ledger import processed_batches
 from tasks.acceptance import queued_batches
 
 

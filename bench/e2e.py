@@ -35,8 +35,8 @@ from psycopg2.extensions import connection as PgConnection
 from psycopg2.extras import execute_values
 
 from app.db import make_engine
-from app.store import run_in_transaction
-from app.store import store_batch
+from app.store.ledger import run_in_transaction
+from app.store.ledger import store_batch
 from bench.harness import ProcessGroup
 from bench.harness import RssSampler
 from bench.harness import Services
@@ -216,7 +216,7 @@ def copy_then_insert(conn: PgConnection, table_name: str, rows: Sequence[tuple],
 
 
 def app_store_batches(database_url: str, events: Sequence[dict[str, Any]], batch: int) -> int:
-    """Store batches with app.store.store_batch in-process (no HTTP, no Celery), one txn each."""
+    """Store batches in-process with app.store.ledger.store_batch, one transaction each."""
     engine = make_engine(database_url, pool_size=1)
     stored = 0
     try:

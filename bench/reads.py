@@ -28,7 +28,7 @@ import orjson
 import psycopg2
 import urllib3
 
-from app.store import encode_cursor
+from app.cursors import encode_cursor
 from bench.harness import ProcessGroup
 from bench.harness import RssSampler
 from bench.harness import bench_services

@@ -1,4 +1,4 @@
-"""The worker's database step alone: app.store.store_exactly_once per batch, in this process.
+"""The worker's database step alone: app.store.ledger.store_exactly_once per batch, in this process.
 
     python -m bench.store                      # batches of 1 and 500, 10% duplicates
     python -m bench.store --sizes 1,10 --batches 2000
@@ -23,7 +23,7 @@ import psutil
 from sqlalchemy import text
 
 from app.db import make_engine
-from app.store import store_exactly_once
+from app.store.ledger import store_exactly_once
 from bench.harness import bench_services
 from bench.harness import log
 from scripts.services import ROOT

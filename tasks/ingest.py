@@ -15,7 +15,7 @@ from structlog.contextvars import bind_contextvars
 from app.config import load_settings
 from app.metrics import TASK_DURATION
 from app.metrics import TASK_OUTCOMES
-from app.store import store_exactly_once
+from app.store.ledger import store_exactly_once
 from tasks import celery_app
 from tasks import get_engine
 from tasks import get_scripts

@@ -16,7 +16,7 @@ import threading
 import redis
 from sqlalchemy import Engine
 
-from app.store import processed_batches
+from app.store.ledger import processed_batches
 from tasks.pending import Scripts
 from tasks.pending import overdue
 

@@ -1,20 +1,16 @@
-"""Queries: storing batches idempotently, counting them, and reading events back."""
+"""The write path: each batch stored exactly once, with its ledger row and counters."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import zlib
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
-from datetime import datetime
 from typing import Any
 from typing import TypeVar
 
@@ -34,7 +30,6 @@ from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import table
 from sqlalchemy import text
-from sqlalchemy import tuple_
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import JSONB
@@ -46,6 +41,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import StatementError
 
 from app.db import COUNTER_STRIPES
+from app.db import COUNTERS
+from app.db import EVENT_FIELDS
 from app.db import batches
 from app.db import counter_totals
 from app.db import dead_letters
@@ -54,13 +51,11 @@ from app.db import topic_stats
 
 DEDUP_CONSTRAINT = "uq_events_topic_event_id"
 DEAD_LETTER_CONSTRAINT = "uq_dead_letters_batch_id_topic_event_id"
-COUNTERS = ("received", "stored", "duplicates", "failed")
-EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
 # Batches at least this large are loaded with COPY (see _copy_events).
 COPY_FROM_ROWS = 64
 # Any constant: a writer holds this transaction-level advisory lock from taking
 # its first event position until it commits, so positions become visible in
-# the order they were taken (see _hold_log).
+# the order they were taken (see hold_log).
 LOG_LOCK = 0x6167_6C6F
 
 Event = Mapping[str, Any]
@@ -83,7 +78,7 @@ def _key(event: Event) -> tuple[str, str]:
     return (event["topic"], event["event_id"])
 
 
-def _is_poison(exc: Exception) -> bool:
+def is_poison(exc: Exception) -> bool:
     """Tell data the database refuses from failures worth retrying (connection, deadlock)."""
     if isinstance(exc, DataError | IntegrityError):
         return True
@@ -124,7 +119,7 @@ def _events_statement() -> Insert:
 _INSERT_EVENTS = _events_statement()
 
 
-def _insert_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
+def insert_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
     """Insert rows in order, skipping existing keys; return the topic of every row stored."""
     params = {
         "topics": [row["topic"] for row in rows],
@@ -158,7 +153,7 @@ _INSERT_STAGED = (
 )
 
 
-def _hold_log(conn: Connection) -> None:
+def hold_log(conn: Connection) -> None:
     """Take the log's write lock until this transaction ends.
 
     Events get positions (a sequence) only under it, so a transaction that took
@@ -179,9 +174,9 @@ def _copy_text(value: str) -> str:
 
 
 def _copy_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
-    """Insert rows like _insert_events, loading them with COPY; for large batches.
+    """Insert rows like insert_events, loading them with COPY; for large batches.
 
-    psycopg2 adapts every element of _insert_events' arrays in Python; COPY
+    psycopg2 adapts every element of insert_events' arrays in Python; COPY
     streams one text buffer that PostgreSQL parses (about twice the rows per
     second on this machine, see docs/performance.md).
     """
@@ -199,7 +194,7 @@ def _copy_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
         raise DBAPIError.instance(_COPY_STAGE, None, exc, psycopg2.Error) from None
     finally:
         cursor.close()
-    _hold_log(conn)  # only now: loading the staging table needs no order
+    hold_log(conn)  # only now: loading the staging table needs no order
     return list(conn.execute(_INSERT_STAGED).scalars())
 
 
@@ -212,17 +207,17 @@ def _insert_one_by_one(
     for row in rows:
         try:
             with conn.begin_nested():
-                stored.extend(_insert_events(conn, [row]))
+                stored.extend(insert_events(conn, [row]))
         except Exception as exc:
-            if not _is_poison(exc):
+            if not is_poison(exc):
                 raise
             refused.append(row)
             _dead_letter(conn, batch_id, row, exc)
     return stored, refused
 
 
-def _clean(value: object) -> str:
-    # Text columns cannot hold NUL either; show it escaped.
+def clean_text(value: object) -> str:
+    """Return value as text a column can hold: NUL shown escaped, as text columns refuse it."""
     return str(value).replace("\x00", "\\0")
 
 
@@ -231,11 +226,11 @@ def _dead_letter(conn: Connection, batch_id: str, row: Event, exc: Exception) ->
         insert(dead_letters)
         .values(
             batch_id=batch_id,
-            topic=_clean(row.get("topic", "")),
-            event_id=_clean(row.get("event_id", "")),
+            topic=clean_text(row.get("topic", "")),
+            event_id=clean_text(row.get("event_id", "")),
             # JSON text escapes NUL as \u0000, which a text column can hold.
             event=orjson.dumps(dict(row)).decode(),
-            error=_clean(getattr(exc, "orig", None) or exc).strip()[:2000],
+            error=clean_text(getattr(exc, "orig", None) or exc).strip()[:2000],
         )
         # A redelivered batch refuses the same rows again; keep one letter each.
         .on_conflict_do_nothing(constraint=DEAD_LETTER_CONSTRAINT)
@@ -289,11 +284,11 @@ def _record_statement() -> Select[Any]:
         select(func.count())
         .select_from(ledger)
         .add_cte(add.cte("counted"))
-        .add_cte(_add_to_totals().cte("totalled"))
+        .add_cte(add_to_totals().cte("totalled"))
     )
 
 
-def _add_to_totals() -> Insert:
+def add_to_totals() -> Insert:
     """Add a batch's counts to one stripe of counter_totals (bound: stripe, total_<name>)."""
     add = insert(counter_totals).values(
         stripe=bindparam("stripe"),
@@ -305,7 +300,8 @@ def _add_to_totals() -> Insert:
     )
 
 
-def _stripe(key: str) -> int:
+def stripe(key: str) -> int:
+    """Return the counter_totals stripe a batch adds to."""
     # Spread concurrent batches over the stripes, so they rarely wait on one row.
     return zlib.crc32(key.encode()) % COUNTER_STRIPES
 
@@ -340,7 +336,7 @@ def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> None:
     for name in COUNTERS:
         params[f"topic_{name}"] = [outcome.per_topic[topic][name] for topic in topics]
         params[f"total_{name}"] = getattr(outcome, name)
-    params["stripe"] = _stripe(batch_id)
+    params["stripe"] = stripe(batch_id)
     conn.execute(_RECORD, params).scalar_one()
 
 
@@ -381,15 +377,15 @@ def store_batch(
     if not guarded and len(unique_rows) >= COPY_FROM_ROWS:
         stored_topics = _copy_events(conn, unique_rows)
     elif not guarded:
-        _hold_log(conn)
-        stored_topics = _insert_events(conn, unique_rows)
+        hold_log(conn)
+        stored_topics = insert_events(conn, unique_rows)
     else:
-        _hold_log(conn)
+        hold_log(conn)
         try:
             with conn.begin_nested():
-                stored_topics = _insert_events(conn, unique_rows)
+                stored_topics = insert_events(conn, unique_rows)
         except Exception as exc:
-            if not _is_poison(exc):
+            if not is_poison(exc):
                 raise
             stored_topics, refused = _insert_one_by_one(conn, batch_id, unique_rows)
 
@@ -422,220 +418,12 @@ def _count(
     )
 
 
-@dataclass
-class Totals:
-    """Processed counters from the ledger's totals."""
-
-    received: int = 0
-    stored: int = 0
-    duplicates: int = 0
-    failed: int = 0
-
-
-def read_totals(conn: Connection) -> Totals:
-    """Sum the striped totals: a few rows, however many topics or events there are."""
-    row = conn.execute(
-        select(*(func.coalesce(func.sum(counter_totals.c[name]), 0) for name in COUNTERS))
-    ).one()
-    return Totals(*(int(value) for value in row))
-
-
-def topic_page(
-    conn: Connection, *, limit: int, after: str | None = None, prefix: str | None = None
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Return per-topic counters in code-point order of topic, and the last topic if more follow."""
-    topic = topic_stats.c.topic.collate("C")
-    conditions = []
-    if after is not None:
-        conditions.append(topic > after)
-    if prefix:
-        conditions.append(topic >= prefix)
-        end = _prefix_end(prefix)
-        if end is not None:
-            conditions.append(topic < end)
-    stmt = select(topic_stats).where(*conditions).order_by(topic).limit(limit + 1)
-    rows = conn.execute(stmt).mappings().all()
-    page = [
-        {"topic": row["topic"], **{name: row[name] for name in COUNTERS if name != "received"}}
-        for row in rows[:limit]
-    ]
-    return page, page[-1]["topic"] if len(rows) > limit else None
-
-
-def _prefix_end(prefix: str) -> str | None:
-    """The first string after every string that starts with prefix, in code-point order."""
-    chars = list(prefix)
-    while chars:
-        last = ord(chars.pop())
-        if last < 0x10FFFF:
-            following = last + 1 if last + 1 != 0xD800 else 0xE000  # no surrogates in text
-            return "".join(chars) + chr(following)
-    return None
-
-
 def processed_batches(conn: Connection, batch_ids: Sequence[str]) -> set[str]:
     """Return which of these batch ids the ledger already holds."""
     if not batch_ids:
         return set()
     stmt = select(batches.c.batch_id).where(batches.c.batch_id == func.any(list(batch_ids)))
     return set(conn.execute(stmt).scalars())
-
-
-class InvalidCursor(ValueError):
-    """A pagination cursor that we did not issue."""
-
-
-def encode_cursor(position: int) -> str:
-    """Turn a log position into an opaque, URL-safe cursor."""
-    return base64.urlsafe_b64encode(f"p{position}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int | tuple[int, int]:
-    """Parse a cursor: a position, or (txid, id) from before migration 0005; else InvalidCursor."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if raw.startswith("p"):
-            return int(raw[1:])
-        txid, row_id = raw.split(".")
-        return int(txid), int(row_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidCursor("cursor is not one this API issued") from None
-
-
-def _after(cursor: str) -> Any:
-    """The condition for rows after a cursor."""
-    position = decode_cursor(cursor)
-    if isinstance(position, int):
-        return events.c.position > position
-    # A cursor issued before positions: the position of the last row at or before
-    # it in the old (txid, id) order, in which migration 0005 numbered the rows.
-    last = (
-        select(events.c.position)
-        .where(tuple_(events.c.txid, events.c.id) <= tuple_(*position))
-        .order_by(events.c.txid.desc(), events.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    return events.c.position > func.coalesce(last, 0)
-
-
-def _event_conditions(
-    cursor: str | None,
-    topic: str | None,
-    source: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    payload: dict[str, Any] | None,
-) -> list[Any]:
-    # No horizon: positions become visible in order (_hold_log), so whatever
-    # this snapshot shows is a prefix of the log, however long other
-    # transactions (of this database or any other) stay open.
-    conditions = []
-    if cursor is not None:
-        conditions.append(_after(cursor))
-    if topic is not None:
-        conditions.append(events.c.topic == topic)
-    if source is not None:
-        conditions.append(events.c.source == source)
-    if since is not None:
-        conditions.append(events.c.timestamp >= since)
-    if until is not None:
-        conditions.append(events.c.timestamp < until)
-    if payload is not None:
-        conditions.append(events.c.payload.contains(payload))
-    return conditions
-
-
-def list_events(
-    conn: Connection,
-    *,
-    limit: int,
-    cursor: str | None = None,
-    topic: str | None = None,
-    source: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    payload: dict[str, Any] | None = None,
-    max_bytes: int = 4 * 1024 * 1024,
-    always_cursor: bool = False,
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Return one page of stored events, oldest first, and the cursor of the next page.
-
-    The cursor is None at the end of the log, unless `always_cursor` (followers):
-    then it is the position after the last event returned, or the one given.
-    """
-    conditions = _event_conditions(cursor, topic, source, since, until, payload)
-    # Pages stop at max_bytes of payload (at least one row each), so a page of
-    # large events cannot take the server's memory: the cursor continues.
-    size = func.octet_length(cast(events.c.payload, Text))
-    order = (events.c.position,)
-    window = (
-        select(
-            events,
-            size.label("size"),
-            func.sum(size).over(order_by=order).label("running"),
-            func.lag(size).over(order_by=order).label("previous_size"),
-        )
-        .where(*conditions)
-        .order_by(*order)
-        .limit(limit + 1)
-        .subquery()
-    )
-    # The page, plus the first row past its end (if any) to tell that more follow.
-    starts_before = window.c.running - window.c.size - func.coalesce(window.c.previous_size, 0)
-    stmt = select(window).where(starts_before < max_bytes).order_by(window.c.position)
-    rows = conn.execute(stmt).mappings().all()
-    page = [row for row in rows if row["running"] - row["size"] < max_bytes][:limit]
-    if page and (len(rows) > len(page) or always_cursor):
-        next_cursor: str | None = encode_cursor(page[-1]["position"])
-    else:
-        next_cursor = cursor if always_cursor else None
-    items = [{name: row[name] for name in (*EVENT_FIELDS, "stored_at")} for row in page]
-    return items, next_cursor
-
-
-def iter_events(
-    conn: Connection,
-    *,
-    cursor: str | None = None,
-    topic: str | None = None,
-    source: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    payload: dict[str, Any] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Yield every matching event in log order, each with its cursor, in constant memory.
-
-    One statement (one snapshot) read through a server-side cursor, 1,000 rows at a time.
-    """
-    conditions = _event_conditions(cursor, topic, source, since, until, payload)
-    stmt = select(events).where(*conditions).order_by(events.c.position)
-    result = conn.execution_options(stream_results=True, yield_per=1000).execute(stmt)
-    for row in result.mappings():
-        event = {name: row[name] for name in (*EVENT_FIELDS, "stored_at")}
-        event["cursor"] = encode_cursor(row["position"])
-        yield event
-
-
-def replay_counts(conn: Connection) -> dict[str, int]:
-    """Return how many dead letters were replayed, by what the replay did (stored, duplicate)."""
-    rows = conn.execute(
-        select(dead_letters.c.replayed_as, func.count())
-        .where(dead_letters.c.replayed_as.is_not(None))
-        .group_by(dead_letters.c.replayed_as)
-    ).all()
-    return {"stored": 0, "duplicate": 0} | {result: count for result, count in rows}
-
-
-def list_dead_letters(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
-    """Return the newest dead letters that have not been replayed."""
-    stmt = (
-        select(dead_letters)
-        .where(dead_letters.c.replayed_at.is_(None))
-        .order_by(dead_letters.c.id.desc())
-        .limit(limit)
-    )
-    return [dict(row) for row in conn.execute(stmt).mappings()]
 
 
 # PostgreSQL aborts one side of a deadlock or serialization conflict; running
@@ -677,58 +465,8 @@ def store_exactly_once(
             lambda conn: store_batch(conn, batch_id, rows, epoch=epoch, seq=seq, guarded=False),
         )
     except Exception as exc:
-        if not _is_poison(exc):
+        if not is_poison(exc):
             raise
     return run_in_transaction(
         engine, lambda conn: store_batch(conn, batch_id, rows, epoch=epoch, seq=seq)
     )
-
-
-class ReplayRefused(Exception):
-    """The database still refuses a dead-lettered event."""
-
-
-def replay_dead_letter(conn: Connection, letter_id: int) -> str | None:
-    """Store a dead-lettered event again and move it from failed to stored (or duplicates).
-
-    Returns "stored" or "duplicate", or None when there is no such letter still
-    waiting. The counters keep adding up: the event was already received.
-    """
-    letter = conn.execute(
-        select(dead_letters)
-        .where(dead_letters.c.id == letter_id, dead_letters.c.replayed_at.is_(None))
-        .with_for_update()
-    ).one_or_none()
-    if letter is None:
-        return None
-    event = orjson.loads(letter.event)
-    _hold_log(conn)
-    try:
-        with conn.begin_nested():
-            stored = bool(_insert_events(conn, [event]))
-    except Exception as exc:
-        if not _is_poison(exc):
-            raise
-        raise ReplayRefused(_clean(getattr(exc, "orig", None) or exc).strip()) from None
-    moved_to = "stored" if stored else "duplicates"
-    conn.execute(
-        update(dead_letters)
-        .where(dead_letters.c.id == letter_id)
-        .values(replayed_at=func.now(), replayed_as="stored" if stored else "duplicate")
-    )
-    conn.execute(
-        update(topic_stats)
-        .where(topic_stats.c.topic == letter.topic)
-        .values({"failed": topic_stats.c.failed - 1, moved_to: topic_stats.c[moved_to] + 1})
-    )
-    conn.execute(
-        update(batches)
-        .where(batches.c.batch_id == letter.batch_id)
-        .values({"failed": batches.c.failed - 1, moved_to: batches.c[moved_to] + 1})
-    )
-    moved = {name: 0 for name in COUNTERS} | {"failed": -1, moved_to: 1}
-    conn.execute(
-        _add_to_totals(),
-        {"stripe": _stripe(letter.batch_id), **{f"total_{k}": v for k, v in moved.items()}},
-    )
-    return "stored" if stored else "duplicate"
