@@ -1,31 +1,50 @@
-"""The Flask application factory; importing this package does nothing else."""
+"""The Flask application factory; importing this package does nothing else.
+
+Not even import Flask: every import of app.config, app.db or app.store (the
+workers' too) runs this file first, so the factory imports the web stack, and
+the modules that need it, inside the function (as it imports the blueprints).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-
-from flask import Flask
-from flask import Response
-from flask import send_from_directory
-from flask_smorest import Api
-from swagger_ui_bundle import swagger_ui_path
-from werkzeug.middleware.proxy_fix import ProxyFix
+from typing import TYPE_CHECKING
 
 from app.config import Settings
 from app.config import load_settings
 from app.db import make_engine
 from app.logs import RequestIds
+from app.redis_client import make_redis
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from flask import Response
 
 DOCS_ASSETS = "/docs/assets"
 
 
 def _docs_asset(filename: str) -> Response:
+    from flask import send_from_directory
+    from swagger_ui_bundle import swagger_ui_path
+
     return send_from_directory(swagger_ui_path, filename, max_age=3600)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Create the API application, with its own engine and Redis client."""
+    from flask import Flask
+    from flask_smorest import Api
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from app.api import BLUEPRINTS
+    from app.api import attach_queue
+    from app.api import reject_unknown_query_parameters
+    from app.auth import init_auth
+    from app.errors import register_error_handlers
+    from app.metrics import init_metrics
+    from app.schemas import EventSchema
+
     settings = settings or load_settings()
     app = Flask(__name__)
     app.config.update(
@@ -58,9 +77,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Gunicorn runs this factory in each worker after the fork, so every
     # process gets its own pool; nothing connects until the first request.
     app.extensions["engine"] = make_engine(settings.database_url, pool_size=settings.pool_size)
-    # Imported here: tasks imports app.config, so a module-level import would be circular.
-    from tasks import make_redis
-
     # No quiet retries: redis-py's default would stretch a stall into seconds;
     # the client retries instead, with its idempotency key.
     app.extensions["redis"] = make_redis(settings)
@@ -68,24 +84,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # holds one that an acceptance is waiting for.
     app.extensions["redis_limits"] = make_redis(settings)
     app.extensions["started_at"] = time.monotonic()
-    app.config["GROUP_COMMIT_BELOW"] = settings.group_commit_below
-
-    from app.api import BLUEPRINTS
-    from app.api import reject_unknown_query_parameters
-    from app.auth import init_auth
-    from app.errors import register_error_handlers
-    from app.metrics import init_metrics
-    from app.publish import GroupCommit
-    from app.schemas import EventSchema
-    from tasks.acceptance import make_acceptor
-
-    acceptor = make_acceptor(app.extensions["redis"], app.extensions["engine"], settings)
-    app.extensions["acceptor"] = acceptor
-    app.extensions["group_commit"] = GroupCommit(
-        acceptor,
-        max_events=settings.group_commit_max_events,
-        linger=settings.group_commit_linger_ms / 1000,
-    )
+    attach_queue(app, settings)
 
     if settings.proxy_hops:
         # Behind a proxy the peer is the proxy: take the client's address from

@@ -1,4 +1,8 @@
-"""HTTP API: publishing, reading events, counters and health, one blueprint per resource."""
+"""HTTP API: publishing, reading events, counters and health, one blueprint per resource.
+
+The one module of app/ that imports tasks/: through tasks.acceptance, the queue's
+entry point, it hands publish requests over and reads what the broker holds.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any
 import gevent
 import orjson
 import redis
+from flask import Flask
 from flask import Response
 from flask import current_app
 from flask import g
@@ -33,14 +38,18 @@ from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.exceptions import UnsupportedMediaType
 
 from app import broker_log
-from app import publish
 from app.auth import charge_events
+from app.config import Settings
 from app.cursors import InvalidCursor
 from app.cursors import decode_cursor
 from app.cursors import decode_topic_cursor
 from app.cursors import encode_topic_cursor
-from app.metrics import ACCEPTED
-from app.metrics import REPLAYS
+from app.errors import handle_backlog_full
+from app.errors import handle_broker_error
+from app.errors import handle_key_reused
+from app.instruments import ACCEPTED
+from app.instruments import REPLAYS
+from app.schemas import MAX_BATCH
 from app.schemas import AcceptedSchema
 from app.schemas import AcknowledgedSchema
 from app.schemas import BrokerLossSchema
@@ -54,15 +63,18 @@ from app.schemas import StatsSchema
 from app.schemas import TopicPageSchema
 from app.schemas import TopicQuerySchema
 from app.schemas import load_events
-from app.stats import collect_stats
 from app.store import reading
 from app.store.counters import topic_page
 from app.store.dead_letters import ReplayRefused
 from app.store.dead_letters import list_dead_letters
 from app.store.dead_letters import replay_dead_letter as replay_letter
+from tasks.acceptance import BacklogFull
+from tasks.acceptance import BrokerUnavailable
+from tasks.acceptance import Intake
+from tasks.acceptance import KeyReused
 from tasks.acceptance import Request
+from tasks.acceptance import collect_stats
 from tasks.acceptance import fingerprint
-from tasks.acceptance import persistence
 
 events_blp = Blueprint("events", __name__, description="Publish events and read them back.")
 stats_blp = Blueprint("stats", __name__, description="Exact counters.")
@@ -125,12 +137,25 @@ def documents_errors(*codes: int) -> Callable[[View], View]:
     )
 
 
+def attach_queue(app: Flask, settings: Settings) -> None:
+    """Give the app its intake (tasks.acceptance) and answer the queue's refusals as JSON."""
+    app.extensions["intake"] = Intake(app.extensions["redis"], app.extensions["engine"], settings)
+    # Registered here, where the queue's exceptions are known; the wording is app.errors'.
+    app.register_error_handler(BacklogFull, handle_backlog_full)
+    app.register_error_handler(KeyReused, handle_key_reused)
+    app.register_error_handler(BrokerUnavailable, handle_broker_error)
+
+
 def _engine() -> Engine:
     return current_app.extensions["engine"]
 
 
 def _redis() -> redis.Redis:
     return current_app.extensions["redis"]
+
+
+def _intake() -> Intake:
+    return current_app.extensions["intake"]
 
 
 def _body_deadline(seconds: float) -> contextlib.AbstractContextManager[object]:
@@ -195,7 +220,7 @@ PUBLISH_BODY = {
                         "type": "array",
                         "items": {"$ref": "#/components/schemas/Event"},
                         "minItems": 1,
-                        "maxItems": 1000,
+                        "maxItems": MAX_BATCH,
                     },
                 ]
             }
@@ -237,10 +262,7 @@ def publish_events() -> Response:
     events = load_events(body)
     charge_events(len(events))
     accept = Request(events, g.get("client_id") or "-", key, fingerprint(raw), remember)
-    if len(events) < current_app.config["GROUP_COMMIT_BELOW"]:
-        receipt = current_app.extensions["group_commit"].submit(accept)
-    else:
-        receipt = publish.accept_now(current_app.extensions["acceptor"], accept)
+    receipt = _intake().submit(accept)
     headers = {IDEMPOTENCY_HEADER: key}
     if receipt.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -442,7 +464,7 @@ def ready() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
     try:
         _redis().ping()
         # Informational: what a 202 survives (docs/reliability.md).
-        checks["broker_persistence"] = persistence(_redis())
+        checks["broker_persistence"] = _intake().persistence()
     except Exception as exc:
         checks["broker"] = f"down: {type(exc).__name__}"
     failing = [

@@ -1,4 +1,8 @@
-"""Error handlers: every error becomes the same JSON shape, never a traceback."""
+"""Error handlers: every error becomes the same JSON shape, never a traceback.
+
+The queue's own refusals (tasks.acceptance) are registered by app.api.attach_queue
+with the handlers below, so this module needs nothing from tasks/.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +22,9 @@ from werkzeug.exceptions import InternalServerError
 from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.exceptions import UnprocessableEntity
 
-from tasks.acceptance import BacklogFull
-from tasks.acceptance import BrokerUnavailable
-from tasks.acceptance import KeyReused
-
 logger = logging.getLogger(__name__)
 
 BROKER_ERRORS = (
-    BrokerUnavailable,
     kombu.exceptions.OperationalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -95,7 +94,7 @@ def handle_broker_error(exc: Exception) -> Response:
     return _unavailable("broker")
 
 
-def handle_backlog_full(exc: BacklogFull) -> Response:
+def handle_backlog_full(exc: Exception) -> Response:
     """Answer with 503 and Retry-After while the broker's backlog is over its budget."""
     logger.warning("refusing to accept: %s", exc)
     retry_after = current_app.config["RETRY_AFTER"]
@@ -105,7 +104,7 @@ def handle_backlog_full(exc: BacklogFull) -> Response:
     )
 
 
-def handle_key_reused(exc: KeyReused) -> Response:
+def handle_key_reused(exc: Exception) -> Response:
     """Answer an idempotency key sent again with another body with 422."""
     return error_response(
         UnprocessableEntity(),
@@ -130,8 +129,6 @@ def register_error_handlers(app: Flask) -> None:
     """Register one JSON shape for every error."""
     app.register_error_handler(ValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_exception)
-    app.register_error_handler(BacklogFull, handle_backlog_full)
-    app.register_error_handler(KeyReused, handle_key_reused)
     for exc_type in BROKER_ERRORS:
         app.register_error_handler(exc_type, handle_broker_error)
     for db_exc_type in DATABASE_ERRORS:

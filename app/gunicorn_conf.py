@@ -12,7 +12,7 @@ bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8080")
 # machine the benchmarks run on (more processes only split group commits).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gevent: each connection is a greenlet, so idle or slow clients cost no thread,
-# concurrent small requests meet in group commit (app/publish.py), and a process
+# concurrent small requests meet in group commit (tasks/acceptance.py), and a process
 # does not spend its CPU on threads fighting for the GIL (gthread x16 cost ~1.8x
 # the CPU per request on two cores; see docs/performance.md).
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")

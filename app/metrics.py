@@ -1,9 +1,8 @@
-"""Prometheus metrics: request and task instruments, and exact counters read at scrape time.
+"""GET /metrics: request timing, the instruments' series and exact counters read at scrape time.
 
-Processes write to PROMETHEUS_MULTIPROC_DIR, in files named after host and pid
-(app.metric_files), so /metrics adds up every gunicorn worker and every Celery
-process sharing the directory, across containers too. /metrics shows only the
-aggregator_* series: anything else in the directory is some library's.
+The instruments (app.instruments) live in files every process shares, and
+/metrics adds them up; it shows only the aggregator_* series: anything else in
+the directory is some library's.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import importlib.metadata
 import os
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 import redis
 from flask import Flask
@@ -21,8 +21,6 @@ from flask import request
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client import REGISTRY
 from prometheus_client import CollectorRegistry
-from prometheus_client import Counter
-from prometheus_client import Histogram
 from prometheus_client import generate_latest
 from prometheus_client import multiprocess
 from prometheus_client.core import CounterMetricFamily
@@ -33,56 +31,45 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError
 from sqlalchemy.exc import OperationalError
 
-from app import metric_files
 from app.broker_log import loss_summary
+from app.instruments import LATENCY
+from app.instruments import PREFIX
+from app.instruments import REQUESTS
 from app.store.counters import read_totals
 from app.store.dead_letters import replay_counts
-from tasks.acceptance import backlog_age
-from tasks.acceptance import depth
-from tasks.acceptance import persistence
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)
-# Every series of the aggregator starts so; dashboards and alerts rely on it.
-PREFIX = "aggregator_"
-
-# Before the first metric below is created: it decides where their values live.
-metric_files.install()
-
-REQUESTS = Counter(
-    "aggregator_http_requests_total", "HTTP requests answered.", ["endpoint", "method", "status"]
-)
-LATENCY = Histogram(
-    "aggregator_http_request_duration_seconds",
-    "Time to answer an HTTP request.",
-    ["endpoint"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-)
-ACCEPTED = Counter("aggregator_events_accepted_total", "Events answered 202 by /publish.")
-REPLAYS = Counter(
-    "aggregator_idempotent_replays_total",
-    "Publish requests answered from an earlier acceptance with the same Idempotency-Key.",
-)
-TASK_EVENTS = Histogram(
-    "aggregator_task_events",
-    "Events per task put on the broker.",
-    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
-)
-TASK_DURATION = Histogram(
-    "aggregator_task_duration_seconds",
-    "Time a worker spent storing one batch (transaction included).",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
-TASK_OUTCOMES = Counter(
-    "aggregator_worker_events_total", "Events handled by workers, by outcome.", ["outcome"]
-)
 
 
-class StatsCollector(Collector):
+class QueueDepth(Protocol):
+    """Messages on the broker by state, and batches accepted but not stored."""
+
+    @property
+    def ready(self) -> int: ...
+
+    @property
+    def unacked(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+
+class QueueReadings(Protocol):
+    """What /metrics reads from the broker: tasks.acceptance.Intake, which the app holds."""
+
+    def depth(self) -> QueueDepth: ...
+
+    def backlog_age(self) -> float: ...
+
+    def persistence(self) -> str: ...
+
+
+class ScrapeTimeCollector(Collector):
     """Exact counters from the ledger and the queue depth from Redis, read at scrape time."""
 
-    def __init__(self, engine: Engine, client: redis.Redis) -> None:
+    def __init__(self, engine: Engine, queue: QueueReadings) -> None:
         self._engine = engine
-        self._client = client
+        self._queue = queue
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # Each source on its own: the broker's backlog matters most exactly while
@@ -143,7 +130,7 @@ class StatsCollector(Collector):
         return [events, replayed, lost, unacknowledged]
 
     def _from_broker(self) -> list[GaugeMetricFamily]:
-        figures = depth(self._client)
+        figures = self._queue.depth()
         queue = GaugeMetricFamily(
             "aggregator_broker_messages", "Messages on the broker, by state.", labels=["state"]
         )
@@ -157,12 +144,12 @@ class StatsCollector(Collector):
             " (always, everysec: up to one second lost on a crash, none, unknown).",
             labels=["appendfsync"],
         )
-        mode.add_metric([persistence(self._client)], 1)
+        mode.add_metric([self._queue.persistence()], 1)
         lag = GaugeMetricFamily(
             "aggregator_backlog_age_seconds",
             "Age of the oldest batch accepted (202) and not yet stored: the pipeline's lag.",
         )
-        lag.add_metric([], backlog_age(self._client))
+        lag.add_metric([], self._queue.backlog_age())
         return [queue, marks, mode, lag]
 
 
@@ -211,8 +198,8 @@ def method_label(method: str) -> str:
 
 
 def init_metrics(app: Flask) -> None:
-    """Time every request and serve GET /metrics."""
-    stats = StatsCollector(app.extensions["engine"], app.extensions["redis"])
+    """Time every request and serve GET /metrics (after app.api.attach_queue)."""
+    exact = ScrapeTimeCollector(app.extensions["engine"], app.extensions["intake"])
 
     @app.before_request
     def _start_timer() -> None:
@@ -231,5 +218,5 @@ def init_metrics(app: Flask) -> None:
         """Expose metrics in the Prometheus text format."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(OwnSeries(_source()))
-        registry.register(stats)
+        registry.register(exact)
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

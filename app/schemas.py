@@ -18,6 +18,7 @@ MAX_STRING = 255
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_PAYLOAD_DEPTH = 32
 MAX_BATCH = 1000
+MAX_PAGE = 1000
 MAX_WAIT_SECONDS = 30
 
 
@@ -155,7 +156,7 @@ class EventQuerySchema(Schema):
     source = fields.String(validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL])
     since = UtcDateTime(format="iso", metadata={"description": "timestamp >= since"})
     until = UtcDateTime(format="iso", metadata={"description": "timestamp < until"})
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=MAX_PAGE))
     cursor = fields.String(validate=[validate.Length(min=1, max=200), NO_NUL])
     payload = JsonObjectText(
         metadata={
@@ -283,7 +284,7 @@ class TopicQuerySchema(Schema):
         validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL],
         metadata={"description": "Only topics starting with this.", "example": "orders."},
     )
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=MAX_PAGE))
     cursor = fields.String(validate=[validate.Length(min=1, max=400), NO_NUL])
 
 

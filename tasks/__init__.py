@@ -14,17 +14,15 @@ from celery.signals import task_prerun
 from celery.signals import worker_process_init
 from celery.signals import worker_ready
 from celery.signals import worker_shutting_down
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy import Engine
 from structlog.contextvars import bind_contextvars
 from structlog.contextvars import clear_contextvars
 
-from app.config import Settings
 from app.config import load_log_level
 from app.config import load_settings
 from app.db import make_engine
 from app.logs import configure_logging
+from app.redis_client import make_redis
 from tasks.pending import Scripts
 
 celery_app = Celery("tasks", include=["tasks.ingest"])
@@ -35,18 +33,6 @@ logger = logging.getLogger(__name__)
 _engine: Engine | None = None
 _redis: redis.Redis | None = None
 _scripts: Scripts | None = None
-
-
-def make_redis(settings: Settings) -> redis.Redis:
-    """Return a Redis client that fails within broker_timeout instead of retrying quietly."""
-    # redis-py retries timeouts by default, which turns a 0.5 s timeout into
-    # several seconds during a stall; callers decide what to do instead.
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.broker_timeout,
-        socket_connect_timeout=settings.broker_timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 # Celery's setup_logging signal: when anyone handles it, Celery installs none of

@@ -5,11 +5,18 @@ message on the queue, marked its batch pending with a copy for resending, and
 stored the request's idempotency record, all at once; only then does the API
 answer 202. A request repeated with the same key finds the record and gets the
 first answer again, whether the first attempt was answered or not.
+
+The API holds one Intake (hand over a request, read what the broker holds) and
+calls collect_stats for /stats; app/api.py is the only module of app/ that
+imports this one, and nothing here imports Flask.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +24,10 @@ from typing import Any
 import redis
 from sqlalchemy import Engine
 
+from app.broker_log import loss_summary
 from app.config import Settings
+from app.store.counters import read_totals
+from app.store.ledger import processed_batches
 from tasks.broker_state import Watchdog
 from tasks.broker_state import broker_name
 from tasks.messages import build_message
@@ -181,46 +191,205 @@ class Acceptor:
         return [outcome for outcome in outcomes if outcome is not None]
 
 
-def make_acceptor(client: redis.Redis, engine: Engine, settings: Settings) -> Acceptor:
-    """Build the API process's acceptor, able to run a broker check when the epoch is missing."""
-    watchdog = Watchdog(
-        engine, client, broker_name(settings.redis_url), settings.broker_check_interval
-    )
-    return Acceptor(
-        client,
-        watchdog,
-        max_backlog_bytes=settings.max_backlog_bytes,
-        idempotency_ttl=settings.idempotency_ttl,
-    )
-
-
 def _answer_from(request: Request, record: IdempotencyRecord) -> Outcome:
     if record.fingerprint != request.fingerprint:
         return KeyReused(request.key)
     return Receipt(request.key, record.batch_id, record.accepted, replayed=True)
 
 
-def queued_batches(client: redis.Redis) -> dict[str, int]:
-    """Return the accepted batches not yet forgotten by a worker, with their sizes."""
-    return read_pending(client)
+class _Waiter:
+    """One request, waiting for the task that carries it to be accepted."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.done = threading.Event()
+        self.outcome: Outcome | None = None
+        self._state = "waiting"
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Claim the request for a task, unless it gave up waiting."""
+        with self._lock:
+            if self._state != "waiting":
+                return False
+            self._state = "taken"
+            return True
+
+    def give_up(self) -> bool:
+        """Withdraw the request, unless a task already carries it."""
+        with self._lock:
+            if self._state != "waiting":
+                return False
+            self._state = "abandoned"
+            return True
+
+    def finish(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.done.set()
 
 
-def depth(client: redis.Redis) -> QueueDepth:
-    """Return the broker's queue depth (messages ready, held, batches pending)."""
-    return queue_depth(client)
+def _result(outcome: Outcome | None) -> Receipt:
+    if isinstance(outcome, Receipt):
+        return outcome
+    if isinstance(outcome, Exception):
+        raise outcome
+    raise BrokerUnavailable("no outcome")
 
 
-def backlog_age(client: redis.Redis) -> float:
-    """Seconds the oldest accepted, not yet stored batch has waited (0 when none): the lag."""
-    return oldest_pending_age(client)
+class GroupCommit:
+    """Joins the small requests that arrive together in this process into one task.
+
+    One acceptance costs the API a Redis round trip (and with `appendfsync
+    always`, an fsync), and a task costs a worker about a millisecond however
+    small it is. Requests wait at most `linger` seconds for company; each gets
+    its answer only after the task carrying it was accepted, and keeps its own
+    idempotency key and answer.
+    """
+
+    def __init__(
+        self,
+        acceptor: Acceptor,
+        *,
+        max_events: int,
+        linger: float,
+        timeout: float = 5,
+    ) -> None:
+        self._acceptor = acceptor
+        self._max_events = max_events
+        self._linger = linger
+        self._timeout = timeout
+        self._queue: queue.SimpleQueue[_Waiter] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, request: Request) -> Receipt:
+        """Return the request's receipt once accepted; raise what refused it otherwise."""
+        self._ensure_thread()
+        waiter = _Waiter(request)
+        self._queue.put(waiter)
+        if not waiter.done.wait(self._timeout) and waiter.give_up():
+            raise BrokerUnavailable("timed out waiting for the broker")
+        # Taken just before the timeout: the acceptance is under way, its outcome decides.
+        waiter.done.wait()
+        return _result(waiter.outcome)
+
+    def _ensure_thread(self) -> None:
+        # Started on first use, so it lives in the process that serves requests
+        # (gunicorn forks before the app is created; nothing runs before that).
+        # _run never returns, so a started thread needs no is_alive() per request.
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+                self._thread.start()
+
+    def _collect(self) -> list[_Waiter]:
+        group: list[_Waiter] = []
+        size = 0
+        waiter = self._queue.get()
+        deadline = time.monotonic() + self._linger
+        while True:
+            if waiter.take():
+                group.append(waiter)
+                size += len(waiter.request.events)
+            if size >= self._max_events:
+                return group
+            # After the linger time, still take whatever is already waiting.
+            remaining = deadline - time.monotonic()
+            try:
+                waiter = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                return group
+
+    def _run(self) -> None:
+        while True:
+            group = self._collect()
+            if not group:  # every waiter gave up before it was taken
+                continue
+            try:
+                outcomes = self._acceptor.accept([waiter.request for waiter in group])
+            except Exception as exc:  # Every waiter learns the outcome, whatever it was.
+                outcomes = [exc] * len(group)
+            for waiter, outcome in zip(group, outcomes, strict=True):
+                waiter.finish(outcome)
 
 
-def persistence(client: redis.Redis) -> str:
-    """Say what a 202 survives: "always", "everysec", "none" (no AOF), or "unknown"."""
-    try:
-        config = client.config_get("append*")
-    except redis.ResponseError:
-        return "unknown"  # CONFIG is disabled on some managed services.
-    if config.get("appendonly") != "yes":
-        return "none"
-    return str(config.get("appendfsync", "unknown"))
+class Intake:
+    """The API's way into the queue: hand over publish requests, read what the broker holds."""
+
+    def __init__(self, client: redis.Redis, engine: Engine, settings: Settings) -> None:
+        # The watchdog runs a broker check when the epoch is missing (see Acceptor.accept).
+        watchdog = Watchdog(
+            engine, client, broker_name(settings.redis_url), settings.broker_check_interval
+        )
+        self._client = client
+        self._acceptor = Acceptor(
+            client,
+            watchdog,
+            max_backlog_bytes=settings.max_backlog_bytes,
+            idempotency_ttl=settings.idempotency_ttl,
+        )
+        self._group_commit = GroupCommit(
+            self._acceptor,
+            max_events=settings.group_commit_max_events,
+            linger=settings.group_commit_linger_ms / 1000,
+        )
+        self._group_below = settings.group_commit_below
+
+    def submit(self, request: Request) -> Receipt:
+        """Return the request's receipt once the broker has it; raise what refused it otherwise."""
+        # Small requests wait briefly to share a task; a large one is a task of its own.
+        if len(request.events) < self._group_below:
+            return self._group_commit.submit(request)
+        return _result(self._acceptor.accept([request])[0])
+
+    def depth(self) -> QueueDepth:
+        """Return the broker's queue depth (messages ready, held, batches pending)."""
+        return queue_depth(self._client)
+
+    def backlog_age(self) -> float:
+        """Seconds the oldest accepted, not yet stored batch has waited (0 when none): the lag."""
+        return oldest_pending_age(self._client)
+
+    def persistence(self) -> str:
+        """Say what a 202 survives: "always", "everysec", "none" (no AOF), or "unknown"."""
+        try:
+            config = self._client.config_get("append*")
+        except redis.ResponseError:
+            return "unknown"  # CONFIG is disabled on some managed services.
+        if config.get("appendonly") != "yes":
+            return "none"
+        return str(config.get("appendfsync", "unknown"))
+
+
+def collect_stats(engine: Engine, client: redis.Redis, started_at: float) -> dict[str, Any]:
+    """Return counters that add up: received = stored + duplicates + failed + queued.
+
+    Constant in size and cost: per-topic counters are paged by GET /stats/topics.
+
+    Reads only: committed batches whose pending mark is still there are told
+    apart through the ledger, and the workers' sweep clears such marks.
+    """
+    # Read the pending marks before the database snapshot: a batch that commits
+    # in between is then found in the ledger and not counted as queued too.
+    accepted = read_pending(client)
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+        with conn.begin():
+            totals = read_totals(conn)
+            done = processed_batches(conn, list(accepted))
+            losses = loss_summary(conn)
+    queued = sum(size for batch_id, size in accepted.items() if batch_id not in done)
+    return {
+        "total_received_queued": totals.received + queued,
+        "unique_processed_db": totals.stored,
+        "estimated_duplicate_dropped": totals.duplicates,
+        "failed_events": totals.failed,
+        "queued_events": queued,
+        "uptime_seconds": round(time.monotonic() - started_at, 3),
+        "broker_data_loss": losses,
+    }

@@ -13,8 +13,8 @@ from celery.utils.log import get_task_logger
 from structlog.contextvars import bind_contextvars
 
 from app.config import load_settings
-from app.metrics import TASK_DURATION
-from app.metrics import TASK_OUTCOMES
+from app.instruments import TASK_DURATION
+from app.instruments import TASK_OUTCOMES
 from app.store.ledger import store_exactly_once
 from tasks import celery_app
 from tasks import get_engine

@@ -8,7 +8,7 @@ import redis
 from sqlalchemy import Engine
 
 from app import store
-from app.stats import collect_stats
+from tasks.acceptance import collect_stats
 from tasks.messages import build_message
 from tasks.pending import Scripts
 from tasks.pending import read_pending
