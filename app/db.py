@@ -32,12 +32,16 @@ metadata = MetaData(
 
 # The fields of an event as a publisher sends it, in column order.
 EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
-# The four counters every batch, topic and stripe keeps (received = stored + duplicates + failed).
-COUNTERS = ("received", "stored", "duplicates", "failed")
+# What became of each event received, disjoint: received = stored + duplicates + failed.
+OUTCOMES = ("stored", "duplicates", "failed")
+# The counters every batch, topic and stripe keeps.
+COUNTERS = ("received", *OUTCOMES)
 
 
-def _counter_columns(type_: type[Integer] | type[BigInteger]) -> list[Column[int]]:
-    return [Column(name, type_, nullable=False, server_default="0") for name in COUNTERS]
+def _counter_columns(
+    type_: type[Integer] | type[BigInteger], names: tuple[str, ...] = COUNTERS
+) -> list[Column[int]]:
+    return [Column(name, type_, nullable=False, server_default="0") for name in names]
 
 
 events = Table(
@@ -78,7 +82,7 @@ batches = Table(
     Column("batch_id", Text, primary_key=True),
     # Known when the batch is claimed, so it has no default.
     Column("received", Integer, nullable=False),
-    *(column for column in _counter_columns(Integer) if column.name != "received"),
+    *_counter_columns(Integer, OUTCOMES),
     Column("processed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     # Which acceptance this batch was: the broker's epoch and its sequence number
     # there (tasks.broker_state compares them with the broker to detect lost data).

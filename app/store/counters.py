@@ -10,6 +10,7 @@ from sqlalchemy import func
 from sqlalchemy import select
 
 from app.db import COUNTERS
+from app.db import OUTCOMES
 from app.db import counter_totals
 from app.db import topic_stats
 
@@ -48,8 +49,7 @@ def topic_page(
     stmt = select(topic_stats).where(*conditions).order_by(topic).limit(limit + 1)
     rows = conn.execute(stmt).mappings().all()
     page = [
-        {"topic": row["topic"], **{name: row[name] for name in COUNTERS if name != "received"}}
-        for row in rows[:limit]
+        {"topic": row["topic"], **{name: row[name] for name in OUTCOMES}} for row in rows[:limit]
     ]
     return page, page[-1]["topic"] if len(rows) > limit else None
 

@@ -43,6 +43,7 @@ from sqlalchemy.exc import StatementError
 from app.db import COUNTER_STRIPES
 from app.db import COUNTERS
 from app.db import EVENT_FIELDS
+from app.db import OUTCOMES
 from app.db import batches
 from app.db import counter_totals
 from app.db import dead_letters
@@ -257,11 +258,7 @@ def _record_statement() -> Select[Any]:
         update(batches)
         # Not named "batch_id": in an UPDATE that name would mean SET batch_id.
         .where(batches.c.batch_id == bindparam("claimed_id"))
-        .values(
-            stored=bindparam("stored"),
-            duplicates=bindparam("duplicates"),
-            failed=bindparam("failed"),
-        )
+        .values({name: bindparam(name) for name in OUTCOMES})
         .returning(batches.c.batch_id)
         .cte("ledger")
     )
@@ -328,9 +325,7 @@ def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> None:
     topics = sorted(outcome.per_topic)
     params: dict[str, Any] = {
         "claimed_id": batch_id,
-        "stored": outcome.stored,
-        "duplicates": outcome.duplicates,
-        "failed": outcome.failed,
+        **{name: getattr(outcome, name) for name in OUTCOMES},
         "topics": topics,
     }
     for name in COUNTERS:
