@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from app.broker_log import loss_summary
 from app.config import Settings
+from app.instruments import TASK_EVENTS
 from app.store.counters import read_totals
 from app.store.ledger import processed_batches
 from tasks.broker_state import Watchdog
@@ -146,6 +147,7 @@ class Acceptor:
                 idempotency_ttl=self._idempotency_ttl,
             )
             if reply.status == "OK":
+                TASK_EVENTS.observe(len(events))
                 for index in remaining:
                     outcomes[index] = Receipt(
                         requests[index].key, batch_id, len(requests[index].events)

@@ -293,6 +293,17 @@ def scrape(url: str) -> dict[str, float]:
     }
 
 
+def test_metrics_count_events_per_task_put_on_the_broker(url: str) -> None:
+    before = scrape(url).get("aggregator_task_events_sum", 0.0)
+    publish(url, [make_event(f"te-{i}") for i in range(7)])
+    publish(url, make_event("te-7"))
+    settled_stats(url, received=8)
+    samples = scrape(url)
+    # Group commit may join the two requests into one task: 8 events in 1 or 2 tasks.
+    assert samples["aggregator_task_events_sum"] - before == 8
+    assert samples["aggregator_task_events_count"] >= 1
+
+
 def test_metrics_add_up_across_processes(url: str) -> None:
     publish(url, [make_event(f"mt-{i}") for i in range(30)])
     publish(url, make_event("mt-0"))
