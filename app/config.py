@@ -256,3 +256,42 @@ def load_metrics_instance(environ: Mapping[str, str] | None = None) -> str:
         return raw
     # prometheus_client splits file names at "_": keep the host name free of it.
     return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Gunicorn's options (app/gunicorn_conf.py applies them)."""
+
+    bind: str = "127.0.0.1:8080"
+    workers: int = 2
+    worker_class: str = "gevent"
+    worker_connections: int = 1000
+    # Only for worker_class gthread.
+    threads: int = 16
+    # "-" is stdout; None turns the access log off.
+    access_log: str | None = "-"
+
+
+def load_server_settings(environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """Build gunicorn's options from GUNICORN_* and WEB_CONCURRENCY."""
+    env = os.environ if environ is None else environ
+    return ServerSettings(
+        bind=env.get("GUNICORN_BIND") or ServerSettings.bind,
+        workers=_int(env, "WEB_CONCURRENCY", ServerSettings.workers),
+        worker_class=env.get("GUNICORN_WORKER_CLASS") or ServerSettings.worker_class,
+        worker_connections=_int(
+            env, "GUNICORN_WORKER_CONNECTIONS", ServerSettings.worker_connections
+        ),
+        threads=_int(env, "GUNICORN_THREADS", ServerSettings.threads),
+        access_log=env.get("GUNICORN_ACCESS_LOG", "-") or None,
+    )
+
+
+def metrics_directory(environ: Mapping[str, str] | None = None) -> str | None:
+    """Return PROMETHEUS_MULTIPROC_DIR: where every process writes its metric files, if set.
+
+    prometheus_client reads the variable itself too; this is for our own choices
+    (multiprocess file names, the /metrics collector).
+    """
+    env = os.environ if environ is None else environ
+    return env.get("PROMETHEUS_MULTIPROC_DIR") or None

@@ -5,26 +5,29 @@ import tempfile
 
 from prometheus_client import multiprocess
 
+from app.config import load_server_settings
+from app.config import metrics_directory
 from app.metric_files import file_id
 
-bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8080")
+_server = load_server_settings()
+bind = _server.bind
 # One gevent process per core serves many connections; 2 suits the 2-core
 # machine the benchmarks run on (more processes only split group commits).
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = _server.workers
 # gevent: each connection is a greenlet, so idle or slow clients cost no thread,
 # concurrent small requests meet in group commit (tasks/acceptance.py), and a process
 # does not spend its CPU on threads fighting for the GIL (gthread x16 cost ~1.8x
 # the CPU per request on two cores; see docs/performance.md).
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+worker_class = _server.worker_class
+worker_connections = _server.worker_connections
 # Only for GUNICORN_WORKER_CLASS=gthread.
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+threads = _server.threads
 # Never preload: the app factory must run after the fork (one engine per process).
 preload_app = False
 timeout = 30
 graceful_timeout = 10
 keepalive = 5
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
+accesslog = _server.access_log
 errorlog = "-"
 # JSON lines for the error and access logs, like every other log line (app/logs.py);
 # the level comes from LOG_LEVEL.
@@ -32,8 +35,9 @@ logger_class = "app.logs.GunicornLogger"
 control_socket_disable = True
 
 # Metrics of all workers add up only through a shared directory; make one if
-# none was given. Set here, in the master, so every worker inherits it.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+# none was given. Set here, in the master, so every worker (and prometheus_client
+# in it) inherits it: the one place that writes the environment.
+if metrics_directory() is None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aggregator-metrics-")
 
 

@@ -14,6 +14,7 @@ import os
 from prometheus_client import values
 
 from app.config import load_metrics_instance
+from app.config import metrics_directory
 
 INSTANCE = load_metrics_instance()
 
@@ -31,5 +32,5 @@ def install() -> None:
     PROMETHEUS_MULTIPROC_DIR, and its workers would inherit in-memory values that
     /metrics (reading the directory) never shows.
     """
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if metrics_directory() is not None:
         values.ValueClass = values.MultiProcessValue(file_id)

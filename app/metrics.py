@@ -8,7 +8,6 @@ the directory is some library's.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import time
 from collections.abc import Iterator
 from typing import Protocol
@@ -32,6 +31,7 @@ from sqlalchemy.exc import InterfaceError
 from sqlalchemy.exc import OperationalError
 
 from app.broker_log import loss_summary
+from app.config import metrics_directory
 from app.instruments import LATENCY
 from app.instruments import PREFIX
 from app.instruments import REQUESTS
@@ -182,7 +182,7 @@ class OwnSeries(Collector):
 
 
 def _source() -> Collector:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if metrics_directory() is not None:
         return multiprocess.MultiProcessCollector(None)
     return REGISTRY
 

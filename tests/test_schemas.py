@@ -13,8 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
+from app.config import ServerSettings
 from app.config import SettingsError
+from app.config import load_server_settings
 from app.config import load_settings
+from app.config import metrics_directory
 from app.schemas import MAX_PAYLOAD_BYTES
 from app.schemas import load_events
 
@@ -157,3 +160,29 @@ def test_nul_anywhere_is_refused(field: str, prefix: str, suffix: str) -> None:
     value = f"{prefix}\x00{suffix}"
     body = event(payload={"nested": [value]}) if field == "payload" else event(**{field: value})
     assert field in errors_of(body)
+
+
+def test_gunicorn_options_come_from_the_environment_with_the_documented_defaults() -> None:
+    assert load_server_settings({}) == ServerSettings(
+        bind="127.0.0.1:8080",
+        workers=2,
+        worker_class="gevent",
+        worker_connections=1000,
+        threads=16,
+        access_log="-",
+    )
+    given = load_server_settings(
+        {
+            "GUNICORN_BIND": "0.0.0.0:9000",
+            "WEB_CONCURRENCY": "4",
+            "GUNICORN_WORKER_CLASS": "gthread",
+            "GUNICORN_THREADS": "8",
+            "GUNICORN_ACCESS_LOG": "",
+        }
+    )
+    assert (given.bind, given.workers, given.worker_class) == ("0.0.0.0:9000", 4, "gthread")
+    assert (given.threads, given.access_log) == (8, None)
+    with pytest.raises(SettingsError, match="WEB_CONCURRENCY"):
+        load_server_settings({"WEB_CONCURRENCY": "many"})
+    assert metrics_directory({}) is None
+    assert metrics_directory({"PROMETHEUS_MULTIPROC_DIR": "/tmp/m"}) == "/tmp/m"
