@@ -4,7 +4,7 @@ import os
 
 # gevent must patch the standard library before anything imports it (importing
 # app/ below brings in redis, ssl and threading); with another worker class
-# nothing is patched. The default matches app/gunicorn_conf.py.
+# nothing is patched. The default matches ServerSettings in app/config.py.
 if os.environ.get("GUNICORN_WORKER_CLASS", "gevent") == "gevent":
     from gevent import monkey
 

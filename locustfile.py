@@ -12,10 +12,10 @@ Or let `python -m bench.loadtest` start a stack of its own and run exactly that.
 Only a 202 counts as a success. Every DUPLICATE_EVERY-th event a user publishes re-sends
 an event that user already had accepted, so once users are warmed up about 1 in
 DUPLICATE_EVERY (10%) of the events are duplicates; the tally counts them exactly.
-Topics carry a per-run prefix, so this run's counters can be told apart in GET /stats.
+Topics carry a per-run prefix, so this run's counters can be told apart in GET /stats/topics.
 At the end the tally of events answered 202 is logged; with LOCUST_VERIFY=1 the
-listener then polls GET /stats until the run's topics are drained and compares stored
-and duplicates with the tally (exit code 1 on a mismatch).
+listener then polls GET /stats/topics until the run's topics are drained and compares
+stored and duplicates with the tally (exit code 1 on a mismatch).
 
 Environment: API_TOKEN (bearer token, optional), LOCUST_RUN_ID (topic prefix; default
 random per process), LOCUST_VERIFY=1, LOCUST_VERIFY_TIMEOUT (seconds, default 120).
@@ -51,7 +51,7 @@ DUPLICATE_EVERY = 10
 BATCH_SIZE = 100
 # Events kept per user as candidates for re-sending; bounds memory on long runs.
 POOL_SIZE = 1000
-# Retries of a request answered 429 or 503, with its Idempotency-Key.
+# Retries of a request (429, 502-504 or a lost connection), with its Idempotency-Key.
 RETRIES = 3
 
 logger = logging.getLogger(__name__)
@@ -142,8 +142,9 @@ class Publisher(ApiUser):
     def publish(self, batch: list[dict[str, Any]], name: str) -> None:
         """Publish through the client and tally the batch only when the API answers 202.
 
-        The client retries 429 and 503 after their Retry-After with the same
-        Idempotency-Key, so a request accepted although its answer was lost counts once.
+        The client retries 429, 502-504 and lost connections (after any Retry-After)
+        with the same Idempotency-Key, so a request accepted although its answer was
+        lost counts once.
         The time reported is the whole request, retries included.
         """
         outcome = self.api.publish_batch(batch, as_object=len(batch) == 1)
@@ -216,7 +217,7 @@ def run_counters(client: Client) -> dict[str, int]:
 
 
 def verify(environment: Environment) -> bool:
-    """Poll /stats until every accepted event is accounted for, then compare with the tally."""
+    """Poll /stats/topics until every accepted event is counted, then compare with the tally."""
     timeout = float(os.environ.get("LOCUST_VERIFY_TIMEOUT", "120"))
     deadline = time.monotonic() + timeout
     counters: dict[str, int] = {}

@@ -285,7 +285,7 @@ def publish_batch() -> Response:
 
 NDJSON = "application/x-ndjson"
 # How often a waiting follower looks for new events: they show within this
-# (plus the time until no older transaction is still open).
+# of their commit (positions become visible in order, app.store.ledger.hold_log).
 FOLLOW_POLL_SECONDS = 0.2
 
 

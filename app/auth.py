@@ -1,9 +1,9 @@
 """Bearer tokens with scopes, per-client budgets, and a limit on failed authentication.
 
 Closed by default: create_app refuses to start without tokens unless
-AUTH_DISABLED=1 (app.config). Every request but liveness, readiness and the API
-document needs a token, unknown routes and methods included (they get 404/405
-only after it), and the token must carry the scope of the endpoint.
+AUTH_DISABLED=1 (app.config). Every request but liveness, readiness, the API
+document and its /docs page needs a token, unknown routes and methods included
+(they get 404/405 only after it), and the token must carry the scope of the endpoint.
 """
 
 from __future__ import annotations

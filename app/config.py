@@ -96,7 +96,7 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    """Typed configuration shared by the API, the worker, migrations and the CLI."""
+    """Typed configuration shared by the API, the worker and migrations."""
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
@@ -117,7 +117,8 @@ class Settings:
     max_backlog_bytes: int = 256 * 1024 * 1024
     # How long a request's idempotency record is kept.
     idempotency_ttl: int = 24 * 3600
-    # Seconds a publish may take before the API answers 503.
+    # Connect and read timeout towards Redis (API and workers); a publish whose
+    # Redis call takes longer is answered 503.
     broker_timeout: float = 0.5
     retry_after: int = 2
     # While the database is away a worker waits before handing a batch back

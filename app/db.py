@@ -91,8 +91,8 @@ batches = Table(
     Index(None, "broker_epoch", "broker_seq"),
 )
 
-# Running totals per topic, updated with each batch, so /stats reads a few
-# rows instead of scanning events or the ledger.
+# Running totals per topic, updated with each batch, so /stats/topics reads a
+# page of rows instead of scanning events or the ledger.
 topic_stats = Table(
     "topic_stats",
     metadata,
@@ -100,7 +100,7 @@ topic_stats = Table(
     *_counter_columns(BigInteger),
 )
 
-# The totals of topic_stats, kept in STRIPES rows so concurrent workers rarely
+# The totals of topic_stats, kept in COUNTER_STRIPES rows so concurrent workers rarely
 # update the same one: /stats sums these few rows, however many topics there are.
 COUNTER_STRIPES = 16
 counter_totals = Table(

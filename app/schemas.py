@@ -326,7 +326,9 @@ class BrokerLossSchema(Schema):
     """One detected loss of broker data."""
 
     id = fields.Integer(required=True)
-    broker = fields.String(required=True, metadata={"description": "The broker's URL."})
+    broker = fields.String(
+        required=True, metadata={"description": "The broker's URL, without credentials."}
+    )
     lost_epoch = fields.String(required=True)
     reason = fields.String(required=True)
     seq_known = fields.Integer(

@@ -224,8 +224,8 @@ class Client:
 
         `events` is read only as fast as batches are sent, so a large file or a
         pipe streams through; with `linger`, a batch that is not full is sent once
-        its first event has waited that many seconds (for a live pipe). A batch of
-        one is sent as a bare object. A refused
+        its first event has waited that many seconds (for a live pipe). With
+        batch_size 1, each event is sent as a bare object. A refused
         token (401/403) stops the run: nothing more is sent, and `unsent` counts
         what was left. Ctrl-C does the same after the requests in flight end.
         """
@@ -283,7 +283,7 @@ class Client:
     # -- reading --------------------------------------------------------------------------
 
     def _get(self, path: str, params: dict[str, Any] | None = None, *, wait: float = 0) -> Any:
-        """GET a JSON document, retrying 429/5xx and lost connections (reads are safe to repeat)."""
+        """GET a JSON document, retrying 429, 502-504 and dropped connections (safe for reads)."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
         url = f"{self.url}{path}" + (f"?{urlencode(query)}" if query else "")
         return self._request("GET", url, make_retry(self.max_retries), self.timeout + wait)

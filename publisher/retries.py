@@ -11,8 +11,10 @@ from urllib3.util.retry import RequestHistory
 from urllib3.util.retry import Retry
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# Our API answers 429 and 503 before it enqueues anything. A gateway's 502 or 504
-# says nothing of the sort: the API behind it may have accepted the batch.
+# Our API answers 429 and 503 before it enqueues anything, except a 503 after a
+# Redis timeout, whose acceptance a retry with the same key is answered from.
+# A gateway's 502 or 504 says nothing of the sort: the API behind it may have
+# accepted the batch.
 GATEWAY_STATUSES = frozenset({502, 504})
 
 

@@ -1,4 +1,4 @@
-"""Verification: poll /stats until a run's topics settle, then check exact counts."""
+"""Verification: poll /stats and /stats/topics until a run's topics settle, then check counts."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ _backoff = Backoff(_settings.retry_backoff_max)
 # Celery deletes the original (Reject with requeue=False), losing a batch that
 # was answered 202. Instead, any failure waits out a capped backoff here and
 # hands the same message back to the queue; data the database refuses is
-# dead-lettered inside store_batch, so what is left (database or network down,
+# dead-lettered inside store_exactly_once, so what is left (database or network down,
 # a deploy in progress) is worth waiting out. If even the hand-back fails, the
 # message stays in kombu's unacked hash and comes back after the visibility timeout.
 @celery_app.task(name="tasks.ingest.store_batch", bind=True)
