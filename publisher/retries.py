@@ -11,11 +11,11 @@ from urllib3.util.retry import RequestHistory
 from urllib3.util.retry import Retry
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# Our API answers 429 and 503 before it enqueues anything, except a 503 after a
-# Redis timeout, whose acceptance a retry with the same key is answered from.
-# A gateway's 502 or 504 says nothing of the sort: the API behind it may have
-# accepted the batch.
-GATEWAY_STATUSES = frozenset({502, 504})
+# Answers after which the batch may still have been accepted. Our API answers 429
+# before it touches the broker, but a 503 may follow a Redis call that timed out
+# and that Redis runs later (a stall); a gateway's 502 or 504 says nothing about
+# the API behind it. A retry with the same key is answered from the acceptance.
+AMBIGUOUS_STATUSES = frozenset({502, 503, 504})
 
 
 class RecordedRetry(Retry):
@@ -58,4 +58,4 @@ def is_ambiguous(attempt: RequestHistory) -> bool:
             error = error.original_error
         # Only a failed connect proves the request never left this process.
         return not isinstance(error, ConnectTimeoutError)
-    return attempt.status in GATEWAY_STATUSES
+    return attempt.status in AMBIGUOUS_STATUSES

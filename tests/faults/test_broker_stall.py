@@ -19,6 +19,8 @@ import redis
 import requests
 from sqlalchemy import Engine
 
+from publisher.client import Client
+from publisher.outcomes import summarize
 from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import wait_until
@@ -163,3 +165,25 @@ def test_bad_idempotency_keys_are_422_naming_the_header(api: Api, clean: None) -
         )
         assert response.status_code == 422, (key, response.text)
         assert "Idempotency-Key" in response.json()["errors"]
+
+
+def test_a_client_that_gives_up_on_a_503_counts_it_as_possibly_accepted(
+    one_process_api: Api, worker: Workers, broker: RedisServer, engine: Engine, clean: None
+) -> None:
+    api = one_process_api
+    worker.start()
+    # Warm up, as above, so the stalled attempt reaches Redis.
+    assert post(api, make_event("warm-up", topic="warm"), uuid.uuid4().hex).status_code == 202
+    batch = [make_event(f"g-{i}", topic="given-up") for i in range(5)]
+    frozen = stalling(broker, 2)
+    with Client(api.url, max_retries=0) as client:
+        outcome = client.publish_batch(batch)
+    frozen.join()
+    # The API answered 503, and Redis ran the acceptance after the stall.
+    assert (outcome.final, outcome.accepted) == ("503", False)
+    summary = summarize(len(batch), [outcome], 1.0, ["given-up"])
+    assert (summary.sent, summary.ambiguous, summary.uncertain_unique) == (0, 5, 5)
+    figures = settled_stats(api.url, received=6)
+    # Stored although never answered 202: within the client's ambiguous window.
+    assert figures["total_received_queued"] - 1 <= summary.sent + summary.ambiguous
+    assert_adds_up(figures, engine, sent=6)
