@@ -77,7 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--duration", type=int, default=10, help="seconds of load per run (default 10)")
     add("--connections", type=int, default=50, help="concurrent connections (default 50)")
-    add("--api-workers", type=int, default=3, help="gunicorn processes (default 3)")
+    add("--api-workers", type=int, default=2, help="gunicorn processes (default 2)")
     add("--worker-class", default="gevent", help="gunicorn worker class (default gevent)")
     add("--repeat", type=int, default=1, help="runs; the table shows each")
     add("--profile", type=Path, default=None, help="record py-spy profiles into this directory")
