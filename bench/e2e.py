@@ -35,8 +35,7 @@ from psycopg2.extensions import connection as PgConnection
 from psycopg2.extras import execute_values
 
 from app.db import make_engine
-from app.store.ledger import run_in_transaction
-from app.store.ledger import store_batch
+from app.store.ledger import store_exactly_once
 from bench.harness import ProcessGroup
 from bench.harness import RssSampler
 from bench.harness import Services
@@ -216,16 +215,12 @@ def copy_then_insert(conn: PgConnection, table_name: str, rows: Sequence[tuple],
 
 
 def app_store_batches(database_url: str, events: Sequence[dict[str, Any]], batch: int) -> int:
-    """Store batches in-process with app.store.ledger.store_batch, one transaction each."""
+    """Store batches in-process as the worker does (store_exactly_once), one transaction each."""
     engine = make_engine(database_url, pool_size=1)
     stored = 0
     try:
         for chunk in _chunks(events, batch):
-            batch_id = uuid.uuid4().hex
-            outcome = run_in_transaction(
-                engine, lambda conn, rows=chunk, bid=batch_id: store_batch(conn, bid, list(rows))
-            )
-            stored += outcome.stored
+            stored += store_exactly_once(engine, uuid.uuid4().hex, list(chunk)).stored
     finally:
         engine.dispose()
     return stored
@@ -288,7 +283,7 @@ def measure_ceiling(
         conn.close()
     # The application's own store path, in-process: it needs the real tables,
     # which are emptied again before any workload runs.
-    label = f"app.store.store_batch in-process (SQLAlchemy), {batch} rows/txn"
+    label = f"app.store.ledger.store_exactly_once in-process (the worker's path), {batch} rows/txn"
     try:
         results["app_store"] = _timed(
             label,
