@@ -1,8 +1,10 @@
-"""The Flask application factory; importing this package does nothing else.
+"""The Flask application factory; importing this package starts nothing.
 
-Not even import Flask: every import of app.config, app.db or app.store (the
-workers' too) runs this file first, so the factory imports the web stack, and
-the modules that need it, inside the function (as it imports the blueprints).
+It does not even import Flask: every import of app.config, app.db or app.store
+(the workers' too) runs this file first, so the factory imports the web stack,
+and the modules that need it, inside the function (as it imports the
+blueprints). What it does import (settings, engine, Redis client, logs) the
+workers load anyway.
 """
 
 from __future__ import annotations

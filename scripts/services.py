@@ -420,7 +420,11 @@ def throwaway_database(server_url: str, prefix: str, *, migrated: bool = True) -
             migrate(url)
         yield url
     finally:
-        drop_database(server_url, name)
+        # A drop that fails (a session still connected) must not hide what the run raised.
+        try:
+            drop_database(server_url, name)
+        except psycopg2.Error as exc:
+            print(f"could not drop database {name}: {exc}", file=sys.stderr)
 
 
 # TRUNCATE locks its tables in the order named. The broker tables go first (the workers'
