@@ -241,6 +241,8 @@ class Client:
 
         def finished(future: Future[RequestOutcome]) -> None:
             in_flight.release()
+            if future.cancelled():  # Dropped at a stop: never sent, counted as unsent.
+                return
             outcome = future.result()
             with report:
                 outcomes.append(outcome)
