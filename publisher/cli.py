@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import IO
 from typing import Any
+from typing import Self
 
 import orjson
 from tqdm import tqdm
@@ -255,7 +258,7 @@ def format_verify(summary: PublishSummary, result: VerifyResult) -> str:
 
 def format_event(event: dict[str, Any]) -> str:
     """Render one stored event as a line: time, topic, source, id, payload."""
-    payload = orjson.dumps(event.get("payload")).decode()
+    payload = orjson.dumps(event.get("payload"), option=orjson.OPT_SORT_KEYS).decode()
     return (
         f"{event['timestamp']}  {event['topic']}  {event['source']}  {event['event_id']}  {payload}"
     )
@@ -398,36 +401,86 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
     return EXIT_PUBLISH_FAILED if summary.errors else EXIT_OK
 
 
+class HeldInterrupt:
+    """Ctrl-C that waits for the end of a `hold()`: an event printed is an event passed.
+
+    Elsewhere (waiting on the network) it interrupts at once, as usual.
+    """
+
+    def __init__(self) -> None:
+        self._holding = False
+        self._pending = False
+
+    def __enter__(self) -> Self:
+        self._previous = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _interrupt(self, *_: object) -> None:
+        if self._holding:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._pending:
+            raise KeyboardInterrupt
+
+
 def run_tail(client: Client, args: argparse.Namespace) -> int:
-    """Print matching events oldest first; follow unless --no-follow; stop at --limit."""
+    """Print matching events oldest first; follow unless --no-follow; stop at --limit.
+
+    Events come from the streamed export, each with its cursor, so a stop anywhere
+    (the end, --limit, Ctrl-C) names exactly where to resume. Following, a long
+    poll waits until something is stored past the cursor, then the export resumes.
+    """
     check_reachable(client)
     filters = {
         name: getattr(args, name)
         for name in ("topic", "source", "payload", "since", "until")
         if getattr(args, name) is not None
     }
+    cursor: str | None = args.cursor
+    printed = 0
 
     def warn(exc: ClientError) -> None:
         print(f"aggregator: {exc}; trying again", file=sys.stderr, flush=True)
 
-    if args.no_follow:
-        pages = client.pages(cursor=args.cursor, **filters)
-    else:
-        pages = client.follow(cursor=args.cursor, wait=args.wait, on_error=warn, **filters)
-    cursor = args.cursor
-    printed = 0
-    try:
-        for page in pages:
-            for event in page.events:
-                print(orjson.dumps(event).decode() if args.json else format_event(event))
-                printed += 1
-                if args.limit is not None and printed >= args.limit:
-                    # The page's cursor would skip the rest of it; say none rather than lie.
-                    return EXIT_OK
-            cursor = page.next_cursor or cursor
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
+    with HeldInterrupt() as interrupt:
+        try:
+            while True:
+                for event in client.export(cursor=cursor, **filters):
+                    with interrupt.hold():
+                        position = event.pop("cursor")
+                        # Sorted keys: an event prints the same way whatever its source.
+                        line = orjson.dumps(event, option=orjson.OPT_SORT_KEYS).decode()
+                        print(line if args.json else format_event(event), flush=True)
+                        cursor = position
+                    printed += 1
+                    if args.limit is not None and printed >= args.limit:
+                        return _resume_from(cursor)
+                if args.no_follow:
+                    return _resume_from(cursor)
+                # One page of one event is enough to know there is more to export.
+                follow = client.follow(
+                    cursor=cursor, wait=args.wait, limit=1, on_error=warn, **filters
+                )
+                while not next(follow).events:
+                    pass
+        except KeyboardInterrupt:
+            pass
+    return _resume_from(cursor)
+
+
+def _resume_from(cursor: str | None) -> int:
     if cursor:
         print(f"aggregator: resume with --cursor {cursor}", file=sys.stderr)
     return EXIT_OK

@@ -7,10 +7,12 @@
             ...
         for page in client.follow(topic="orders"):  # and then whatever arrives next
             ...
+        for event in client.export(topic="orders"): # one streamed read, a cursor per event
+            ...
 
 Every publish request carries its own Idempotency-Key and sends it again on
 each retry, so a retry after an ambiguous failure (a timeout, a reset, a
-gateway's 502) is counted once by the API. The summary says how many events the
+gateway's 502, a 503 after a stall) is counted once by the API. The summary says how many events the
 API may have accepted beyond the 202s it answered (see publisher.outcomes).
 """
 
@@ -48,6 +50,7 @@ from publisher.retries import is_ambiguous
 from publisher.retries import make_retry
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+NDJSON = "application/x-ndjson"
 # The API's limit on events per request.
 MAX_BATCH = 1000
 # How long `health()` waits before saying the API is unreachable.
@@ -319,6 +322,41 @@ class Client:
             if body["next_cursor"] is None:
                 return
             cursor = body["next_cursor"]
+
+    def export(self, *, cursor: str | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Yield every stored event matching `filters` from `cursor` on, each with its `cursor`.
+
+        One streamed request (`Accept: application/x-ndjson`): the server reads one
+        snapshot in constant memory. Resume an interrupted export from the
+        `cursor` of the last event received.
+        """
+        if isinstance(filters.get("payload"), dict):
+            filters["payload"] = orjson.dumps(filters["payload"]).decode()
+        query = {k: v for k, v in {"cursor": cursor, **filters}.items() if v is not None}
+        url = f"{self.url}/events" + (f"?{urlencode(query)}" if query else "")
+        headers = {**self._headers, "Accept": NDJSON}
+        try:
+            response = self._pool.request(
+                "GET",
+                url,
+                headers=headers,
+                retries=make_retry(self.max_retries),
+                timeout=self.timeout,
+                preload_content=False,
+            )
+        except HTTPError as exc:
+            raise Unreachable(f"GET {url}: {_reason(exc)}") from None
+        try:
+            if response.status != 200:
+                message, errors = _error_of(response.read())
+                raise ApiError(response.status, message + _describe(errors), errors)
+            for line in response:
+                if line.strip():
+                    yield orjson.loads(line)
+        except HTTPError as exc:
+            raise Unreachable(f"GET {url}: the stream broke ({_reason(exc)})") from None
+        finally:
+            response.release_conn()
 
     def events(self, *, cursor: str | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
         """Yield every stored event matching `filters`, oldest first."""

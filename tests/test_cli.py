@@ -204,6 +204,23 @@ def test_tail_filters_stops_at_the_end_or_a_limit_and_resumes(url: str) -> None:
         "l-0",
         "l-1",
     ]
+    # Stopped at the limit, it names the cursor after the last event printed.
+    rest = aggregator(
+        "tail", "--url", url, "--topic", "levels", "--no-follow", "--cursor", resume_cursor(two)
+    )
+    assert [line.split()[3] for line in rest.stdout.decode().splitlines()] == ["l-2", "l-3", "l-4"]
+    # At the end too: from there, nothing until something new is stored.
+    Client(url).publish([make_event("l-5", topic="levels")])
+    settled_stats(url, received=6)
+    new = aggregator(
+        "tail", "--url", url, "--topic", "levels", "--no-follow", "--cursor", resume_cursor(rest)
+    )
+    assert [line.split()[3] for line in new.stdout.decode().splitlines()] == ["l-5"]
+
+
+def resume_cursor(run: subprocess.CompletedProcess[bytes]) -> str:
+    """Return the cursor a stopped `aggregator tail` said to resume from."""
+    return run.stderr.decode().split("resume with --cursor ")[1].split()[0]
 
 
 def test_stats_prints_the_apis_figures(url: str) -> None:
