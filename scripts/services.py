@@ -147,15 +147,22 @@ def _apt_install(package: str) -> None:
             policy.unlink()
 
 
+def _debian_tool(variable: str, package: str, installed: str, *names: str) -> Path:
+    """Return $variable, else the first of names on PATH or the installed path, else install."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable])
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    if not Path(installed).exists():
+        _apt_install(package)
+    return Path(installed)
+
+
 def find_chromium() -> Path:
     """Locate a headless-capable Chromium ($CHROMIUM, PATH); as root on Debian, install it."""
-    if os.environ.get("CHROMIUM"):
-        return Path(os.environ["CHROMIUM"])
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return Path(found)
-    _apt_install("chromium")
-    return Path("/usr/bin/chromium")
+    return _debian_tool("CHROMIUM", "chromium", "/usr/bin/chromium", "chromium", "chromium-browser")
 
 
 def find_docker_compose() -> Path:
@@ -163,13 +170,9 @@ def find_docker_compose() -> Path:
 
     Tests use `docker-compose config`, which validates the file without an engine.
     """
-    if os.environ.get("DOCKER_COMPOSE"):
-        return Path(os.environ["DOCKER_COMPOSE"])
-    found = shutil.which("docker-compose")
-    if found:
-        return Path(found)
-    _apt_install("docker-compose")
-    return Path("/usr/bin/docker-compose")
+    return _debian_tool(
+        "DOCKER_COMPOSE", "docker-compose", "/usr/bin/docker-compose", "docker-compose"
+    )
 
 
 def find_promtool() -> Path:
@@ -177,13 +180,7 @@ def find_promtool() -> Path:
 
     Tests check and unit-test the alert rules in deploy/prometheus/ with it.
     """
-    if os.environ.get("PROMTOOL"):
-        return Path(os.environ["PROMTOOL"])
-    found = shutil.which("promtool")
-    if found:
-        return Path(found)
-    _apt_install("prometheus")
-    return Path("/usr/bin/promtool")
+    return _debian_tool("PROMTOOL", "prometheus", "/usr/bin/promtool", "promtool")
 
 
 def find_nginx() -> Path:
@@ -192,15 +189,7 @@ def find_nginx() -> Path:
     The proxy tests run the repository's nginx configuration for real. The
     package's own service is kept from starting (policy-rc.d) while installing.
     """
-    if os.environ.get("NGINX"):
-        return Path(os.environ["NGINX"])
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    if found:
-        return Path(found)
-    _apt_install("nginx-light")
-    return Path("/usr/sbin/nginx")
+    return _debian_tool("NGINX", "nginx-light", "/usr/sbin/nginx", "nginx")
 
 
 def _unprivileged_user() -> str | None:
