@@ -465,12 +465,21 @@ def ready() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
         _redis().ping()
         # Informational: what a 202 survives (docs/reliability.md).
         checks["broker_persistence"] = _intake().persistence()
+        policy = _intake().memory().policy
+        # allkeys-* may evict queued batches and idempotency records; none of our
+        # keys has a TTL, so noeviction and volatile-* never touch them.
+        checks["broker_eviction"] = (
+            f"unsafe: maxmemory-policy {policy} may evict accepted batches; use noeviction"
+            if policy.startswith("allkeys")
+            else policy
+        )
     except Exception as exc:
         checks["broker"] = f"down: {type(exc).__name__}"
     failing = [
         checks["database"] != "ok",
         checks["broker"] != "ok",
         checks["broker_data_loss"] != "none",
+        checks.get("broker_eviction", "").startswith("unsafe"),
     ]
     if not any(failing):
         return {"status": "ready", "checks": checks}

@@ -23,16 +23,26 @@ CHECK_LOCK = 0x6167_6772
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """How far a broker had got when it was last checked."""
+    """How far a broker had got when it was last checked, and how far it was allowed to go.
+
+    `age` is the seconds since the check, on the database's clock (0 for a new one).
+    """
 
     epoch: str
     seq: int
     accepted_events: int
+    allowed_events: int
+    age: float = 0.0
 
 
 def lock_checks(conn: Connection) -> None:
     """Serialize broker checks until the caller's transaction ends."""
     conn.execute(select(func.pg_advisory_xact_lock(CHECK_LOCK)))
+
+
+def try_lock_checks(conn: Connection) -> bool:
+    """Take the checks' lock if no one holds it; False if another check is running."""
+    return bool(conn.execute(select(func.pg_try_advisory_xact_lock(CHECK_LOCK))).scalar())
 
 
 def read_checkpoint(conn: Connection, broker: str) -> Checkpoint | None:
@@ -42,9 +52,16 @@ def read_checkpoint(conn: Connection, broker: str) -> Checkpoint | None:
             broker_checkpoints.c.epoch,
             broker_checkpoints.c.seq,
             broker_checkpoints.c.accepted_events,
+            # Rows written before the allowance existed allowed what they had seen.
+            func.greatest(
+                broker_checkpoints.c.allowed_events, broker_checkpoints.c.accepted_events
+            ).label("allowed_events"),
+            func.extract("epoch", func.now() - broker_checkpoints.c.checked_at).label("age"),
         ).where(broker_checkpoints.c.broker == broker)
     ).one_or_none()
-    return None if row is None else Checkpoint(row.epoch, row.seq, row.accepted_events)
+    if row is None:
+        return None
+    return Checkpoint(row.epoch, row.seq, row.accepted_events, row.allowed_events, float(row.age))
 
 
 def save_checkpoint(conn: Connection, broker: str, checkpoint: Checkpoint) -> None:
@@ -54,6 +71,7 @@ def save_checkpoint(conn: Connection, broker: str, checkpoint: Checkpoint) -> No
         epoch=checkpoint.epoch,
         seq=checkpoint.seq,
         accepted_events=checkpoint.accepted_events,
+        allowed_events=checkpoint.allowed_events,
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=[broker_checkpoints.c.broker],
@@ -61,21 +79,31 @@ def save_checkpoint(conn: Connection, broker: str, checkpoint: Checkpoint) -> No
             "epoch": stmt.excluded.epoch,
             "seq": stmt.excluded.seq,
             "accepted_events": stmt.excluded.accepted_events,
+            "allowed_events": stmt.excluded.allowed_events,
             "checked_at": func.now(),
         },
     )
     conn.execute(stmt)
 
 
-def ledger_progress(conn: Connection, epoch: str) -> tuple[int, int]:
-    """Return the highest sequence number stored from an epoch, and the events it received."""
-    max_seq, received = conn.execute(
-        select(
-            func.coalesce(func.max(batches.c.broker_seq), 0),
-            func.coalesce(func.sum(batches.c.received), 0),
-        ).where(batches.c.broker_epoch == epoch)
-    ).one()
-    return int(max_seq), int(received)
+def stored_seq(conn: Connection, epoch: str) -> int:
+    """Return the highest sequence number stored from an epoch (an index lookup)."""
+    value = conn.execute(
+        select(func.coalesce(func.max(batches.c.broker_seq), 0)).where(
+            batches.c.broker_epoch == epoch
+        )
+    ).scalar()
+    return int(value or 0)
+
+
+def received_from(conn: Connection, epoch: str) -> int:
+    """Return the events the ledger holds from an epoch (reads all its batches: losses only)."""
+    value = conn.execute(
+        select(func.coalesce(func.sum(batches.c.received), 0)).where(
+            batches.c.broker_epoch == epoch
+        )
+    ).scalar()
+    return int(value or 0)
 
 
 def record_loss(
@@ -87,6 +115,7 @@ def record_loss(
     seq_known: int,
     seq_found: int | None,
     events_unaccounted: int,
+    events_known_unstored: int,
 ) -> bool:
     """Record a detected loss of broker data once; False if it was recorded already."""
     stmt = (
@@ -98,6 +127,7 @@ def record_loss(
             seq_known=seq_known,
             seq_found=seq_found,
             events_unaccounted=events_unaccounted,
+            events_known_unstored=events_known_unstored,
         )
         .on_conflict_do_nothing(constraint="uq_broker_losses_broker_lost_epoch")
         .returning(broker_losses.c.id)
@@ -107,12 +137,13 @@ def record_loss(
 
 def loss_summary(conn: Connection) -> dict[str, Any]:
     """Return how many losses were detected, the last one's time, and what is unacknowledged."""
-    detected, last, unacknowledged, unaccounted = conn.execute(
+    detected, last, unacknowledged, unaccounted, known = conn.execute(
         select(
             func.count(),
             func.max(broker_losses.c.detected_at),
             func.count().filter(broker_losses.c.acknowledged_at.is_(None)),
             func.coalesce(func.sum(broker_losses.c.events_unaccounted), 0),
+            func.coalesce(func.sum(broker_losses.c.events_known_unstored), 0),
         )
     ).one()
     return {
@@ -120,6 +151,7 @@ def loss_summary(conn: Connection) -> dict[str, Any]:
         "last_detected_at": last.isoformat() if isinstance(last, datetime) else None,
         "unacknowledged": int(unacknowledged),
         "events_unaccounted": int(unaccounted),
+        "events_known_unstored": int(known),
     }
 
 

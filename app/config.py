@@ -117,6 +117,9 @@ class Settings:
     max_backlog_bytes: int = 256 * 1024 * 1024
     # How long a request's idempotency record is kept.
     idempotency_ttl: int = 24 * 3600
+    # Records kept at most (about 300 bytes of Redis memory each): beyond it a
+    # publish with a new key gets 503 rather than a record Redis might drop.
+    idempotency_max_records: int = 1_000_000
     # Connect and read timeout towards Redis (API and workers); a publish whose
     # Redis call takes longer is answered 503.
     broker_timeout: float = 0.5
@@ -217,6 +220,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         broker_check_interval=_float(env, "BROKER_CHECK_INTERVAL", Settings.broker_check_interval),
         max_backlog_bytes=_int(env, "BROKER_MAX_BACKLOG_BYTES", Settings.max_backlog_bytes),
         idempotency_ttl=_int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl),
+        idempotency_max_records=_int(
+            env, "IDEMPOTENCY_MAX_RECORDS", Settings.idempotency_max_records
+        ),
         broker_timeout=_float(env, "BROKER_TIMEOUT", Settings.broker_timeout),
         retry_after=_int(env, "RETRY_AFTER", Settings.retry_after),
         retry_backoff_max=_int(env, "TASK_RETRY_BACKOFF_MAX", Settings.retry_backoff_max),

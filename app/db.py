@@ -139,8 +139,9 @@ dead_letters = Table(
 )
 
 
-# Per broker (its URL without credentials): the epoch it holds and how far it had
-# got when last checked, so a broker that lost its data is noticed.
+# Per broker (its URL without credentials): the epoch it holds, how far it had
+# got when last checked, and how far it may go before the next check (its
+# allowance), so a broker that lost its data is noticed and the loss bounded.
 broker_checkpoints = Table(
     "broker_checkpoints",
     metadata,
@@ -148,6 +149,7 @@ broker_checkpoints = Table(
     Column("epoch", Text, nullable=False),
     Column("seq", BigInteger, nullable=False, server_default="0"),
     Column("accepted_events", BigInteger, nullable=False, server_default="0"),
+    Column("allowed_events", BigInteger, nullable=False, server_default="0"),
     Column("checked_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
 
@@ -161,7 +163,10 @@ broker_losses = Table(
     Column("reason", Text, nullable=False),
     Column("seq_known", BigInteger, nullable=False),
     Column("seq_found", BigInteger, nullable=True),
+    # At most this many accepted events were lost: the allowance, less what was stored.
     Column("events_unaccounted", BigInteger, nullable=False),
+    # Accepted before the last check and not stored when the loss was found.
+    Column("events_known_unstored", BigInteger, nullable=False, server_default="0"),
     Column("detected_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("acknowledged_at", DateTime(timezone=True), nullable=True),
     # One record per lost epoch, however many processes notice it.

@@ -54,6 +54,28 @@ class QueueDepth(Protocol):
     def pending(self) -> int: ...
 
 
+class BrokerMemory(Protocol):
+    """Redis's memory and evictions, and what the broker's budgets hold."""
+
+    @property
+    def used_bytes(self) -> int: ...
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    @property
+    def policy(self) -> str: ...
+
+    @property
+    def evicted_keys(self) -> int: ...
+
+    @property
+    def backlog_bytes(self) -> int: ...
+
+    @property
+    def idempotency_records(self) -> int: ...
+
+
 class QueueReadings(Protocol):
     """What /metrics reads from the broker: tasks.acceptance.Intake, which the app holds."""
 
@@ -62,6 +84,10 @@ class QueueReadings(Protocol):
     def backlog_age(self) -> float: ...
 
     def persistence(self) -> str: ...
+
+    def memory(self) -> BrokerMemory: ...
+
+    def budgets(self) -> tuple[int, int]: ...
 
 
 class ScrapeTimeCollector(Collector):
@@ -129,7 +155,7 @@ class ScrapeTimeCollector(Collector):
         unacknowledged.add_metric([], losses["unacknowledged"])
         return [events, replayed, lost, unacknowledged]
 
-    def _from_broker(self) -> list[GaugeMetricFamily]:
+    def _from_broker(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
         figures = self._queue.depth()
         queue = GaugeMetricFamily(
             "aggregator_broker_messages", "Messages on the broker, by state.", labels=["state"]
@@ -150,7 +176,34 @@ class ScrapeTimeCollector(Collector):
             "Age of the oldest batch accepted (202) and not yet stored: the pipeline's lag.",
         )
         lag.add_metric([], self._queue.backlog_age())
-        return [queue, marks, mode, lag]
+        return [queue, marks, mode, lag, *self._memory()]
+
+    def _memory(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
+        memory = self._queue.memory()
+        max_backlog, max_records = self._queue.budgets()
+        used = GaugeMetricFamily(
+            "aggregator_broker_memory_bytes",
+            "Redis's memory: used, and its maxmemory (0: none).",
+            labels=["kind"],
+        )
+        used.add_metric(["used"], memory.used_bytes)
+        used.add_metric(["max"], memory.max_bytes)
+        evicted = CounterMetricFamily(
+            "aggregator_broker_evicted_keys",
+            "Keys Redis evicted since it started (none of ours can be: any is a misconfiguration).",
+            labels=["policy"],
+        )
+        evicted.add_metric([memory.policy], memory.evicted_keys)
+        budgets = GaugeMetricFamily(
+            "aggregator_broker_budget",
+            "What the broker's budgets hold, and their limits (503 when one is spent).",
+            labels=["budget", "kind"],
+        )
+        budgets.add_metric(["backlog_bytes", "used"], memory.backlog_bytes)
+        budgets.add_metric(["backlog_bytes", "max"], max_backlog)
+        budgets.add_metric(["idempotency_records", "used"], memory.idempotency_records)
+        budgets.add_metric(["idempotency_records", "max"], max_records)
+        return [used, evicted, budgets]
 
 
 def build_info() -> GaugeMetricFamily:

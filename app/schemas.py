@@ -255,9 +255,16 @@ class BrokerDataLossSchema(Schema):
     events_unaccounted = fields.Integer(
         required=True,
         metadata={
-            "description": "Accepted before each loss's last checkpoint and not stored when it"
-            " was detected: an upper bound of what is known lost; acceptances after the"
-            " last checkpoint cannot be known."
+            "description": "At most this many accepted events were lost: a broker accepts"
+            " only as far as PostgreSQL was told to expect (its allowance), so each loss"
+            " is bounded by that allowance less what the ledger holds from its epoch."
+        },
+    )
+    events_known_unstored = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Accepted before each loss's last check and not stored when it was"
+            " detected (batches still held by workers may commit later)."
         },
     )
 
@@ -338,6 +345,7 @@ class BrokerLossSchema(Schema):
         allow_none=True, metadata={"description": "Acceptances the broker still knew of."}
     )
     events_unaccounted = fields.Integer(required=True)
+    events_known_unstored = fields.Integer(required=True)
     detected_at = fields.AwareDateTime(required=True, format="iso")
     acknowledged_at = fields.AwareDateTime(allow_none=True, format="iso")
 

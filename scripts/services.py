@@ -450,10 +450,11 @@ class RedisServer:
     """A redis-server of our own, in the foreground of a child process.
 
     Durable as in production: AOF on with `appendfsync always`, so a 202 means
-    the acceptance is on disk. Idempotency records are the only keys with a
-    TTL, and `volatile-ttl` makes Redis drop the oldest of them rather than
-    refuse writes when maxmemory is set and reached. `debug=True` allows
-    `DEBUG SLEEP` from loopback (fault tests; Redis 7 refuses it otherwise).
+    the acceptance is on disk, and `noeviction`: at maxmemory Redis refuses
+    writes rather than drop a key (none of ours has a TTL, so a `volatile-*`
+    policy would drop none either; fault tests pass one to show it).
+    `debug=True` allows `DEBUG SLEEP` from loopback (fault tests; Redis 7
+    refuses it otherwise).
     """
 
     def __init__(
@@ -465,6 +466,7 @@ class RedisServer:
         appendfsync: str = "always",
         debug: bool = False,
         maxmemory: str | None = None,
+        maxmemory_policy: str = "noeviction",
     ) -> None:
         self.datadir = datadir
         self.port = port
@@ -473,6 +475,7 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.debug = debug
         self.maxmemory = maxmemory
+        self.maxmemory_policy = maxmemory_policy
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -504,7 +507,7 @@ class RedisServer:
             "--appendfsync",
             self.appendfsync,
             "--maxmemory-policy",
-            "volatile-ttl",
+            self.maxmemory_policy,
             "--daemonize",
             "no",
             "--logfile",

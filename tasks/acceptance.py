@@ -32,10 +32,12 @@ from app.store.ledger import processed_batches
 from tasks.broker_state import Watchdog
 from tasks.broker_state import broker_name
 from tasks.messages import build_message
+from tasks.pending import BrokerMemory
 from tasks.pending import IdempotencyRecord
 from tasks.pending import QueueDepth
 from tasks.pending import Scripts
-from tasks.pending import idempotency_key
+from tasks.pending import broker_memory
+from tasks.pending import idempotency_field
 from tasks.pending import oldest_pending_age
 from tasks.pending import queue_depth
 from tasks.pending import read_pending
@@ -49,6 +51,10 @@ class BrokerUnavailable(Exception):
 
 class BacklogFull(BrokerUnavailable):
     """The broker holds as much unstored work as its budget allows."""
+
+
+class IdempotencyRecordsFull(BacklogFull):
+    """The broker holds as many idempotency records as their budget allows."""
 
 
 class KeyReused(Exception):
@@ -98,11 +104,13 @@ class Acceptor:
         *,
         max_backlog_bytes: int,
         idempotency_ttl: int,
+        max_idempotency_records: int,
     ) -> None:
         self._scripts = Scripts(client)
         self._watchdog = watchdog
         self._max_backlog_bytes = max_backlog_bytes
         self._idempotency_ttl = idempotency_ttl
+        self._max_idempotency_records = max_idempotency_records
 
     def accept(self, requests: list[Request]) -> list[Outcome]:
         """Accept requests as one batch; return each one's receipt or error, in order.
@@ -122,14 +130,14 @@ class Acceptor:
 
         remaining = leaders
         known: dict[tuple[str, str], IdempotencyRecord] = {}
-        for attempt in range(3):
+        for attempt in range(4):
             if not remaining:
                 break
             batch_id = uuid.uuid4().hex
             events = [event for index in remaining for event in requests[index].events]
             records = [
                 (
-                    idempotency_key(requests[index].client_id, requests[index].key),
+                    idempotency_field(requests[index].client_id, requests[index].key),
                     IdempotencyRecord(
                         requests[index].fingerprint, batch_id, len(requests[index].events)
                     ),
@@ -145,6 +153,7 @@ class Acceptor:
                 records,
                 max_backlog_bytes=self._max_backlog_bytes,
                 idempotency_ttl=self._idempotency_ttl,
+                max_idempotency_records=self._max_idempotency_records,
             )
             if reply.status == "OK":
                 TASK_EVENTS.observe(len(events))
@@ -164,12 +173,21 @@ class Acceptor:
                 raise BacklogFull(
                     f"the broker backlog ({reply.backlog_bytes} bytes) is over its budget"
                 )
-            elif attempt == 0:
-                # No epoch: a new broker, or one that lost its state. Let the
-                # check record what happened and set one, then try once more.
-                self._watchdog.check_now()
+            elif reply.status == "NOROOM":
+                raise IdempotencyRecordsFull(
+                    f"{reply.held} idempotency records are kept, as many as"
+                    " IDEMPOTENCY_MAX_RECORDS allows; they expire after IDEMPOTENCY_TTL"
+                )
+            elif attempt < 3:
+                # NOEPOCH, UNVERIFIED or CHECK: the broker is new, lost its
+                # state, restarted or was replaced, or reached its allowance.
+                # A check compares it with PostgreSQL (recording any loss) and
+                # lets it go on; then try again.
+                self._watchdog.check_now(wanted=len(events))
             else:
-                raise BrokerUnavailable("the broker has no epoch yet (its state is new or lost)")
+                raise BrokerUnavailable(
+                    f"the broker is not cleared to accept ({reply.status.lower()})"
+                )
         if remaining:
             raise BrokerUnavailable("could not accept the batch")
 
@@ -325,16 +343,19 @@ class Intake:
     """The API's way into the queue: hand over publish requests, read what the broker holds."""
 
     def __init__(self, client: redis.Redis, engine: Engine, settings: Settings) -> None:
-        # The watchdog runs a broker check when the epoch is missing (see Acceptor.accept).
+        # The watchdog checks the broker every few seconds and whenever it refuses
+        # to accept until checked (see Acceptor.accept).
         watchdog = Watchdog(
             engine, client, broker_name(settings.redis_url), settings.broker_check_interval
         )
         self._client = client
+        self._watchdog = watchdog
         self._acceptor = Acceptor(
             client,
             watchdog,
             max_backlog_bytes=settings.max_backlog_bytes,
             idempotency_ttl=settings.idempotency_ttl,
+            max_idempotency_records=settings.idempotency_max_records,
         )
         self._group_commit = GroupCommit(
             self._acceptor,
@@ -342,9 +363,14 @@ class Intake:
             linger=settings.group_commit_linger_ms / 1000,
         )
         self._group_below = settings.group_commit_below
+        self._max_backlog_bytes = settings.max_backlog_bytes
+        self._max_idempotency_records = settings.idempotency_max_records
 
     def submit(self, request: Request) -> Receipt:
         """Return the request's receipt once the broker has it; raise what refused it otherwise."""
+        # The API checks the broker too, so a loss is noticed (and bounded)
+        # with no worker running; started here, in the process that serves.
+        self._watchdog.start()
         # Small requests wait briefly to share a task; a large one is a task of its own.
         if len(request.events) < self._group_below:
             return self._group_commit.submit(request)
@@ -353,6 +379,14 @@ class Intake:
     def depth(self) -> QueueDepth:
         """Return the broker's queue depth (messages ready, held, batches pending)."""
         return queue_depth(self._client)
+
+    def memory(self) -> BrokerMemory:
+        """Return the broker's memory, evictions and budgets."""
+        return broker_memory(self._client)
+
+    def budgets(self) -> tuple[int, int]:
+        """Return the backlog budget in bytes and the idempotency records' budget."""
+        return self._max_backlog_bytes, self._max_idempotency_records
 
     def backlog_age(self) -> float:
         """Seconds the oldest accepted, not yet stored batch has waited (0 when none): the lag."""

@@ -1,38 +1,59 @@
-"""Noticing that the broker lost data: an epoch and a sequence in Redis, checkpointed in PostgreSQL.
+"""Noticing that the broker lost data: epoch, sequence and allowance, checked against PostgreSQL.
 
-Redis holds an epoch (a random id given to a broker without state) and a
-sequence number that every acceptance increments, in the same script. Each
-stored batch records its epoch and sequence in the ledger, and a check every
-few seconds copies the broker's epoch and sequence into PostgreSQL. The broker
-lost data when:
-- it has no epoch (flushed, or replaced by an empty instance): the acceptance
-  script refuses to accept until a check has recorded the loss and set a new one;
+Redis holds an epoch (a random id given to a broker without state), a sequence
+number and a count of accepted events that every acceptance increments, in the
+same script. Each stored batch records its epoch and sequence in the ledger,
+and checks copy the broker's progress into PostgreSQL. The broker lost data when:
+- it has no epoch (flushed, or replaced by an empty instance);
 - it has another epoch than the one checkpointed (replaced by a different one);
 - its sequence is below what was checkpointed or stored (restored from an older
-  AOF or snapshot).
-Each case is recorded once per lost epoch (app.broker_log), logged as an error,
-counted in /stats and /metrics, and keeps /ready at 503 until acknowledged.
+  AOF or snapshot, or a lagging replica promoted).
+
+Two rules make that judgement sound whether or not a worker runs:
+- A Redis process accepts nothing until a check has compared it with
+  PostgreSQL: the acceptance script compares the id of the running Redis
+  process with the one the last check sealed, so after any restart, restore,
+  replacement or failover the first publish waits for a check (the API runs it).
+- A broker accepts only up to an allowance that PostgreSQL recorded first. So
+  the events a loss can have taken are bounded (`events_unaccounted`: the
+  allowance less what the ledger holds and what is still pending), never 0 for
+  a real loss, and a broker replaced after it was drained and idle (allowance =
+  accepted = stored) is no loss at all.
+
+A check reads PostgreSQL before Redis: whatever the ledger held was accepted
+before Redis is read, so no delay between the two reads looks like the broker
+going back in time. Each loss is recorded once per lost epoch (app.broker_log),
+logged as an error, counted in /stats and /metrics, and keeps /ready at 503
+until acknowledged.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis
+from sqlalchemy import Connection
 from sqlalchemy import Engine
 
 from app import broker_log
 from app.broker_log import Checkpoint
+from app.store.ledger import processed_batches
 from tasks.pending import BrokerState
 from tasks.pending import Scripts
-from tasks.pending import read_state
+from tasks.pending import pending_from
 
 logger = logging.getLogger(__name__)
+
+# While publishers are active, a check lets the broker accept this many times
+# the events of the last interval beyond what it has accepted (at least
+# MIN_ALLOWANCE, and at least what a waiting acceptance needs), so checks keep
+# ahead of the load; an idle broker's allowance closes to what it accepted.
+ALLOWANCE_FACTOR = 4
+MIN_ALLOWANCE = 1000
 
 
 def broker_name(redis_url: str) -> str:
@@ -50,48 +71,72 @@ class Loss:
     reason: str
     seq_known: int
     seq_found: int | None
-    events_unaccounted: int
+    events_unaccounted: int = 0
+    events_known_unstored: int = 0
 
 
-def _unaccounted(checkpoint: Checkpoint, received_in_ledger: int) -> int:
-    # Accepted in the lost epoch up to its last checkpoint, minus what the
-    # ledger holds from it. Acceptances after the last checkpoint are unknown.
-    return max(0, checkpoint.accepted_events - received_in_ledger)
+def allowance(state: BrokerState, checkpoint: Checkpoint | None, wanted: int) -> int:
+    """Return how many events in all the broker may have accepted until the next check."""
+    recent = 0
+    if checkpoint is not None and checkpoint.epoch == state.epoch:
+        recent = state.accepted_events - checkpoint.accepted_events
+    if wanted <= 0 and recent <= 0:
+        return state.accepted_events
+    return state.accepted_events + max(MIN_ALLOWANCE, wanted, ALLOWANCE_FACTOR * recent)
 
 
-def check(engine: Engine, client: redis.Redis, broker: str) -> Loss | None:
-    """Compare the broker with its checkpoint; record and return a loss, else checkpoint it."""
+def check(
+    engine: Engine,
+    client: redis.Redis,
+    broker: str,
+    *,
+    wanted: int = 0,
+    every: float | None = None,
+) -> Loss | None:
+    """Compare the broker with its checkpoint; record and return a loss, else checkpoint it.
+
+    `wanted` is the number of events an acceptance waits to accept. With
+    `every` (the periodic check) it gives way to a check already running and
+    skips a broker checked less than every/2 seconds ago.
+    """
     scripts = Scripts(client)
     with engine.begin() as conn:
-        broker_log.lock_checks(conn)
-        # Read the broker only under the lock: a check that read it before
-        # another check gave it an epoch would take the new epoch for a loss.
-        state = read_state(client)
+        if every is None:
+            broker_log.lock_checks(conn)
+        elif not broker_log.try_lock_checks(conn):
+            return None
         checkpoint = broker_log.read_checkpoint(conn, broker)
+        if every is not None and checkpoint is not None and checkpoint.age < every / 2:
+            return None
+        # PostgreSQL first, then Redis (see the module's docstring).
+        seq_known = 0
+        if checkpoint is not None:
+            seq_known = max(checkpoint.seq, broker_log.stored_seq(conn, checkpoint.epoch))
+        state = scripts.read_state()
         if checkpoint is None:
-            epoch = state.epoch or _new_epoch(scripts, client)
-            broker_log.save_checkpoint(
-                conn, broker, Checkpoint(epoch, state.seq, state.accepted_events)
-            )
+            _settle(conn, scripts, broker, state, state.epoch or uuid.uuid4().hex, None, wanted)
             return None
-        stored_seq, received = broker_log.ledger_progress(conn, checkpoint.epoch)
-        seq_known = max(checkpoint.seq, stored_seq)
-        loss = _judge(state, checkpoint, seq_known, received)
+        loss = _judge(state, checkpoint, seq_known)
         if loss is None:
-            broker_log.save_checkpoint(
-                conn, broker, Checkpoint(checkpoint.epoch, state.seq, state.accepted_events)
-            )
+            _settle(conn, scripts, broker, state, checkpoint.epoch, checkpoint, wanted)
             return None
-        # Give the broker a new epoch first: if this transaction then fails, the
-        # next check finds a foreign epoch and records the same loss again.
-        if state.epoch is None:
-            epoch = _new_epoch(scripts, client)
-        elif state.epoch == checkpoint.epoch:
+        loss = _bound(conn, client, checkpoint, loss)
+        if state.epoch is None or state.epoch == checkpoint.epoch:
             epoch = uuid.uuid4().hex
-            if not scripts.rotate_epoch(state.epoch, epoch):
-                return None  # Someone else is handling it; look again next time.
         else:
             epoch = state.epoch
+        # Seal the broker first: if it moved meanwhile, record nothing and look again.
+        if not _settle(conn, scripts, broker, state, epoch, checkpoint, wanted):
+            return None
+        if loss.events_unaccounted == 0:
+            logger.warning(
+                "broker %s: %s; every event it was allowed to accept is stored or still"
+                " pending, so nothing was lost; it continues under epoch %s",
+                broker,
+                loss.reason,
+                epoch,
+            )
+            return None
         new = broker_log.record_loss(
             conn,
             broker=broker,
@@ -100,33 +145,45 @@ def check(engine: Engine, client: redis.Redis, broker: str) -> Loss | None:
             seq_known=loss.seq_known,
             seq_found=loss.seq_found,
             events_unaccounted=loss.events_unaccounted,
-        )
-        broker_log.save_checkpoint(
-            conn, broker, Checkpoint(epoch, state.seq, state.accepted_events)
+            events_known_unstored=loss.events_known_unstored,
         )
     if new:
         logger.error(
-            "broker data loss detected on %s: %s; up to %d accepted event(s) are unaccounted for"
-            " (acceptances after the last check cannot be known); acknowledge with"
-            " POST /broker/data-loss/acknowledge",
+            "broker data loss detected on %s: %s; at most %d accepted event(s) are"
+            " unaccounted for (%d accepted before the last check were not stored);"
+            " acknowledge with POST /broker/data-loss/acknowledge",
             broker,
             loss.reason,
             loss.events_unaccounted,
+            loss.events_known_unstored,
         )
     return loss if new else None
 
 
-def _new_epoch(scripts: Scripts, client: redis.Redis) -> str:
-    epoch = uuid.uuid4().hex
-    if scripts.init_epoch(epoch):
-        return epoch
-    found = read_state(client).epoch
-    return found or epoch
+def _settle(
+    conn: Connection,
+    scripts: Scripts,
+    broker: str,
+    state: BrokerState,
+    epoch: str,
+    checkpoint: Checkpoint | None,
+    wanted: int,
+) -> bool:
+    """Seal the broker with its epoch and allowance, then checkpoint it; False if it moved.
+
+    The allowance reaches PostgreSQL in the same transaction, before the
+    broker can use it for anything but the acceptances already under way.
+    """
+    sealed = scripts.seal(state, epoch, allowance(state, checkpoint, wanted))
+    if sealed is None:
+        return False
+    broker_log.save_checkpoint(
+        conn, broker, Checkpoint(epoch, state.seq, state.accepted_events, sealed)
+    )
+    return True
 
 
-def _judge(
-    state: BrokerState, checkpoint: Checkpoint, seq_known: int, received: int
-) -> Loss | None:
+def _judge(state: BrokerState, checkpoint: Checkpoint, seq_known: int) -> Loss | None:
     if state.epoch is None:
         reason = "the broker holds no state (flushed, or replaced by an empty instance)"
     elif state.epoch != checkpoint.epoch:
@@ -134,7 +191,8 @@ def _judge(
     elif state.seq < seq_known:
         reason = (
             f"the broker went back in time: it holds acceptance {state.seq}, but {seq_known}"
-            " had been accepted (restored from an older AOF or snapshot)"
+            " had been accepted (restored from an older AOF or snapshot, or a lagging"
+            " replica promoted)"
         )
     else:
         return None
@@ -143,12 +201,29 @@ def _judge(
         reason=reason,
         seq_known=seq_known,
         seq_found=state.seq if state.epoch is not None else None,
-        events_unaccounted=_unaccounted(checkpoint, received),
+    )
+
+
+def _bound(conn: Connection, client: redis.Redis, checkpoint: Checkpoint, loss: Loss) -> Loss:
+    """Count what the lost epoch may have taken: its allowance less what is stored or pending."""
+    pending = pending_from(client, checkpoint.epoch)
+    # A batch committed whose pending mark is not cleared yet counts once, as stored.
+    committed = processed_batches(conn, list(pending))
+    accounted = broker_log.received_from(conn, checkpoint.epoch) + sum(
+        size for batch_id, size in pending.items() if batch_id not in committed
+    )
+    return Loss(
+        lost_epoch=loss.lost_epoch,
+        reason=loss.reason,
+        seq_known=loss.seq_known,
+        seq_found=loss.seq_found,
+        events_unaccounted=max(0, checkpoint.allowed_events - accounted),
+        events_known_unstored=max(0, checkpoint.accepted_events - accounted),
     )
 
 
 class Watchdog:
-    """Runs check() every `every` seconds in a daemon thread, and on demand (throttled)."""
+    """Runs check() every `every` seconds in a daemon thread, and on demand."""
 
     def __init__(self, engine: Engine, client: redis.Redis, broker: str, every: float) -> None:
         self._engine = engine
@@ -156,25 +231,28 @@ class Watchdog:
         self._broker = broker
         self._every = every
         self._lock = threading.Lock()
-        self._last = 0.0
+        self._thread: threading.Thread | None = None
 
-    def check_now(self, min_gap: float = 0.5) -> None:
-        """Check unless another check ran in this process less than min_gap seconds ago."""
+    def check_now(self, wanted: int = 0) -> None:
+        """Check at once (for an acceptance the broker refused until a check)."""
         with self._lock:
-            if time.monotonic() - self._last < min_gap:
-                return
-            self._last = time.monotonic()
-            check(self._engine, self._client, self._broker)
+            check(self._engine, self._client, self._broker, wanted=wanted)
 
     def start(self) -> threading.Thread:
-        def loop() -> None:
-            stop = threading.Event()
-            while not stop.wait(self._every):
-                try:
-                    self.check_now(min_gap=0)
-                except Exception:  # The broker or database may be away; next round.
-                    logger.warning("broker check failed", exc_info=True)
+        """Start the periodic checks once; return their thread."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="broker-watchdog", daemon=True
+                )
+                self._thread.start()
+            return self._thread
 
-        thread = threading.Thread(target=loop, name="broker-watchdog", daemon=True)
-        thread.start()
-        return thread
+    def _loop(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(self._every):
+            try:
+                with self._lock:
+                    check(self._engine, self._client, self._broker, every=self._every)
+            except Exception:  # The broker or database may be away; next round.
+                logger.warning("broker check failed", exc_info=True)

@@ -24,10 +24,10 @@ from typing import Any
 from kombu.serialization import dumps as serialize
 
 from tasks.pending import QUEUE_KEY
+from tasks.pending import STAMP_HEADER
 from tasks.pending import STAMP_PLACEHOLDER
 
 TASK_NAME = "tasks.ingest.store_batch"
-STAMP_HEADER = "aggregator_stamp"
 _HOSTNAME = socket.gethostname()
 
 

@@ -10,7 +10,9 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,15 +25,17 @@ from scripts.services import RedisServer
 from scripts.services import private_redis
 from scripts.stack import Api
 from scripts.stack import wait_until
+from tasks.pending import IDEMPOTENCY_KEY
 from tasks.pending import MESSAGE_KEY
 from tasks.pending import PENDING_KEY
 from tasks.pending import QUEUE_KEY
 from tasks.pending import STATE_KEY
-from tasks.pending import idempotency_key
+from tasks.pending import idempotency_record
 from tests.faults.harness import PacedPublisher
 from tests.faults.harness import Workers
 from tests.faults.harness import check_invariants
 from tests.faults.harness import fatal_lines
+from tests.faults.harness import report
 from tests.helpers import assert_adds_up
 from tests.helpers import make_event
 from tests.helpers import settled_stats
@@ -116,7 +120,7 @@ def test_acceptance_refused_at_maxmemory_writes_nothing(
             assert response.status_code == 503, response.text
             assert response.headers["Retry-After"]
             assert broker_snapshot(client) == before
-            assert not client.exists(idempotency_key("-", key))
+            assert idempotency_record(client, "-", key) is None
         finally:
             client.config_set("maxmemory", 0)
     again = requests.post(
@@ -228,3 +232,56 @@ class WorkerRestarts:
 
 def restart_workers_that_exit(workers: Workers) -> WorkerRestarts:
     return WorkerRestarts(workers)
+
+
+def test_idempotency_records_are_not_evicted_and_retries_under_pressure_count_once(
+    api: Api, worker: Workers, broker: RedisServer, engine: Engine, clean: None
+) -> None:
+    """Records used to have a TTL: `volatile-ttl` evicted them and retries counted twice."""
+    worker.start()
+    keys = [uuid.uuid4().hex for _ in range(1000)]
+    bodies = {key: make_event(f"ev-{key}", topic="evict") for key in keys}
+
+    def send(key: str) -> requests.Response:
+        return requests.post(
+            f"{api.url}/publish", json=bodies[key], headers={"Idempotency-Key": key}, timeout=30
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        first = list(pool.map(send, keys))
+    assert all(response.status_code == 202 for response in first)
+    settled_stats(api.url, received=1000, timeout=60)
+    with redis.Redis.from_url(broker.url) as client:
+        client.config_set("maxmemory-policy", "volatile-ttl")
+        used = int(client.info("memory")["used_memory"])
+        # Below what Redis holds: every command now makes it look for a key to evict.
+        client.config_set("maxmemory", used - 64 * 1024)
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                retries = list(pool.map(send, keys))
+            evicted = int(client.info("stats")["evicted_keys"])
+            records = client.hlen(IDEMPOTENCY_KEY)
+        finally:
+            client.config_set("maxmemory", 0)
+        metrics = requests.get(f"{api.url}/metrics", timeout=10).text
+    statuses = Counter(response.status_code for response in retries)
+    replayed = sum(r.headers.get("Idempotent-Replayed") == "true" for r in retries)
+    figures = settled_stats(api.url, received=1000, timeout=60)
+    report(
+        "idempotency-records-under-eviction-pressure",
+        events_sent=2000,
+        acknowledged=statuses[202],
+        lost=0,
+        double_counted=figures["total_received_queued"] - 1000,
+        duration_s=0,
+        evicted_keys=evicted,
+        replayed=replayed,
+    )
+    # Redis evicted what has a TTL (kombu's sweep lock, remote-control replies), none of ours.
+    assert records == 1000
+    assert statuses == Counter({202: 1000}) and replayed == 1000, statuses
+    assert figures["total_received_queued"] == 1000
+    assert figures["topics"]["evict"] == {"stored": 1000, "duplicates": 0, "failed": 0}
+    assert_adds_up(figures, engine, sent=1000)
+    assert f'aggregator_broker_evicted_keys_total{{policy="volatile-ttl"}} {evicted}.0' in metrics
+    assert 'aggregator_broker_budget{budget="idempotency_records",kind="used"} 1000.0' in metrics
