@@ -8,7 +8,8 @@
    the worker keeps the message and runs it; it is then held nowhere in Redis,
    which is exactly the evidence the resend sweep (tasks.resend) acts on. The
    other writes Redis refuses at maxmemory (counting the queue in MULTI, a
-   binding declared again at start, the sweep lock) are skipped the same way.
+   binding declared again at start, the sweep lock) are skipped the same way,
+   and an acknowledgement Redis refuses (BUSY, away) is left to redelivery.
 3. Leases: kombu restores a held message once its delivery time is older than
    the visibility timeout, whether its worker is alive or not. The worker's
    main process refreshes the delivery time of every message it holds
@@ -60,6 +61,22 @@ class QoS(kombu_redis.QoS):
                 .hdel(self.unacked_key, delivery_tag)
                 .zrem(self.unacked_index_key, delivery_tag)
             )
+
+    def ack(self, delivery_tag: str) -> None:
+        # Redis answers BUSY while a script runs too long, and refuses anything
+        # while it is away: an ack that fails must not end the worker. The batch
+        # has committed; its message stays in the unacked hash and comes back
+        # after the visibility timeout, and the ledger makes that copy a no-op.
+        try:
+            super().ack(delivery_tag)
+        except redis.RedisError as exc:
+            logger.warning(
+                "could not acknowledge message %s (%s); it returns after the visibility"
+                " timeout and is recognised as stored",
+                delivery_tag,
+                exc,
+            )
+            virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         # Handing a message back is a WATCH/MULTI transaction, refused at

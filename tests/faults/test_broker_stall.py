@@ -26,9 +26,13 @@ from scripts.stack import Api
 from scripts.stack import wait_until
 from tests.faults.harness import PacedPublisher
 from tests.faults.harness import Workers
+from tests.faults.harness import assert_still_processing
 from tests.faults.harness import check_invariants
+from tests.faults.harness import fatal_lines
+from tests.helpers import TableLock
 from tests.helpers import assert_adds_up
 from tests.helpers import make_event
+from tests.helpers import publish
 from tests.helpers import settled_stats
 
 
@@ -187,3 +191,53 @@ def test_a_client_that_gives_up_on_a_503_counts_it_as_possibly_accepted(
     # Stored although never answered 202: within the client's ambiguous window.
     assert figures["total_received_queued"] - 1 <= summary.sent + summary.ambiguous
     assert_adds_up(figures, engine, sent=6)
+
+
+# Spins inside Redis for ARGV[1] seconds: past busy-reply-threshold every other
+# client is answered BUSY, as when a long script runs.
+_SPIN = """
+local start = redis.call('TIME')
+while true do
+  local now = redis.call('TIME')
+  if (now[1] - start[1]) * 1000000 + (now[2] - start[2]) > tonumber(ARGV[1]) * 1000000 then
+    return 1
+  end
+end
+"""
+
+
+def test_workers_survive_a_busy_redis_and_store_each_batch_once(
+    api: Api, worker: Workers, broker: RedisServer, engine: Engine, clean: None
+) -> None:
+    """A batch commits while Redis answers BUSY: its ack fails, the worker stays, counts exact."""
+    crew = worker.start()
+    with redis.Redis.from_url(broker.url) as client:
+        client.config_set("busy-reply-threshold", 100)
+    lock = TableLock(engine)
+    try:
+        publish(api.url, [make_event(f"busy-{i}", topic="busy") for i in range(20)])
+        lock.wait_for_blocked_tasks(1)
+        spinner = threading.Thread(
+            target=lambda: redis.Redis.from_url(broker.url, socket_timeout=30).eval(_SPIN, 0, 3),
+            daemon=True,
+        )
+        spinner.start()
+        with redis.Redis.from_url(broker.url, socket_timeout=2) as probe:
+            wait_until(lambda: _answers_busy(probe), timeout=5, interval=0.05)
+    finally:
+        lock.release()  # the batch commits now; its ack meets BUSY
+    spinner.join(timeout=30)
+    figures = settled_stats(api.url, received=20, timeout=60)
+    assert figures["topics"]["busy"] == {"stored": 20, "duplicates": 0, "failed": 0}
+    assert_adds_up(figures, engine, sent=20)
+    assert fatal_lines(worker) == []
+    assert crew.executor.running()
+    assert_still_processing(api.url)
+
+
+def _answers_busy(client: redis.Redis) -> bool:
+    try:
+        client.ping()
+    except redis.ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    return False
