@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy import case
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import update
@@ -25,7 +26,8 @@ CHECK_LOCK = 0x6167_6772
 class Checkpoint:
     """How far a broker had got when it was last checked, and how far it was allowed to go.
 
-    `age` is the seconds since the check, on the database's clock (0 for a new one).
+    `age` is the seconds since the check and `idle` the seconds since a check
+    last saw acceptances progress, on the database's clock (0 for a new one).
     """
 
     epoch: str
@@ -33,6 +35,7 @@ class Checkpoint:
     accepted_events: int
     allowed_events: int
     age: float = 0.0
+    idle: float = 0.0
 
 
 def lock_checks(conn: Connection) -> None:
@@ -57,11 +60,19 @@ def read_checkpoint(conn: Connection, broker: str) -> Checkpoint | None:
                 broker_checkpoints.c.allowed_events, broker_checkpoints.c.accepted_events
             ).label("allowed_events"),
             func.extract("epoch", func.now() - broker_checkpoints.c.checked_at).label("age"),
+            func.extract("epoch", func.now() - broker_checkpoints.c.accepted_at).label("idle"),
         ).where(broker_checkpoints.c.broker == broker)
     ).one_or_none()
     if row is None:
         return None
-    return Checkpoint(row.epoch, row.seq, row.accepted_events, row.allowed_events, float(row.age))
+    return Checkpoint(
+        row.epoch,
+        row.seq,
+        row.accepted_events,
+        row.allowed_events,
+        float(row.age),
+        float(row.idle),
+    )
 
 
 def save_checkpoint(conn: Connection, broker: str, checkpoint: Checkpoint) -> None:
@@ -80,6 +91,14 @@ def save_checkpoint(conn: Connection, broker: str, checkpoint: Checkpoint) -> No
             "seq": stmt.excluded.seq,
             "accepted_events": stmt.excluded.accepted_events,
             "allowed_events": stmt.excluded.allowed_events,
+            "accepted_at": case(
+                (
+                    (broker_checkpoints.c.epoch == stmt.excluded.epoch)
+                    & (broker_checkpoints.c.accepted_events == stmt.excluded.accepted_events),
+                    broker_checkpoints.c.accepted_at,
+                ),
+                else_=func.now(),
+            ),
             "checked_at": func.now(),
         },
     )

@@ -150,6 +150,8 @@ broker_checkpoints = Table(
     Column("seq", BigInteger, nullable=False, server_default="0"),
     Column("accepted_events", BigInteger, nullable=False, server_default="0"),
     Column("allowed_events", BigInteger, nullable=False, server_default="0"),
+    # When a check last saw accepted_events move: how long the broker has been idle.
+    Column("accepted_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("checked_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
 

@@ -48,12 +48,16 @@ from tasks.pending import pending_from
 
 logger = logging.getLogger(__name__)
 
-# While publishers are active, a check lets the broker accept this many times
-# the events of the last interval beyond what it has accepted (at least
-# MIN_ALLOWANCE, and at least what a waiting acceptance needs), so checks keep
-# ahead of the load; an idle broker's allowance closes to what it accepted.
-ALLOWANCE_FACTOR = 4
-MIN_ALLOWANCE = 1000
+# While publishers are active, a check lets the broker accept, beyond what it
+# has accepted, what the current rate brings in ALLOWANCE_SECONDS (at least
+# MIN_ALLOWANCE, and at least what a waiting acceptance needs): checks keep
+# ahead of the load, and publishing goes on through a database outage of that
+# long. A broker idle for IDLE_CHECKS check intervals has its allowance closed
+# to what it accepted: then everything it may have accepted is known, and its
+# loss or replacement can be judged exactly (the next publish waits for a check).
+ALLOWANCE_SECONDS = 60
+MIN_ALLOWANCE = 10_000
+IDLE_CHECKS = 10
 
 
 def broker_name(redis_url: str) -> str:
@@ -75,14 +79,18 @@ class Loss:
     events_known_unstored: int = 0
 
 
-def allowance(state: BrokerState, checkpoint: Checkpoint | None, wanted: int) -> int:
+def allowance(
+    state: BrokerState, checkpoint: Checkpoint | None, wanted: int, interval: float
+) -> int:
     """Return how many events in all the broker may have accepted until the next check."""
-    recent = 0
-    if checkpoint is not None and checkpoint.epoch == state.epoch:
-        recent = state.accepted_events - checkpoint.accepted_events
-    if wanted <= 0 and recent <= 0:
+    if checkpoint is None or checkpoint.epoch != state.epoch:
+        return state.accepted_events + max(MIN_ALLOWANCE, wanted)
+    recent = state.accepted_events - checkpoint.accepted_events
+    if wanted <= 0 and recent <= 0 and checkpoint.idle >= IDLE_CHECKS * interval:
         return state.accepted_events
-    return state.accepted_events + max(MIN_ALLOWANCE, wanted, ALLOWANCE_FACTOR * recent)
+    rate = recent / max(checkpoint.age, 0.5)
+    window = max(MIN_ALLOWANCE, wanted, int(rate * ALLOWANCE_SECONDS))
+    return state.accepted_events + window
 
 
 def check(
@@ -92,12 +100,14 @@ def check(
     *,
     wanted: int = 0,
     every: float | None = None,
+    interval: float = 2.0,
 ) -> Loss | None:
     """Compare the broker with its checkpoint; record and return a loss, else checkpoint it.
 
     `wanted` is the number of events an acceptance waits to accept. With
     `every` (the periodic check) it gives way to a check already running and
-    skips a broker checked less than every/2 seconds ago.
+    skips a broker checked less than every/2 seconds ago. `interval` is
+    BROKER_CHECK_INTERVAL, by which idleness is measured.
     """
     scripts = Scripts(client)
     with engine.begin() as conn:
@@ -114,11 +124,20 @@ def check(
             seq_known = max(checkpoint.seq, broker_log.stored_seq(conn, checkpoint.epoch))
         state = scripts.read_state()
         if checkpoint is None:
-            _settle(conn, scripts, broker, state, state.epoch or uuid.uuid4().hex, None, wanted)
+            _settle(
+                conn,
+                scripts,
+                broker,
+                state,
+                state.epoch or uuid.uuid4().hex,
+                None,
+                wanted,
+                interval,
+            )
             return None
         loss = _judge(state, checkpoint, seq_known)
         if loss is None:
-            _settle(conn, scripts, broker, state, checkpoint.epoch, checkpoint, wanted)
+            _settle(conn, scripts, broker, state, checkpoint.epoch, checkpoint, wanted, interval)
             return None
         loss = _bound(conn, client, checkpoint, loss)
         if state.epoch is None or state.epoch == checkpoint.epoch:
@@ -126,7 +145,7 @@ def check(
         else:
             epoch = state.epoch
         # Seal the broker first: if it moved meanwhile, record nothing and look again.
-        if not _settle(conn, scripts, broker, state, epoch, checkpoint, wanted):
+        if not _settle(conn, scripts, broker, state, epoch, checkpoint, wanted, interval):
             return None
         if loss.events_unaccounted == 0:
             logger.warning(
@@ -168,13 +187,14 @@ def _settle(
     epoch: str,
     checkpoint: Checkpoint | None,
     wanted: int,
+    interval: float,
 ) -> bool:
     """Seal the broker with its epoch and allowance, then checkpoint it; False if it moved.
 
     The allowance reaches PostgreSQL in the same transaction, before the
     broker can use it for anything but the acceptances already under way.
     """
-    sealed = scripts.seal(state, epoch, allowance(state, checkpoint, wanted))
+    sealed = scripts.seal(state, epoch, allowance(state, checkpoint, wanted, interval))
     if sealed is None:
         return False
     broker_log.save_checkpoint(
@@ -236,7 +256,7 @@ class Watchdog:
     def check_now(self, wanted: int = 0) -> None:
         """Check at once (for an acceptance the broker refused until a check)."""
         with self._lock:
-            check(self._engine, self._client, self._broker, wanted=wanted)
+            check(self._engine, self._client, self._broker, wanted=wanted, interval=self._every)
 
     def start(self) -> threading.Thread:
         """Start the periodic checks once; return their thread."""
@@ -253,6 +273,12 @@ class Watchdog:
         while not stop.wait(self._every):
             try:
                 with self._lock:
-                    check(self._engine, self._client, self._broker, every=self._every)
+                    check(
+                        self._engine,
+                        self._client,
+                        self._broker,
+                        every=self._every,
+                        interval=self._every,
+                    )
             except Exception:  # The broker or database may be away; next round.
                 logger.warning("broker check failed", exc_info=True)

@@ -1,4 +1,4 @@
-"""Record how far a broker may accept before it is checked again, and both loss figures.
+"""Record how far a broker may accept before its next check, since when it is idle, and loss bounds.
 
 Revision ID: 0007
 Revises: 0006
@@ -29,6 +29,15 @@ def upgrade() -> None:
     )
     op.execute("UPDATE broker_checkpoints SET allowed_events = accepted_events")
     op.add_column(
+        "broker_checkpoints",
+        sa.Column(
+            "accepted_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
+        ),
+    )
+    op.add_column(
         "broker_losses",
         sa.Column("events_known_unstored", sa.BigInteger(), nullable=False, server_default="0"),
     )
@@ -37,4 +46,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_column("broker_losses", "events_known_unstored")
+    op.drop_column("broker_checkpoints", "accepted_at")
     op.drop_column("broker_checkpoints", "allowed_events")
