@@ -8,8 +8,10 @@ import time
 
 import orjson
 import pytest
+import redis
 import requests
 
+from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import Worker
 
@@ -191,7 +193,19 @@ def test_health_and_ready(url: str) -> None:
         "broker": "ok",
         "broker_data_loss": "none",
         "broker_persistence": "always",
+        "broker_eviction": "noeviction",
     }
+
+
+def test_ready_refuses_a_redis_that_may_evict_any_key(url: str, redis_server: RedisServer) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            ready = requests.get(f"{url}/ready", timeout=10)
+        finally:
+            client.config_set("maxmemory-policy", "noeviction")
+    assert ready.status_code == 503 and ready.headers["Retry-After"]
+    assert "allkeys-lru" in ready.json()["checks"]["broker_eviction"]
 
 
 def test_openapi_document_describes_the_api(url: str) -> None:
