@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import Reject
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 from structlog.contextvars import bind_contextvars
 
@@ -60,10 +61,25 @@ def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None
     """Store one accepted batch exactly once."""
     # Every line below (and Celery's own for this task) carries the batch id as a field.
     bind_contextvars(batch_id=batch_id)
-    epoch, seq = parse_stamp(self.request.get(STAMP_HEADER))
+    try:
+        _store(batch_id, events, self.request.get(STAMP_HEADER))
+    except SoftTimeLimitExceeded:
+        # The soft time limit can strike anywhere, the backoff wait included.
+        # Left to Celery it would count as a failure and acknowledge the message;
+        # the transaction has rolled back (or committed, and a copy then costs one
+        # statement), so the batch goes back to the queue at once.
+        logger.warning("batch %s hit the soft time limit; back on the queue", batch_id)
+        raise Reject("SoftTimeLimitExceeded", requeue=True) from None
+
+
+def _store(batch_id: str, events: list[dict[str, Any]], stamp: str | None) -> None:
+    """Store the batch once, or wait out a failure and hand it back to the queue."""
+    epoch, seq = parse_stamp(stamp)
     try:
         with TASK_DURATION.time():
             outcome = store_exactly_once(get_engine(), batch_id, events, epoch=epoch, seq=seq)
+    except SoftTimeLimitExceeded:
+        raise  # Not an outage: no backoff (store_batch hands the batch back).
     except Exception as exc:
         wait = _backoff.failed()
         logger.warning(
