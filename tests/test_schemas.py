@@ -105,6 +105,19 @@ def test_bad_token_lists_are_refused_naming_the_entry(raw: str, complaint: str) 
         load_settings({"API_TOKENS": raw})
 
 
+def test_task_time_limits_default_to_a_hard_limit_above_the_soft_one() -> None:
+    settings = load_settings({})
+    assert (settings.task_soft_time_limit, settings.task_time_limit) == (120, 150)
+    tuned = load_settings({"TASK_SOFT_TIME_LIMIT": "10", "TASK_TIME_LIMIT": "20"})
+    assert (tuned.task_soft_time_limit, tuned.task_time_limit) == (10, 20)
+
+
+@pytest.mark.parametrize(("soft", "hard"), [("30", "30"), ("60", "30"), ("0", "30")])
+def test_task_time_limits_that_leave_no_soft_limit_are_refused(soft: str, hard: str) -> None:
+    with pytest.raises(SettingsError, match="TASK_"):
+        load_settings({"TASK_SOFT_TIME_LIMIT": soft, "TASK_TIME_LIMIT": hard})
+
+
 def test_auth_disabled_is_an_explicit_flag() -> None:
     assert load_settings({"AUTH_DISABLED": "1"}).auth_disabled
     with pytest.raises(SettingsError):
