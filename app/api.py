@@ -266,7 +266,10 @@ def publish_events() -> Response:
     key, remember = _idempotency_key()
     raw, body = _json_body()
     events = load_events(body)
-    refuse_inexact_numbers(raw)
+    try:
+        refuse_inexact_numbers(raw)
+    except ValueError as exc:  # JSON to orjson, not to the standard library: never seen.
+        raise BadRequest(f"malformed JSON: {exc}") from None
     charge_events(len(events))
     accept = Request(events, g.get("client_id") or "-", key, fingerprint(raw), remember)
     receipt = _intake().submit(accept)

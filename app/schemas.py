@@ -47,11 +47,27 @@ def _check_payload(value: Any, depth: int = 1) -> None:
 
 # orjson reads an integer from -2**63 to 2**64-1 as an int and any other number as a double,
 # which keeps 15 to 17 significant digits: beyond that a number would be stored changed (JSONB
-# itself keeps any number exactly). Such numbers are refused, naming them. Only a number with
-# 16 or more digits (a dot may be among them) or a three-digit exponent can be one, and one
-# C-speed pass over the raw body (digits and dots as "0", then a search) rules that out for
-# most bodies; the rest are read again with the standard library, which sees each number's text.
-_MASK_NUMBERS = bytes.maketrans(b"123456789.E+", b"000000000" + b"0e-")
+# itself keeps any number exactly). Such numbers are refused, naming them. Only a number of 16
+# or more digits (a dot may be among them) or a three-digit exponent can be one; a C-speed pass
+# over the raw body rules both out for most bodies, and only the rest are read again with the
+# standard library, which sees each number's text.
+
+
+def _number_mask() -> bytes:
+    # Digits and dots become "0", exponents "e", signs "-", what may end a number "|", the
+    # rest "x": a number is then a run of "0", "e" and "-" that ends in "|" (a string's, in "x").
+    table = bytearray(b"x" * 256)
+    for char in b"0123456789.":
+        table[char] = ord("0")
+    table[ord("e")] = table[ord("E")] = ord("e")
+    table[ord("-")] = table[ord("+")] = ord("-")
+    for char in b",]} \t\r\n":
+        table[char] = ord("|")
+    return bytes(table)
+
+
+_NUMBER_MASK = _number_mask()
+_NUMBER_CHARS = frozenset(b"0e-")
 _INT_RANGE = (-(2**63), 2**64 - 1)
 
 JsonPath = list[str | int]
@@ -65,9 +81,23 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _ends_a_number(masked: bytes, start: int) -> bool:
+    end = start
+    while end < len(masked) and masked[end] in _NUMBER_CHARS:
+        end += 1
+    return end == len(masked) or masked[end] == ord("|")
+
+
 def _may_hold_inexact_numbers(raw: bytes) -> bool:
-    masked = raw.translate(_MASK_NUMBERS)
-    return b"0" * 16 in masked or b"e000" in masked or b"e-000" in masked
+    masked = raw.translate(_NUMBER_MASK)
+    for needle in (b"0" * 16, b"e-000", b"e000"):
+        at = masked.find(needle)
+        while at != -1:
+            # Digits in a string (ids, uuids, phone numbers) end at its quote, not at a "|".
+            if _ends_a_number(masked, at):
+                return True
+            at = masked.find(needle, at + len(needle))
+    return False
 
 
 def _stored_exactly(text: str) -> bool:
@@ -223,7 +253,9 @@ class EventSchema(Schema):
         required=True,
         metadata={
             "description": f"JSON object: at most {MAX_PAYLOAD_BYTES} bytes serialized, "
-            f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string.",
+            f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string; integers"
+            " within -2**63..2**64-1 and other numbers a double holds exactly (longer ones get"
+            " 422: send them as strings).",
             "example": {"user": "u1", "total": 42},
         },
     )
@@ -251,7 +283,10 @@ class JsonObjectText(fields.String):
         if not isinstance(loaded, dict):
             raise ValidationError("must be a JSON object")
         _check_payload(loaded)
-        problems = inexact_numbers(text.encode())
+        try:
+            problems = inexact_numbers(text.encode())
+        except ValueError as exc:
+            raise ValidationError(f"not JSON: {exc}") from None
         if problems:
             raise ValidationError(
                 [f"{dotted(['payload', *path])}: {number_complaint(n)}" for path, n in problems]
