@@ -54,7 +54,7 @@ class QoS(kombu_redis.QoS):
         # this round rather than let the error end the worker.
         try:
             with self.channel.conn_or_acquire() as client:
-                ceil = pending.broker_time(client) - self.visibility_timeout
+                ceil = pending.redis_time(client) - self.visibility_timeout
                 with kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
                     expired = client.zrange(
                         self.unacked_index_key,
@@ -110,7 +110,7 @@ class QoS(kombu_redis.QoS):
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         try:
             with self.channel.conn_or_acquire() as client:
-                delivered_at = pending.broker_time(client)
+                delivered_at = pending.redis_time(client)
                 client.pipeline().zadd(self.unacked_index_key, {delivery_tag: delivered_at}).hset(
                     self.unacked_key, delivery_tag, record
                 ).execute()

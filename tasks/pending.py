@@ -315,19 +315,19 @@ def queue_depth(client: redis.Redis) -> QueueDepth:
     return QueueDepth(ready, unacked, pending)
 
 
-def broker_time(client: redis.Redis) -> float:
-    """Return the broker's clock (Redis TIME) in seconds since the epoch.
-
-    Delivery times, leases and the sweep that ages them all read this one clock,
-    so a worker whose own clock is off neither ages others' leases nor keeps its own.
-    """
-    seconds, microseconds = client.time()
-    return seconds + microseconds / 1_000_000
+def redis_time(client: redis.Redis) -> float:
+    """Return Redis's clock, the one every stored time is on."""
+    seconds, micros = client.time()
+    return seconds + micros / 1_000_000
 
 
 def refresh_leases(client: redis.Redis, delivery_tags: Sequence[str]) -> float:
-    """Mark messages a live worker holds as just delivered; return the broker time used."""
-    now = broker_time(client)
+    """Mark messages a live worker holds as just delivered; return the Redis time used.
+
+    Delivery times, leases and the sweep that ages them all read Redis's clock, so a
+    worker whose own clock is off neither ages others' leases nor keeps its own.
+    """
+    now = redis_time(client)
     if delivery_tags:
         client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(delivery_tags, now), xx=True)
     return now
