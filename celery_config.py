@@ -45,6 +45,16 @@ task_ignore_result = True
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# A pool process that hangs (or is stopped) holding a batch would keep it for
+# ever: its main process goes on renewing the message's lease. At the soft limit
+# the task hands its batch back (tasks.ingest); at the hard limit the main
+# process kills the pool process and, because acks_on_timeout is off, hands the
+# message back instead of acknowledging it (Celery's default acks a timed-out
+# task, which with acks_late would drop a batch answered 202). Handing back
+# removes the message from the ones this process holds, so its lease stops.
+task_soft_time_limit = _settings.task_soft_time_limit
+task_time_limit = _settings.task_time_limit
+task_acks_on_timeout = False
 # A task whose broker connection dropped cannot acknowledge anymore; stop it
 # and let redelivery run it again instead of finishing it for nothing.
 worker_cancel_long_running_tasks_on_connection_loss = True

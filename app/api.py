@@ -63,6 +63,7 @@ from app.schemas import StatsSchema
 from app.schemas import TopicPageSchema
 from app.schemas import TopicQuerySchema
 from app.schemas import load_events
+from app.schemas import refuse_inexact_numbers
 from app.store import reading
 from app.store.counters import topic_page
 from app.store.dead_letters import ReplayRefused
@@ -194,6 +195,11 @@ def _json_body() -> tuple[bytes, Any]:
     try:
         return body, orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "number" in str(exc):
+            # A number beyond a double's range: named (422) like any number that would
+            # not be stored exactly, when the rest of the body is JSON.
+            with contextlib.suppress(ValueError):
+                refuse_inexact_numbers(body)
         raise BadRequest(f"malformed JSON: {exc}") from None
 
 
@@ -260,6 +266,10 @@ def publish_events() -> Response:
     key, remember = _idempotency_key()
     raw, body = _json_body()
     events = load_events(body)
+    try:
+        refuse_inexact_numbers(raw)
+    except ValueError as exc:  # JSON to orjson, not to the standard library: never seen.
+        raise BadRequest(f"malformed JSON: {exc}") from None
     charge_events(len(events))
     accept = Request(events, g.get("client_id") or "-", key, fingerprint(raw), remember)
     receipt = _intake().submit(accept)

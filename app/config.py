@@ -127,6 +127,13 @@ class Settings:
     # While the database is away a worker waits before handing a batch back
     # to the queue, doubling the wait up to this many seconds.
     retry_backoff_max: int = 30
+    # A task still running this long gets SoftTimeLimitExceeded and hands its
+    # batch back to the queue; one still running at the hard limit (a pool
+    # process hung or stopped) is killed and its message handed back. Healthy
+    # batches take milliseconds; a database outage is waited out in rounds of at
+    # most retry_backoff_max, each of which ends by handing the batch back.
+    task_soft_time_limit: int = 120
+    task_time_limit: int = 150
     # Request bodies above this get 413 before they are read (1,000 events of a
     # few KiB each fit comfortably).
     max_body_bytes: int = 8 * 1024 * 1024
@@ -211,6 +218,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     # Plain postgresql:// URLs would pick SQLAlchemy's default driver; we ship psycopg2.
     if database_url.startswith("postgresql://"):
         database_url = "postgresql+psycopg2://" + database_url[len("postgresql://") :]
+    soft_limit = _int(env, "TASK_SOFT_TIME_LIMIT", Settings.task_soft_time_limit)
+    hard_limit = _int(env, "TASK_TIME_LIMIT", Settings.task_time_limit)
+    if hard_limit <= soft_limit:
+        # The soft limit is what lets a task hand its batch back cleanly; at or
+        # past the hard limit it never fires.
+        raise SettingsError(
+            f"TASK_TIME_LIMIT ({hard_limit}) must be above TASK_SOFT_TIME_LIMIT ({soft_limit})"
+        )
     return Settings(
         database_url=database_url,
         redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis://", "rediss://", "unix://")),
@@ -226,6 +241,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         broker_timeout=_float(env, "BROKER_TIMEOUT", Settings.broker_timeout),
         retry_after=_int(env, "RETRY_AFTER", Settings.retry_after),
         retry_backoff_max=_int(env, "TASK_RETRY_BACKOFF_MAX", Settings.retry_backoff_max),
+        task_soft_time_limit=soft_limit,
+        task_time_limit=hard_limit,
         max_body_bytes=_int(env, "MAX_BODY_BYTES", Settings.max_body_bytes),
         body_read_timeout=_float(env, "BODY_READ_TIMEOUT", Settings.body_read_timeout),
         pool_size=_int(env, "DB_POOL_SIZE", Settings.pool_size),

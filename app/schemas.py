@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import UTC
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -40,6 +43,141 @@ def _check_payload(value: Any, depth: int = 1) -> None:
     elif isinstance(value, list):
         for item in value:
             _check_payload(item, depth + 1)
+
+
+# orjson reads an integer from -2**63 to 2**64-1 as an int and any other number as a double,
+# which keeps 15 to 17 significant digits: beyond that a number would be stored changed (JSONB
+# itself keeps any number exactly). Such numbers are refused, naming them. Only a number of 16
+# or more digits (a dot may be among them) or a three-digit exponent can be one; a C-speed pass
+# over the raw body rules both out for most bodies, and only the rest are read again with the
+# standard library, which sees each number's text.
+
+
+def _number_mask() -> bytes:
+    # Digits and dots become "0", exponents "e", signs "-", what may end a number "|", the
+    # rest "x": a number is then a run of "0", "e" and "-" that ends in "|" (a string's, in "x").
+    table = bytearray(b"x" * 256)
+    for char in b"0123456789.":
+        table[char] = ord("0")
+    table[ord("e")] = table[ord("E")] = ord("e")
+    table[ord("-")] = table[ord("+")] = ord("-")
+    for char in b",]} \t\r\n":
+        table[char] = ord("|")
+    return bytes(table)
+
+
+_NUMBER_MASK = _number_mask()
+_NUMBER_CHARS = frozenset(b"0e-")
+_INT_RANGE = (-(2**63), 2**64 - 1)
+
+JsonPath = list[str | int]
+
+
+class _NumberText(str):
+    """A JSON number's text, as the exact check reads it."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _ends_a_number(masked: bytes, start: int) -> bool:
+    end = start
+    while end < len(masked) and masked[end] in _NUMBER_CHARS:
+        end += 1
+    return end == len(masked) or masked[end] == ord("|")
+
+
+def _may_hold_inexact_numbers(raw: bytes) -> bool:
+    masked = raw.translate(_NUMBER_MASK)
+    for needle in (b"0" * 16, b"e-000", b"e000"):
+        at = masked.find(needle)
+        while at != -1:
+            # Digits in a string (ids, uuids, phone numbers) end at its quote, not at a "|".
+            if _ends_a_number(masked, at):
+                return True
+            at = masked.find(needle, at + len(needle))
+    return False
+
+
+def _stored_exactly(text: str) -> bool:
+    """Tell whether orjson's reading of this JSON number (and so what is stored) keeps its value."""
+    if len(text) < 16 and "e" not in text and "E" not in text:
+        return True  # At most 15 digits, no exponent: any double holds it.
+    if not any(mark in text for mark in ".eE"):
+        # Out of range with this many digits anyway, and int() of thousands is slow.
+        return len(text.lstrip("-")) <= 20 and _INT_RANGE[0] <= int(text) <= _INT_RANGE[1]
+    value = float(text)
+    if not math.isfinite(value):
+        return False
+    # Most clients write a double's shortest form, as repr does: equal text, equal value.
+    return repr(value) == text or Decimal(repr(value)) == Decimal(text)
+
+
+def inexact_numbers(raw: bytes) -> list[tuple[JsonPath, str]]:
+    """Return the path and text of every number in a JSON document that would be stored changed.
+
+    Raises ValueError when the document is not JSON.
+    """
+    if not _may_hold_inexact_numbers(raw):
+        return []
+    inexact: list[str] = []
+
+    def number(text: str) -> Any:
+        if _stored_exactly(text):
+            return None
+        inexact.append(text)
+        return _NumberText(text)
+
+    try:
+        document = json.loads(
+            raw, parse_int=number, parse_float=number, parse_constant=_refuse_constant
+        )
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not inexact:
+        return []
+    # Rare: walk the document to name where each one is.
+    found: list[tuple[JsonPath, str]] = []
+    stack: list[tuple[JsonPath, Any]] = [([], document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _NumberText):
+            found.append((path, str(value)))
+        elif isinstance(value, dict):
+            stack.extend(([*path, key], item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(([*path, index], item) for index, item in enumerate(value))
+    return sorted(found, key=lambda problem: [str(step) for step in problem[0]])
+
+
+def dotted(path: JsonPath) -> str:
+    """Name a place in a document the way errors do: `payload.a.b[1]`."""
+    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path).lstrip(
+        "."
+    )
+
+
+def number_complaint(text: str) -> str:
+    shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+    return (
+        f"{shown} would not be stored exactly: integers must lie in -2**63..2**64-1 and other"
+        " numbers within a double's precision (about 15 significant digits); send it as a string"
+    )
+
+
+def refuse_inexact_numbers(raw: bytes) -> None:
+    """Refuse (422) a publish body with numbers that would be stored changed, naming each."""
+    problems = inexact_numbers(raw)
+    if not problems:
+        return
+    errors: dict[Any, Any] = {}
+    for path, text in problems:
+        if path and isinstance(path[0], int):  # A batch: under the event's index.
+            errors.setdefault(path[0], {})[dotted(path[1:])] = [number_complaint(text)]
+        else:
+            errors[dotted(path)] = [number_complaint(text)]
+    raise ValidationError(errors)
 
 
 NO_NUL_PATTERN = r"^[^\x00]*$"
@@ -115,7 +253,9 @@ class EventSchema(Schema):
         required=True,
         metadata={
             "description": f"JSON object: at most {MAX_PAYLOAD_BYTES} bytes serialized, "
-            f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string.",
+            f"{MAX_PAYLOAD_DEPTH} levels deep, no NUL (\\u0000) in any key or string; integers"
+            " within -2**63..2**64-1 and other numbers a double holds exactly (longer ones get"
+            " 422: send them as strings).",
             "example": {"user": "u1", "total": 42},
         },
     )
@@ -143,6 +283,14 @@ class JsonObjectText(fields.String):
         if not isinstance(loaded, dict):
             raise ValidationError("must be a JSON object")
         _check_payload(loaded)
+        try:
+            problems = inexact_numbers(text.encode())
+        except ValueError as exc:
+            raise ValidationError(f"not JSON: {exc}") from None
+        if problems:
+            raise ValidationError(
+                [f"{dotted(['payload', *path])}: {number_complaint(n)}" for path, n in problems]
+            )
         return loaded
 
 

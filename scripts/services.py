@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -138,9 +139,12 @@ def _apt_install(package: str) -> None:
         policy.chmod(0o755)
     try:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-qq", package]
+        # Another apt-get (another test session on this machine) holds dpkg's lock: wait for it.
+        wait = ["-o", "DPkg::Lock::Timeout=300"]
+        install = ["apt-get", *wait, "install", "-y", "-qq", package]
         if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
+            update = ["apt-get", *wait, "update", "-qq"]
+            subprocess.run(update, env=env, capture_output=True, check=True)
             subprocess.run(install, env=env, capture_output=True, check=True)
     finally:
         if created:
@@ -190,6 +194,17 @@ def find_nginx() -> Path:
     package's own service is kept from starting (policy-rc.d) while installing.
     """
     return _debian_tool("NGINX", "nginx-light", "/usr/sbin/nginx", "nginx")
+
+
+def find_libfaketime() -> Path:
+    """Locate libfaketime ($LIBFAKETIME, Debian's path); as root on Debian, install faketime.
+
+    The clock tests run a worker with it preloaded (LD_PRELOAD, FAKETIME), so its
+    clock is off by minutes while everything else keeps the real time.
+    """
+    multiarch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+    installed = f"/usr/lib/{multiarch}/faketime/libfaketime.so.1"
+    return _debian_tool("LIBFAKETIME", "faketime", installed)
 
 
 def _unprivileged_user() -> str | None:

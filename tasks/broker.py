@@ -16,18 +16,25 @@
    (refresh_leases), so only messages of a dead worker age: the visibility
    timeout can be short (fast recovery after SIGKILL) without redelivering
    slow tasks.
+4. One clock: kombu stamps a delivery and ages it with each host's own clock,
+   so a worker whose clock is behind by more than the visibility timeout has
+   every message it holds restored by the others, again and again. Here the
+   delivery time, the lease and the sweep's "now" are all Redis TIME; a host
+   clock that disagrees with it is only logged.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.json import dumps
 
 from tasks import pending
 
@@ -39,11 +46,31 @@ _CHANNELS: weakref.WeakSet[Channel] = weakref.WeakSet()
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, keeping a message whose unacked record could not be written."""
 
-    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        # kombu's sweep, with the broker's clock for "now" instead of this host's.
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
         # The sweep takes a lock with SET, which Redis refuses at maxmemory: skip
         # this round rather than let the error end the worker.
         try:
-            super().restore_visible(*args, **kwargs)
+            with self.channel.conn_or_acquire() as client:
+                ceil = pending.redis_time(client) - self.visibility_timeout
+                with kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    expired = client.zrange(
+                        self.unacked_index_key,
+                        ceil,
+                        0,
+                        desc=True,
+                        byscore=True,
+                        offset=num and start,
+                        num=num,
+                        withscores=True,
+                    )
+                    for tag, _ in expired or []:
+                        self.restore_by_tag(tag, client)
+        except kombu_redis.MutexHeld:
+            pass  # Another worker is sweeping.
         except redis.exceptions.ResponseError as exc:
             logger.warning("skipped a sweep for expired messages: %s", exc)
 
@@ -94,13 +121,21 @@ class QoS(kombu_redis.QoS):
             virtual.QoS.ack(self, delivery_tag)
 
     def append(self, message: Any, delivery_tag: str) -> None:
+        # kombu's record of a delivery, stamped with the broker's clock (kombu
+        # takes this host's), as leases and the sweep are.
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         try:
-            super().append(message, delivery_tag)
+            with self.channel.conn_or_acquire() as client:
+                delivered_at = pending.redis_time(client)
+                client.pipeline().zadd(self.unacked_index_key, {delivery_tag: delivered_at}).hset(
+                    self.unacked_key, delivery_tag, record
+                ).execute()
         except redis.RedisError as exc:
             logger.warning(
                 "could not record message %s as unacked (%s); running it anyway", delivery_tag, exc
             )
-            virtual.QoS.append(self, message, delivery_tag)
+        virtual.QoS.append(self, message, delivery_tag)
 
 
 class Channel(kombu_redis.Channel):
@@ -175,14 +210,52 @@ def held_tags() -> list[str]:
     return tags
 
 
+class ClockCheck:
+    """Says once when this host's clock and the broker's disagree, and once when they agree again.
+
+    Leases no longer depend on it; the warning is for whoever reads this host's
+    timestamps (logs, metrics) next to others'.
+    """
+
+    def __init__(self, tolerance: float = 1.0) -> None:
+        self.tolerance = tolerance
+        self.offset: float | None = None
+
+    def observe(self, before: float, broker_now: float, after: float) -> None:
+        """Compare the broker's time with this host's clock read just before and after it."""
+        # The broker's reading fell somewhere between `before` and `after` on this
+        # host's clock: only a difference beyond that window (and the tolerance)
+        # is an offset, not a slow round trip.
+        if before - broker_now > self.tolerance:
+            offset: float | None = before - broker_now
+        elif broker_now - after > self.tolerance:
+            offset = after - broker_now
+        else:
+            offset = None
+        if offset is not None and (
+            self.offset is None or abs(offset - self.offset) > self.tolerance
+        ):
+            logger.warning(
+                "this host's clock is %+.1f s off the broker's (Redis TIME), which leases use",
+                offset,
+                extra={"clock_offset_s": round(offset, 3)},
+            )
+        elif offset is None and self.offset is not None:
+            logger.info("this host's clock agrees with the broker's again")
+        self.offset = offset
+
+
 def start_leases(client: redis.Redis, every: float) -> threading.Thread:
     """Refresh this process's leases every `every` seconds in a daemon thread."""
 
     def loop() -> None:
         stop = threading.Event()
+        clock = ClockCheck()
         while not stop.wait(every):
             try:
-                pending.refresh_leases(client, held_tags())
+                before = time.time()
+                broker_now = pending.refresh_leases(client, held_tags())
+                clock.observe(before, broker_now, time.time())
             except Exception:  # The broker may be away; the next round tries again.
                 logger.warning("could not refresh message leases", exc_info=True)
 

@@ -7,9 +7,13 @@ import time
 from typing import Any
 
 import redis
+from billiard.einfo import ExceptionInfo
+from billiard.einfo import ExceptionWithTraceback
 from celery import Task
 from celery.exceptions import Reject
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
+from celery.worker.request import Request
 from structlog.contextvars import bind_contextvars
 
 from app.config import load_settings
@@ -48,6 +52,36 @@ class Backoff:
 _backoff = Backoff(_settings.retry_backoff_max)
 
 
+class HandBackOnSoftLimit(Request):
+    """Celery's request, handing the message back when the soft time limit strikes anywhere.
+
+    Celery counts SoftTimeLimitExceeded as a failure and acknowledges the message.
+    store_batch turns it into a hand-back itself, but the limit can also strike in
+    Celery's own code around the task (measured: while it recorded the task's
+    Reject), where only this, in the worker's main process, can still hand it back.
+    """
+
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, SoftTimeLimitExceeded):
+            logger.warning("task %s hit the soft time limit; back on the queue", self.id)
+            try:
+                raise Reject("SoftTimeLimitExceeded", requeue=True)
+            except Reject:
+                exc_info = ExceptionInfo()
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+class StoreTask(Task):
+    """The task class of store_batch (Celery's documented way to give it its own request)."""
+
+    Request = HandBackOnSoftLimit
+
+
 # No Celery retry: a retry publishes a new message, and when that publish fails
 # Celery deletes the original (Reject with requeue=False), losing a batch that
 # was answered 202. Instead, any failure waits out a capped backoff here and
@@ -55,15 +89,30 @@ _backoff = Backoff(_settings.retry_backoff_max)
 # dead-lettered inside store_exactly_once, so what is left (database or network down,
 # a deploy in progress) is worth waiting out. If even the hand-back fails, the
 # message stays in kombu's unacked hash and comes back after the visibility timeout.
-@celery_app.task(name="tasks.ingest.store_batch", bind=True)
+@celery_app.task(name="tasks.ingest.store_batch", bind=True, base=StoreTask)
 def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None:
     """Store one accepted batch exactly once."""
     # Every line below (and Celery's own for this task) carries the batch id as a field.
     bind_contextvars(batch_id=batch_id)
-    epoch, seq = parse_stamp(self.request.get(STAMP_HEADER))
+    try:
+        _store(batch_id, events, self.request.get(STAMP_HEADER))
+    except SoftTimeLimitExceeded:
+        # The soft time limit can strike anywhere, the backoff wait included.
+        # Left to Celery it would count as a failure and acknowledge the message;
+        # the transaction has rolled back (or committed, and a copy then costs one
+        # statement), so the batch goes back to the queue at once.
+        logger.warning("batch %s hit the soft time limit; back on the queue", batch_id)
+        raise Reject("SoftTimeLimitExceeded", requeue=True) from None
+
+
+def _store(batch_id: str, events: list[dict[str, Any]], stamp: str | None) -> None:
+    """Store the batch once, or wait out a failure and hand it back to the queue."""
+    epoch, seq = parse_stamp(stamp)
     try:
         with TASK_DURATION.time():
             outcome = store_exactly_once(get_engine(), batch_id, events, epoch=epoch, seq=seq)
+    except SoftTimeLimitExceeded:
+        raise  # Not an outage: no backoff (store_batch hands the batch back).
     except Exception as exc:
         wait = _backoff.failed()
         logger.warning(

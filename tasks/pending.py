@@ -30,7 +30,6 @@ Times stored in Redis are Redis's own (`TIME`), so no host's clock matters.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -553,11 +552,16 @@ def broker_memory(client: redis.Redis) -> BrokerMemory:
     )
 
 
-def refresh_leases(client: redis.Redis, delivery_tags: Sequence[str]) -> None:
-    """Mark messages a live worker holds as just delivered, so no sweep restores them."""
+def refresh_leases(client: redis.Redis, delivery_tags: Sequence[str]) -> float:
+    """Mark messages a live worker holds as just delivered; return the Redis time used.
+
+    Delivery times, leases and the sweep that ages them all read Redis's clock, so a
+    worker whose own clock is off neither ages others' leases nor keeps its own.
+    """
+    now = redis_time(client)
     if delivery_tags:
-        now = time.time()
         client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(delivery_tags, now), xx=True)
+    return now
 
 
 def forget_everything(client: redis.Redis) -> None:

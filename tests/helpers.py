@@ -151,5 +151,7 @@ class TableLock:
         wait_until(lambda: self.blocked_tasks() == count, timeout=30)
 
     def release(self) -> None:
-        self.transaction.rollback()
-        self.connection.close()
+        """Let the waiting tasks go on (again is harmless, e.g. in a `finally`)."""
+        if not self.connection.closed:
+            self.transaction.rollback()
+            self.connection.close()

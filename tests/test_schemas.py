@@ -6,8 +6,10 @@ import re
 from datetime import datetime
 from datetime import timedelta
 from datetime import timezone
+from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,7 +21,9 @@ from app.config import load_server_settings
 from app.config import load_settings
 from app.config import metrics_directory
 from app.schemas import MAX_PAYLOAD_BYTES
+from app.schemas import inexact_numbers
 from app.schemas import load_events
+from app.schemas import refuse_inexact_numbers
 
 
 def event(**overrides: Any) -> dict[str, Any]:
@@ -105,6 +109,19 @@ def test_bad_token_lists_are_refused_naming_the_entry(raw: str, complaint: str) 
         load_settings({"API_TOKENS": raw})
 
 
+def test_task_time_limits_default_to_a_hard_limit_above_the_soft_one() -> None:
+    settings = load_settings({})
+    assert (settings.task_soft_time_limit, settings.task_time_limit) == (120, 150)
+    tuned = load_settings({"TASK_SOFT_TIME_LIMIT": "10", "TASK_TIME_LIMIT": "20"})
+    assert (tuned.task_soft_time_limit, tuned.task_time_limit) == (10, 20)
+
+
+@pytest.mark.parametrize(("soft", "hard"), [("30", "30"), ("60", "30"), ("0", "30")])
+def test_task_time_limits_that_leave_no_soft_limit_are_refused(soft: str, hard: str) -> None:
+    with pytest.raises(SettingsError, match="TASK_"):
+        load_settings({"TASK_SOFT_TIME_LIMIT": soft, "TASK_TIME_LIMIT": hard})
+
+
 def test_auth_disabled_is_an_explicit_flag() -> None:
     assert load_settings({"AUTH_DISABLED": "1"}).auth_disabled
     with pytest.raises(SettingsError):
@@ -186,3 +203,50 @@ def test_gunicorn_options_come_from_the_environment_with_the_documented_defaults
         load_server_settings({"WEB_CONCURRENCY": "many"})
     assert metrics_directory({}) is None
     assert metrics_directory({"PROMETHEUS_MULTIPROC_DIR": "/tmp/m"}) == "/tmp/m"
+
+
+# --- numbers: stored exactly, or refused naming them -------------------------------------------
+
+number_texts = st.builds(
+    lambda sign, whole, fraction, exponent: f"{sign}{whole}{fraction}{exponent}",
+    st.sampled_from(["", "-"]),
+    st.one_of(st.just("0"), st.from_regex(r"[1-9][0-9]{0,30}", fullmatch=True)),
+    st.one_of(st.just(""), st.from_regex(r"\.[0-9]{1,30}", fullmatch=True)),
+    st.one_of(
+        st.just(""),
+        st.builds(lambda e, n: f"{e}{n:+d}", st.sampled_from(["e", "E"]), st.integers(-400, 400)),
+    ),
+)
+
+
+def orjson_keeps(text: str) -> bool:
+    """What actually happens: orjson's reading, written back as the worker writes it."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False  # Beyond a double's range.
+    return Decimal(orjson.dumps(value).decode()) == Decimal(text)
+
+
+@given(text=number_texts)
+def test_the_exact_check_agrees_with_what_orjson_does_to_a_number(text: str) -> None:
+    problems = inexact_numbers(f'{{"payload":{{"n":{text}}}}}'.encode())
+    assert (problems == []) == orjson_keeps(text), (text, problems)
+
+
+@given(value=st.floats(allow_nan=False, allow_infinity=False))
+def test_every_double_as_json_writes_it_is_kept(value: float) -> None:
+    assert inexact_numbers(orjson.dumps({"payload": {"n": value}})) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        (b'{"payload":{"a":{"b":[1,18446744073709551616]}}}', ["payload.a.b[1]"]),
+        (b'[{"payload":{}},{"payload":{"x":0.1000000000000000055511151231257827}}]', [1]),
+    ],
+)
+def test_numbers_that_would_change_are_refused_naming_them(body: bytes, errors: list[Any]) -> None:
+    with pytest.raises(ValidationError) as refused:
+        refuse_inexact_numbers(body)
+    assert list(refused.value.messages) == errors

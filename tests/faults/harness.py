@@ -219,8 +219,10 @@ class Workers:
     def current(self) -> Worker:
         return self.started[-1]
 
-    def start(self) -> Worker:
-        worker = Worker(self.env, self.log, concurrency=self.concurrency, name="fault").start()
+    def start(self, **overrides: str) -> Worker:
+        """Start one more worker; `overrides` add to (or replace) the test's environment."""
+        env = {**self.env, **overrides}
+        worker = Worker(env, self.log, concurrency=self.concurrency, name="fault").start()
         self.started.append(worker)
         return worker
 
