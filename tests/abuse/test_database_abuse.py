@@ -10,7 +10,9 @@ exactly once.
 - followers whose filter no index serves read each row once, not once per 0.2 s;
 - a pool process stopped while it holds the log's lock is cut off by PostgreSQL, the
   others go on storing, and its batch is stored once after all; `/metrics` shows how long
-  the lock has been held.
+  the lock has been held;
+- the limits themselves: an export past `MAX_EXPORTS`, and a read past
+  `DB_STATEMENT_TIMEOUT`, get a 503 saying why.
 """
 
 from __future__ import annotations
@@ -479,3 +481,38 @@ def test_metrics_show_how_long_the_log_lock_is_held(api: Api, engine: Engine) ->
         hold_log(conn)
         wait_until(lambda: (lock_held_seconds(api.url) or 0) >= 1, timeout=10)
     assert lock_held_seconds(api.url) == 0
+
+
+# --- the limits themselves -----------------------------------------------------------------
+
+
+@pytest.fixture
+def strict_api(abuse_env: dict[str, str], logs: Path, tables: None) -> Iterator[Api]:
+    """One API process that streams one export at most and stops statements after 1 s."""
+    env = {**abuse_env, "MAX_EXPORTS": "1", "DB_STATEMENT_TIMEOUT": "1", "DB_LOCK_TIMEOUT": "5"}
+    server = Api(env, logs / "db-abuse-strict-api.log", workers=1).start()
+    yield server
+    server.stop()
+
+
+def test_exports_beyond_the_limit_and_slow_reads_get_a_503_saying_why(
+    strict_api: Api, engine: Engine
+) -> None:
+    seed(engine, "bulk", 3000, payload_bytes=4000)
+    with StalledExports(strict_api.url, 1) as exports:
+        exports.wait_for_answers()
+        refused = requests.get(
+            f"{strict_api.url}/events", headers={"Accept": "application/x-ndjson"}, timeout=10
+        )
+    assert refused.status_code == 503, refused.text
+    assert "exports" in refused.json()["message"]
+    assert int(refused.headers["Retry-After"]) >= 1
+    # A read stuck behind a lock is cut off by PostgreSQL at DB_STATEMENT_TIMEOUT.
+    with engine.connect() as conn, conn.begin():
+        conn.execute(text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+        started = time.monotonic()
+        stuck = requests.get(f"{strict_api.url}/events", params={"limit": 1}, timeout=10)
+        waited = time.monotonic() - started
+    assert stuck.status_code == 503, stuck.text
+    assert "DB_STATEMENT_TIMEOUT" in stuck.json()["message"]
+    assert 0.9 <= waited < 5
