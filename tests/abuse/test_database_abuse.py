@@ -257,8 +257,9 @@ def test_exports_whose_clients_stop_reading_hold_no_connection(
         exports.wait_for_answers()
         abused = good.run(ABUSED_SECONDS)
         readiness = ready(api.url)
-    assert readiness[0] == 200, readiness
     assert_unharmed(alone, abused)
+    # Only the database's check: another (a broker check) may have its own reasons.
+    assert readiness[1]["checks"]["database"] == "ok", readiness
     assert_stored_once(api.url, engine, good.topic, good.published)
 
 
