@@ -78,6 +78,7 @@ def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[
 def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
     checked = promtool("check", "rules", "alerts.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Every rule in the file was parsed.
     assert f"SUCCESS: {len(alert_queries())} rules found" in checked.stdout
     # alerts_test.yml: each alert fires on a synthetic series and stays quiet when healthy.
     tested = promtool("test", "rules", "alerts_test.yml")
