@@ -505,7 +505,7 @@ def test_exports_beyond_the_limit_and_slow_reads_get_a_503_saying_why(
         refused = requests.get(
             f"{strict_api.url}/events", headers={"Accept": "application/x-ndjson"}, timeout=10
         )
-    assert refused.status_code == 503, refused.text
+    assert refused.status_code == 503, refused.text[:300]
     assert "exports" in refused.json()["message"]
     assert int(refused.headers["Retry-After"]) >= 1
     # A read stuck behind a lock is cut off by PostgreSQL at DB_STATEMENT_TIMEOUT.
@@ -514,6 +514,52 @@ def test_exports_beyond_the_limit_and_slow_reads_get_a_503_saying_why(
         started = time.monotonic()
         stuck = requests.get(f"{strict_api.url}/events", params={"limit": 1}, timeout=10)
         waited = time.monotonic() - started
-    assert stuck.status_code == 503, stuck.text
+    assert stuck.status_code == 503, stuck.text[:300]
     assert "DB_STATEMENT_TIMEOUT" in stuck.json()["message"]
     assert 0.9 <= waited < 5
+
+
+def waiting_for_locks(engine: Engine) -> int:
+    """Return how many sessions of this database wait for a lock."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
+@pytest.fixture
+def one_process_api(abuse_env: dict[str, str], logs: Path, tables: None) -> Iterator[Api]:
+    """One API process, so every request meets the same pool."""
+    server = Api(abuse_env, logs / "db-abuse-one-api.log", workers=1).start()
+    yield server
+    server.stop()
+
+
+def test_ready_says_the_database_is_up_while_every_pooled_connection_is_busy(
+    one_process_api: Api, engine: Engine
+) -> None:
+    """30 reads stuck behind a table lock take all 10 pooled connections; /ready still answers."""
+    api = one_process_api
+    with engine.connect() as conn, conn.begin():
+        conn.execute(text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+        readers = [
+            threading.Thread(
+                target=requests.get, args=(f"{api.url}/events",), kwargs={"timeout": 30}
+            )
+            for _ in range(30)
+        ]
+        for reader in readers:
+            reader.start()
+        wait_until(lambda: waiting_for_locks(engine) >= 10, timeout=20)
+        started = time.monotonic()
+        status, body = ready(api.url)
+        waited = time.monotonic() - started
+    for reader in readers:
+        reader.join(timeout=30)
+    assert body["checks"]["database"] == "ok", body
+    assert waited < 2, f"/ready took {waited:.1f} s"
