@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.api import reject_unknown_query_parameters
     from app.auth import init_auth
     from app.errors import register_error_handlers
+    from app.followers import LogHead
     from app.metrics import init_metrics
     from app.schemas import EventSchema
 
@@ -77,8 +78,24 @@ def create_app(settings: Settings | None = None) -> Flask:
         EVENTS_PAGE_MAX_BYTES=settings.events_page_max_bytes,
     )
     # Gunicorn runs this factory in each worker after the fork, so every
-    # process gets its own pool; nothing connects until the first request.
-    app.extensions["engine"] = make_engine(settings.database_url, pool_size=settings.pool_size)
+    # process gets its own pools; nothing connects until the first request.
+    timeouts = settings.db_timeouts("api")
+    app.extensions["engine"] = make_engine(
+        settings.database_url, pool_size=settings.pool_size, timeouts=timeouts
+    )
+    # Exports and waiting followers read on a few connections of their own, so
+    # however many there are, pages, /stats and publishes keep theirs.
+    app.extensions["stream_engine"] = make_engine(
+        settings.database_url,
+        pool_size=settings.stream_pool_size,
+        max_overflow=0,
+        timeouts=timeouts,
+    )
+    # /ready, /metrics and the followers' LogHead: one more, so a process whose
+    # pools are busy reading still answers that the database is up.
+    app.extensions["probe_engine"] = make_engine(
+        settings.database_url, pool_size=1, max_overflow=1, timeouts=timeouts
+    )
     # No quiet retries: redis-py's default would stretch a stall into seconds;
     # the client retries instead, with its idempotency key.
     app.extensions["redis"] = make_redis(settings)
@@ -97,6 +114,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Outermost, so every answer (errors and 404s included) carries the request id.
     app.wsgi_app = RequestIds(app.wsgi_app)  # type: ignore[method-assign]
     app.extensions["followers"] = threading.BoundedSemaphore(settings.max_followers)
+    app.extensions["log_head"] = LogHead(app.extensions["probe_engine"])
+    app.extensions["exports"] = threading.BoundedSemaphore(settings.max_exports)
     api = Api(app)
     app.add_url_rule(f"{DOCS_ASSETS}/<path:filename>", "docs_assets", _docs_asset)
     init_auth(app, app.extensions["redis_limits"], settings)

@@ -27,6 +27,7 @@ from flask_smorest import Blueprint
 from gevent import monkey
 from marshmallow import RAISE
 from marshmallow import ValidationError
+from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import text
 from structlog.contextvars import bind_contextvars
@@ -47,6 +48,7 @@ from app.cursors import encode_topic_cursor
 from app.errors import handle_backlog_full
 from app.errors import handle_broker_error
 from app.errors import handle_key_reused
+from app.followers import LogHead
 from app.instruments import ACCEPTED
 from app.instruments import REPLAYS
 from app.schemas import MAX_BATCH
@@ -294,9 +296,6 @@ def publish_batch() -> Response:
 
 
 NDJSON = "application/x-ndjson"
-# How often a waiting follower looks for new events: they show within this
-# of their commit (positions become visible in order, app.store.ledger.hold_log).
-FOLLOW_POLL_SECONDS = 0.2
 
 
 @events_blp.route("/events", methods=["GET"])
@@ -315,8 +314,22 @@ def list_events(
     """Return stored events oldest first, one page at a time (or all of them as NDJSON)."""
     if request.accept_mimetypes.best_match(["application/json", NDJSON]) == NDJSON:
         return _export(cursor, filters)
-    page, next_cursor = _events_page(limit, cursor, filters, follow=wait > 0)
-    if page or not wait:
+    if not wait:
+        with _engine().connect() as conn:
+            page, next_cursor = _events_page(conn, limit, cursor, filters)
+        return {"events": page, "next_cursor": next_cursor}
+    return _follow(limit, wait, cursor, filters)
+
+
+def _follow(limit: int, wait: int, cursor: str | None, filters: dict[str, Any]) -> dict[str, Any]:
+    """Return the events past the cursor, waiting up to `wait` seconds for the first ones.
+
+    Each read stops at the log's head and the cursor moves up to it, so a filter
+    no index serves costs one pass over the log, then only the rows stored since;
+    between reads the request waits for the process's one LogHead, not on a timer.
+    """
+    page, next_cursor, upto = _follow_page(limit, cursor, filters)
+    if page:
         return {"events": page, "next_cursor": next_cursor}
     followers: threading.BoundedSemaphore = current_app.extensions["followers"]
     if not followers.acquire(blocking=False):
@@ -325,28 +338,43 @@ def list_events(
             retry_after=1,
         )
     try:
+        head: LogHead = current_app.extensions["log_head"]
         deadline = time.monotonic() + wait
-        while not page and time.monotonic() < deadline:
-            time.sleep(min(FOLLOW_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-            page, next_cursor = _events_page(limit, cursor, filters, follow=True)
+        while not page and head.wait_past(upto, deadline - time.monotonic()):
+            page, next_cursor, upto = _follow_page(limit, next_cursor, filters)
     finally:
         followers.release()
     return {"events": page, "next_cursor": next_cursor}
 
 
+def _follow_page(
+    limit: int, cursor: str | None, filters: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str, int]:
+    """Read a page no further than the log's head, on the followers' own connections."""
+    with current_app.extensions["stream_engine"].connect() as conn:
+        upto = reading.log_head(conn)
+        page, next_cursor = _events_page(conn, limit, cursor, filters, upto=upto)
+    assert next_cursor is not None  # never, with upto
+    return page, next_cursor, upto
+
+
 def _events_page(
-    limit: int, cursor: str | None, filters: dict[str, Any], *, follow: bool
+    conn: Connection,
+    limit: int,
+    cursor: str | None,
+    filters: dict[str, Any],
+    *,
+    upto: int | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
     try:
-        with _engine().connect() as conn:
-            return reading.list_events(
-                conn,
-                limit=limit,
-                cursor=cursor,
-                max_bytes=current_app.config["EVENTS_PAGE_MAX_BYTES"],
-                always_cursor=follow,
-                **filters,
-            )
+        return reading.list_events(
+            conn,
+            limit=limit,
+            cursor=cursor,
+            max_bytes=current_app.config["EVENTS_PAGE_MAX_BYTES"],
+            upto=upto,
+            **filters,
+        )
     except InvalidCursor as exc:
         raise ValidationError({"cursor": [str(exc)]}) from None
 
@@ -357,16 +385,33 @@ def _export(cursor: str | None, filters: dict[str, Any]) -> Response:
             decode_cursor(cursor)
         except InvalidCursor as exc:
             raise ValidationError({"cursor": [str(exc)]}) from None
-    engine = _engine()
+    exports: threading.BoundedSemaphore = current_app.extensions["exports"]
+    if not exports.acquire(blocking=False):
+        raise ServiceUnavailable(
+            "too many exports are streaming from this server; retry shortly", retry_after=1
+        )
+    try:
+        pages = reading.iter_events(
+            current_app.extensions["stream_engine"],
+            cursor=cursor,
+            page_bytes=current_app.config["EVENTS_PAGE_MAX_BYTES"],
+            **filters,
+        )
 
-    def lines() -> Iterator[bytes]:
-        # If the database goes away mid-stream the stream just ends: resume
-        # from the cursor of the last line received.
-        with engine.connect() as conn:
-            for event in reading.iter_events(conn, cursor=cursor, **filters):
-                yield orjson.dumps(event) + b"\n"
+        def lines() -> Iterator[bytes]:
+            # A page per short transaction: a client that stops reading holds no
+            # connection. If the database goes away mid-stream the stream just
+            # ends: resume from the cursor of the last line received.
+            for page in pages:
+                yield b"".join(orjson.dumps(event) + b"\n" for event in page)
 
-    return Response(stream_with_context(lines()), mimetype=NDJSON)
+        response = Response(stream_with_context(lines()), mimetype=NDJSON)
+        # The server closes the response however the stream ends (client gone included).
+        response.call_on_close(exports.release)
+    except BaseException:
+        exports.release()
+        raise
+    return response
 
 
 # Query parameters each endpoint takes; any other gets 422 naming it.
@@ -460,7 +505,8 @@ def ready() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
     """Check the database and the broker, and that no loss of broker data awaits acknowledgement."""
     checks = {"database": "ok", "broker": "ok", "broker_data_loss": "none"}
     try:
-        with _engine().connect() as conn:
+        # Connections of its own: a process whose pool is busy reading is still ready.
+        with current_app.extensions["probe_engine"].connect() as conn:
             conn.execute(text("SELECT 1"))
             losses = broker_log.loss_summary(conn)
         if losses["unacknowledged"]:

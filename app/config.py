@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
+from typing import Literal
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/aggregator"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -95,6 +96,19 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class DbTimeouts:
+    """PostgreSQL's limits on each session of one kind of process, in seconds."""
+
+    # Any one statement, lock waits included.
+    statement: float
+    # Waiting for a lock (a row, a table, the log's advisory lock).
+    lock: float
+    # A transaction left open with nothing running: its process stopped, hung or
+    # forgot it. PostgreSQL ends the session, which releases the log's lock.
+    idle_in_transaction: float
+
+
+@dataclass(frozen=True)
 class Settings:
     """Typed configuration shared by the API, the worker and migrations."""
 
@@ -141,6 +155,23 @@ class Settings:
     # clients cannot hold the server's threads.
     body_read_timeout: float = 10.0
     pool_size: int = 5
+    # Connections per API process for NDJSON exports and waiting followers, apart
+    # from the pool above, so they never take the ones pages, /stats and /ready need.
+    stream_pool_size: int = 2
+    # NDJSON exports one API process streams at once; more get 503. A stalled
+    # export holds no connection, only up to one page in memory.
+    max_exports: int = 16
+    # PostgreSQL limits per session (DbTimeouts). The API's statements are reads
+    # of a page or a few counters. A worker's longest stores the largest batch
+    # (1,000 events of 8 KB: 0.13 s median, 0.2 s at most on a loaded 2-core
+    # machine, `python -m bench.store --sizes 1000 --payload-bytes 8000`), after
+    # waiting for the log's lock behind the others. Lock waits give up before
+    # the statement limit, and idle transactions end well before lock waits do,
+    # so the others wait out a stopped lock holder instead of failing.
+    statement_timeout: float = 10.0
+    worker_statement_timeout: float = 30.0
+    lock_timeout: float = 10.0
+    idle_in_transaction_timeout: float = 5.0
     # A page of GET /events stops after this many bytes of payloads (the cursor
     # continues), so one request cannot make the server hold 64 MB.
     events_page_max_bytes: int = 4 * 1024 * 1024
@@ -167,6 +198,11 @@ class Settings:
     proxy_hops: int = 0
     # Lowest level written to the logs (app.logs), for the API and the worker alike.
     log_level: str = "INFO"
+
+    def db_timeouts(self, process: Literal["api", "worker"]) -> DbTimeouts:
+        """Return the session limits of the API's or a worker's connections."""
+        statement = self.statement_timeout if process == "api" else self.worker_statement_timeout
+        return DbTimeouts(statement, self.lock_timeout, self.idle_in_transaction_timeout)
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -246,6 +282,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_int(env, "MAX_BODY_BYTES", Settings.max_body_bytes),
         body_read_timeout=_float(env, "BODY_READ_TIMEOUT", Settings.body_read_timeout),
         pool_size=_int(env, "DB_POOL_SIZE", Settings.pool_size),
+        stream_pool_size=_int(env, "DB_STREAM_POOL_SIZE", Settings.stream_pool_size),
+        max_exports=_int(env, "MAX_EXPORTS", Settings.max_exports),
+        statement_timeout=_float(env, "DB_STATEMENT_TIMEOUT", Settings.statement_timeout),
+        worker_statement_timeout=_float(
+            env, "WORKER_STATEMENT_TIMEOUT", Settings.worker_statement_timeout
+        ),
+        lock_timeout=_float(env, "DB_LOCK_TIMEOUT", Settings.lock_timeout),
+        idle_in_transaction_timeout=_float(
+            env, "DB_IDLE_IN_TRANSACTION_TIMEOUT", Settings.idle_in_transaction_timeout
+        ),
         max_followers=_int(env, "MAX_FOLLOWERS", Settings.max_followers),
         events_page_max_bytes=_int(env, "EVENTS_PAGE_MAX_BYTES", Settings.events_page_max_bytes),
         group_commit_below=_int(env, "GROUP_COMMIT_BELOW", Settings.group_commit_below),

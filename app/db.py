@@ -16,8 +16,11 @@ from sqlalchemy import Table
 from sqlalchemy import Text
 from sqlalchemy import UniqueConstraint
 from sqlalchemy import create_engine
+from sqlalchemy import make_url
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import JSONB
+
+from app.config import DbTimeouts
 
 # Every constraint gets a predictable name, so ON CONFLICT and migrations can refer to it.
 metadata = MetaData(
@@ -180,15 +183,40 @@ def _json_serializer(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
-def make_engine(url: str, pool_size: int = 5) -> Engine:
-    """Create an engine; call it in each process after fork, never before."""
+def session_options(timeouts: DbTimeouts) -> str:
+    """Return libpq `options` that set PostgreSQL's timeouts for every session."""
+    settings = {
+        "statement_timeout": timeouts.statement,
+        "lock_timeout": timeouts.lock,
+        "idle_in_transaction_session_timeout": timeouts.idle_in_transaction,
+    }
+    return " ".join(f"-c {name}={round(seconds * 1000)}" for name, seconds in settings.items())
+
+
+def make_engine(
+    url: str,
+    pool_size: int = 5,
+    *,
+    max_overflow: int | None = None,
+    timeouts: DbTimeouts | None = None,
+) -> Engine:
+    """Create an engine; call it in each process after fork, never before.
+
+    `timeouts` are set by the server when each connection starts (no extra round
+    trip), after any `options` the URL gives; without them the server's own apply.
+    """
+    connect_args: dict[str, object] = {"connect_timeout": 3, "application_name": "log-aggregator"}
+    if timeouts is not None:
+        given = make_url(url).query.get("options")
+        ours = session_options(timeouts)
+        connect_args["options"] = f"{given} {ours}" if isinstance(given, str) else ours
     return create_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=True,
         pool_timeout=5,
         json_serializer=_json_serializer,
         json_deserializer=orjson.loads,
-        connect_args={"connect_timeout": 3, "application_name": "log-aggregator"},
+        connect_args=connect_args,
     )

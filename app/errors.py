@@ -113,8 +113,20 @@ def handle_key_reused(exc: Exception) -> Response:
     )
 
 
+# SQLSTATE of a statement cancelled by statement_timeout (DB_STATEMENT_TIMEOUT).
+QUERY_CANCELED = "57014"
+
+
 def handle_database_error(exc: Exception) -> Response:
-    """Answer a database outage with 503 and Retry-After."""
+    """Answer a database outage, or a query over its time limit, with 503 and Retry-After."""
+    if getattr(getattr(exc, "orig", None), "pgcode", None) == QUERY_CANCELED:
+        logger.warning("query over the statement timeout: %s", str(exc).splitlines()[0])
+        retry_after = current_app.config["RETRY_AFTER"]
+        return error_response(
+            ServiceUnavailable(retry_after=retry_after),
+            message="the query took longer than the database allows (DB_STATEMENT_TIMEOUT);"
+            " narrow it (a topic, a cursor) or retry when the server is less busy",
+        )
     logger.warning("database unavailable: %s", str(exc).splitlines()[0])
     return _unavailable("database")
 

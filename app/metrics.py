@@ -37,6 +37,7 @@ from app.instruments import PREFIX
 from app.instruments import REQUESTS
 from app.store.counters import read_totals
 from app.store.dead_letters import replay_counts
+from app.store.ledger import log_lock_age
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)
 
@@ -121,6 +122,7 @@ class ScrapeTimeCollector(Collector):
             totals = read_totals(conn)
             replays = replay_counts(conn)
             losses = loss_summary(conn)
+            lock_age = log_lock_age(conn)
         # By each event's first outcome, so every series only grows (a replay
         # moves an event from failed to stored in /stats, which a counter must
         # not show as failed going down) and sum() is what was processed.
@@ -153,7 +155,13 @@ class ScrapeTimeCollector(Collector):
             "Detected losses of broker data not yet acknowledged by an operator.",
         )
         unacknowledged.add_metric([], losses["unacknowledged"])
-        return [events, replayed, lost, unacknowledged]
+        held = GaugeMetricFamily(
+            "aggregator_log_lock_held_seconds",
+            "How long the transaction holding the log's write lock has been open (0 when"
+            " free); every store waits behind it.",
+        )
+        held.add_metric([], lock_age)
+        return [events, replayed, lost, unacknowledged, held]
 
     def _from_broker(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
         figures = self._queue.depth()
@@ -252,7 +260,8 @@ def method_label(method: str) -> str:
 
 def init_metrics(app: Flask) -> None:
     """Time every request and serve GET /metrics (after app.api.attach_queue)."""
-    exact = ScrapeTimeCollector(app.extensions["engine"], app.extensions["intake"])
+    # On the probe's connections: a scrape must not wait behind busy readers.
+    exact = ScrapeTimeCollector(app.extensions["probe_engine"], app.extensions["intake"])
 
     @app.before_request
     def _start_timer() -> None:

@@ -91,7 +91,9 @@ def get_engine() -> Engine:
     global _engine
     if _engine is None:
         settings = load_settings()
-        _engine = make_engine(settings.database_url, pool_size=2)
+        _engine = make_engine(
+            settings.database_url, pool_size=2, timeouts=settings.db_timeouts("worker")
+        )
     return _engine
 
 

@@ -1,4 +1,5 @@
-"""Plain functions that take a Connection, one module per job; this package names them together.
+"""Plain functions that take a Connection (or an Engine, where they need a transaction per
+step: the export, run_in_transaction), one module per job; this package names them together.
 
 ledger: the write path (a batch stored exactly once, its ledger row, the counters);
 counters: the totals and per-topic counters; reading: pages and streams of the log;

@@ -166,6 +166,25 @@ def hold_log(conn: Connection) -> None:
     conn.execute(select(func.pg_advisory_xact_lock(LOG_LOCK)))
 
 
+# The log lock as pg_locks shows a bigint advisory key: its high and low halves.
+_LOG_LOCK_AGE = text(
+    "SELECT coalesce(max(extract(epoch FROM now() - activity.xact_start)), 0)"
+    " FROM pg_locks AS lock JOIN pg_stat_activity AS activity ON activity.pid = lock.pid"
+    " WHERE lock.locktype = 'advisory' AND lock.granted AND lock.objsubid = 1"
+    " AND lock.classid = :high AND lock.objid = :low"
+    " AND lock.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+).bindparams(high=LOG_LOCK >> 32, low=LOG_LOCK & 0xFFFF_FFFF)
+
+
+def log_lock_age(conn: Connection) -> float:
+    """Return how long the transaction holding the log's lock has been open (0 when free).
+
+    Every store waits behind that transaction: a large figure means storing has
+    stalled (PostgreSQL's timeouts end a stopped holder's session, see make_engine).
+    """
+    return float(conn.execute(_LOG_LOCK_AGE).scalar_one())
+
+
 def _copy_text(value: str) -> str:
     # COPY's text format: backslash, tab and line breaks are escaped (NUL never
     # gets here: the API refuses it).

@@ -7,6 +7,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import RowMapping
 from sqlalchemy import Text
 from sqlalchemy import cast
 from sqlalchemy import func
@@ -63,25 +65,20 @@ def _event_conditions(
     return conditions
 
 
-def list_events(
-    conn: Connection,
-    *,
-    limit: int,
-    cursor: str | None = None,
-    topic: str | None = None,
-    source: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    payload: dict[str, Any] | None = None,
-    max_bytes: int = 4 * 1024 * 1024,
-    always_cursor: bool = False,
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Return one page of stored events, oldest first, and the cursor of the next page.
+def log_head(conn: Connection) -> int:
+    """Return the position of the newest stored event (0 for an empty log).
 
-    The cursor is None at the end of the log, unless `always_cursor` (followers):
-    then it is the position after the last event returned, or the one given.
+    Positions become visible in order (app.store.ledger.hold_log): once this one
+    is visible, so is every lower one that will ever be, so reading up to it in
+    a later statement misses nothing.
     """
-    conditions = _event_conditions(cursor, topic, source, since, until, payload)
+    return int(conn.execute(select(func.coalesce(func.max(events.c.position), 0))).scalar_one())
+
+
+def _page(
+    conn: Connection, conditions: list[Any], limit: int, max_bytes: int
+) -> tuple[list[RowMapping], bool]:
+    """Return the rows of one page (with positions) and whether more rows match."""
     # Pages stop at max_bytes of payload (at least one row each), so a page of
     # large events cannot take the server's memory: the cursor continues.
     size = func.octet_length(cast(events.c.payload, Text))
@@ -103,16 +100,55 @@ def list_events(
     stmt = select(window).where(starts_before < max_bytes).order_by(window.c.position)
     rows = conn.execute(stmt).mappings().all()
     page = [row for row in rows if row["running"] - row["size"] < max_bytes][:limit]
-    if page and (len(rows) > len(page) or always_cursor):
+    return page, len(rows) > len(page)
+
+
+def _event(row: RowMapping) -> dict[str, Any]:
+    return {name: row[name] for name in (*EVENT_FIELDS, "stored_at")}
+
+
+def list_events(
+    conn: Connection,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    topic: str | None = None,
+    source: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    payload: dict[str, Any] | None = None,
+    max_bytes: int = 4 * 1024 * 1024,
+    upto: int | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Return one page of stored events, oldest first, and the cursor of the next page.
+
+    The cursor is None at the end of the log. With `upto` (followers: the log's
+    head, log_head) nothing past that position is read, and the cursor is never
+    None: past the last event returned while more match, else `upto` itself, so
+    the next request reads only events stored since, however few of the rows
+    before matched the filters.
+    """
+    conditions = _event_conditions(cursor, topic, source, since, until, payload)
+    if upto is not None:
+        conditions.append(events.c.position <= upto)
+    page, more = _page(conn, conditions, limit, max_bytes)
+    if page and more:
         next_cursor: str | None = encode_cursor(page[-1]["position"])
+    elif upto is not None:
+        next_cursor = encode_cursor(_resume_at(cursor, upto))
     else:
-        next_cursor = cursor if always_cursor else None
-    items = [{name: row[name] for name in (*EVENT_FIELDS, "stored_at")} for row in page]
-    return items, next_cursor
+        next_cursor = None
+    return [_event(row) for row in page], next_cursor
+
+
+def _resume_at(cursor: str | None, upto: int) -> int:
+    # A cursor past the head (from a log that was longer) is kept as it is.
+    position = decode_cursor(cursor) if cursor is not None else 0
+    return max(position, upto) if isinstance(position, int) else upto
 
 
 def iter_events(
-    conn: Connection,
+    engine: Engine,
     *,
     cursor: str | None = None,
     topic: str | None = None,
@@ -120,15 +156,32 @@ def iter_events(
     since: datetime | None = None,
     until: datetime | None = None,
     payload: dict[str, Any] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Yield every matching event in log order, each with its cursor, in constant memory.
+    page_rows: int = 1000,
+    page_bytes: int = 4 * 1024 * 1024,
+) -> Iterator[list[dict[str, Any]]]:
+    """Yield every matching event stored when the export began, in log order, a page at a time.
 
-    One statement (one snapshot) read through a server-side cursor, 1,000 rows at a time.
+    Each page is read in a transaction of its own and the connection goes back
+    to the pool before the page is yielded: a client that reads slowly, or stops
+    reading, holds no connection and no transaction, only the page in hand.
+    Pages follow each other by position, so nothing is read twice; every event
+    carries the cursor to resume after it.
     """
-    conditions = _event_conditions(cursor, topic, source, since, until, payload)
-    stmt = select(events).where(*conditions).order_by(events.c.position)
-    result = conn.execution_options(stream_results=True, yield_per=1000).execute(stmt)
-    for row in result.mappings():
-        event = {name: row[name] for name in (*EVENT_FIELDS, "stored_at")}
-        event["cursor"] = encode_cursor(row["position"])
-        yield event
+    conditions = _event_conditions(None, topic, source, since, until, payload)
+    upto: int | None = None
+    while True:
+        with engine.connect() as conn:
+            if upto is None:
+                upto = log_head(conn)
+            after = [_after(cursor)] if cursor is not None else []
+            bounded = [*conditions, *after, events.c.position <= upto]
+            rows, more = _page(conn, bounded, page_rows, page_bytes)
+        page = []
+        for row in rows:
+            event = _event(row)
+            event["cursor"] = cursor = encode_cursor(row["position"])
+            page.append(event)
+        if page:
+            yield page
+        if not more:
+            return
