@@ -71,7 +71,8 @@ class Request:
     """One publish request: its events and its idempotency key.
 
     `remember` is False when the server made the key up: no client can send it
-    again, so no record is kept.
+    again, so no record is kept. `size` is the body's length in bytes, by which
+    group commit bounds how much one acceptance writes.
     """
 
     events: Events
@@ -79,6 +80,7 @@ class Request:
     key: str
     fingerprint: str
     remember: bool = True
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,10 +274,12 @@ class GroupCommit:
         *,
         max_events: int,
         linger: float,
+        max_bytes: int = 2 * 1024 * 1024,
         timeout: float = 5,
     ) -> None:
         self._acceptor = acceptor
         self._max_events = max_events
+        self._max_bytes = max_bytes
         self._linger = linger
         self._timeout = timeout
         self._queue: queue.SimpleQueue[_Waiter] = queue.SimpleQueue()
@@ -307,13 +311,17 @@ class GroupCommit:
     def _collect(self) -> list[_Waiter]:
         group: list[_Waiter] = []
         size = 0
+        size_bytes = 0
         waiter = self._queue.get()
         deadline = time.monotonic() + self._linger
         while True:
             if waiter.take():
                 group.append(waiter)
                 size += len(waiter.request.events)
-            if size >= self._max_events:
+                size_bytes += waiter.request.size
+            # Bytes bound how long the acceptance holds Redis (its script and
+            # the AOF fsync grow with the message), as MAX_BODY_BYTES does alone.
+            if size >= self._max_events or size_bytes >= self._max_bytes:
                 return group
             # After the linger time, still take whatever is already waiting.
             remaining = deadline - time.monotonic()
@@ -361,6 +369,7 @@ class Intake:
             self._acceptor,
             max_events=settings.group_commit_max_events,
             linger=settings.group_commit_linger_ms / 1000,
+            max_bytes=settings.max_body_bytes,
         )
         self._group_below = settings.group_commit_below
         self._max_backlog_bytes = settings.max_backlog_bytes
