@@ -112,7 +112,8 @@ build_one() {
   rm -rf "$rootfs"
   docker build --quiet --build-arg "ROOTFS=log-aggregator-standin/$dir-rootfs:latest" \
     --build-arg "WHEELS_URL=http://$WHEELS_HOST:$WHEELS_PORT/" \
-    --label "$LABEL=$digest" -t "$name" "$HERE/$dir" >/dev/null
+    --label "$LABEL=$digest" -t "$name" "$HERE/$dir" >>"$CACHE/$dir.log" 2>&1 ||
+    { tail -30 "$CACHE/$dir.log" >&2; return 1; }
   say "$name: stand-in $digest built"
 }
 
