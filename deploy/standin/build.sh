@@ -144,13 +144,17 @@ images() {
 
 wheels() {
   # The files requirements.lock pins (hash-checked), plus what pip needs to build the two
-  # source distributions (the project itself and psycogreen).
-  local dir="$CACHE/wheels"
+  # source distributions (the project itself and psycogreen); again only when the lock changed.
+  local dir="$CACHE/wheels" stamp
+  stamp="$(sha256sum "$ROOT/requirements.lock" | cut -c1-64)"
   mkdir -p "$dir"
-  python3 -m pip download --quiet --disable-pip-version-check --dest "$dir" --require-hashes \
-    --only-binary :all: --no-binary psycogreen -r "$ROOT/requirements.lock"
-  python3 -m pip download --quiet --disable-pip-version-check --dest "$dir" \
-    --only-binary :all: "setuptools>=68" wheel
+  if [ "$(cat "$dir/.lock-sha256" 2>/dev/null)" != "$stamp" ]; then
+    python3 -m pip download --quiet --disable-pip-version-check --dest "$dir" --require-hashes \
+      --only-binary :all: --no-binary psycogreen -r "$ROOT/requirements.lock"
+    python3 -m pip download --quiet --disable-pip-version-check --dest "$dir" \
+      --only-binary :all: "setuptools>=68" wheel
+    echo "$stamp" >"$dir/.lock-sha256"
+  fi
   echo "$dir"
 }
 

@@ -295,7 +295,8 @@ def test_workers_log_json_lines_and_no_errors(stack: Stack) -> None:
     lines = [line.split("|", 1)[1] for line in done.stdout.splitlines() if "|" in line]
     entries = json_lines(lines)
     assert entries
-    assert not [entry for entry in entries if entry["level"] in ("ERROR", "CRITICAL")]
+    errors = [entry for entry in entries if entry["level"] in ("ERROR", "CRITICAL")]
+    assert not errors, "\n".join(json.dumps(entry) for entry in errors)
 
 
 def test_down_and_up_keep_the_stored_events_and_the_counters(stack: Stack) -> None:
