@@ -101,7 +101,7 @@ def test_redis_fsyncs_every_acceptance_to_an_append_only_file_on_a_named_volume(
     assert words[0] == "redis-server"
     assert words[words.index("--appendonly") + 1] == "yes"
     assert words[words.index("--appendfsync") + 1] == "always"
-    assert words[words.index("--maxmemory-policy") + 1] == "volatile-ttl"
+    assert words[words.index("--maxmemory-policy") + 1] == "noeviction"
     assert mounts("redis")["/data"] in COMPOSE["volumes"]
     assert healthcheck("redis").endswith("redis-cli ping")
 
