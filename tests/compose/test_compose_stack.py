@@ -294,12 +294,18 @@ def test_three_api_replicas_and_three_workers_store_one_of_50_concurrent_copies(
     assert len(stack.running("aggregator")) == 3 and len(stack.running("worker")) == 3
 
 
-def test_workers_log_json_lines_and_no_errors(stack: Stack) -> None:
+def test_workers_and_api_replicas_log_json_lines_and_no_errors(stack: Stack) -> None:
     done = stack.readme("docker compose logs worker")
     lines = [line.split("|", 1)[1] for line in done.stdout.splitlines() if "|" in line]
+    served = stack.compose("logs", "--no-color", "aggregator")
+    lines += [line.split("|", 1)[1] for line in served.splitlines() if "|" in line]
     entries = json_lines(lines)
-    assert entries
-    errors = [entry for entry in entries if entry["level"] in ("ERROR", "CRITICAL")]
+    assert any(entry["logger"] == "tasks.ingest" for entry in entries)
+    errors = [
+        entry
+        for entry in entries
+        if entry["level"] in ("ERROR", "CRITICAL") or entry.get("status", 0) >= 500
+    ]
     assert not errors, "\n".join(json.dumps(entry) for entry in errors)
 
 
