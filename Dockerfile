@@ -17,10 +17,14 @@ WORKDIR /app
 COPY requirements.lock ./
 RUN pip install --require-hashes --only-binary :all: --no-binary psycogreen -r requirements.lock
 
-# The source stays in /app as well: gunicorn picks up ./gunicorn.conf.py and
-# alembic reads [tool.alembic] from ./pyproject.toml, both relative to the
-# working directory.
-COPY . .
+# Only what runs: the packages, the migrations and the two files read from the working
+# directory (gunicorn picks up ./gunicorn.conf.py, alembic reads [tool.alembic] from
+# ./pyproject.toml). Tests, benchmarks, docs and deploy files stay out of the image.
+COPY pyproject.toml gunicorn.conf.py celery_config.py LICENSE ./
+COPY app ./app
+COPY tasks ./tasks
+COPY publisher ./publisher
+COPY migrations ./migrations
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info
 

@@ -198,6 +198,10 @@ class Settings:
     proxy_hops: int = 0
     # Lowest level written to the logs (app.logs), for the API and the worker alike.
     log_level: str = "INFO"
+    # A worker touches this file every few seconds from its consumer's loop, so
+    # a healthcheck can read the file's age instead of starting a Celery client
+    # (`celery inspect ping`); empty: no file.
+    liveness_file: str = ""
 
     def db_timeouts(self, process: Literal["api", "worker"]) -> DbTimeouts:
         """Return the session limits of the API's or a worker's connections."""
@@ -307,6 +311,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         auth_failure_limit=env.get("AUTH_FAILURE_LIMIT", Settings.auth_failure_limit).strip(),
         proxy_hops=_count(env, "PROXY_HOPS", Settings.proxy_hops),
         log_level=load_log_level(env),
+        liveness_file=env.get("WORKER_LIVENESS_FILE", "").strip(),
     )
 
 

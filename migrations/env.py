@@ -6,8 +6,10 @@ from alembic import context
 from sqlalchemy import Connection
 from sqlalchemy import create_engine
 
+from app.config import load_log_level
 from app.config import load_settings
 from app.db import metadata
+from app.logs import configure_logging
 
 config = context.config
 target_metadata = metadata
@@ -49,6 +51,10 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
+    # Run as a command (`alembic upgrade head`, compose's migrate job): log what it
+    # does (each revision applied) as JSON lines, like every other process. A caller
+    # that passes its own connection keeps its own logging.
+    configure_logging(load_log_level())
     engine = create_engine(load_settings().database_url)
     try:
         with engine.connect() as conn:

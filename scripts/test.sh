@@ -6,4 +6,12 @@ source "$(dirname "$0")/bootstrap.sh"
 .venv/bin/python -m mypy
 # Locate (or install) the PostgreSQL and Redis binaries the tests start privately.
 eval "$(.venv/bin/python -m scripts.services binaries | sed 's/^/export /')"
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+# The whole suite: first tests/compose (images built, containers run; minutes on a fresh
+# machine) as its own run with its own timings, then the rest, whose summary closes the output.
+status=0
+.venv/bin/python -m pytest -rs tests/compose || status=$?
+.venv/bin/python -m pytest --ignore=tests/compose || status=$?
+exit "$status"

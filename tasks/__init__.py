@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
+from celery import bootsteps
 from celery.signals import celeryd_after_setup
 from celery.signals import celeryd_init
 from celery.signals import setup_logging
@@ -27,6 +29,9 @@ from tasks.pending import Scripts
 
 celery_app = Celery("tasks", include=["tasks.ingest"])
 celery_app.config_from_object("celery_config")
+
+# How often a worker touches WORKER_LIVENESS_FILE; a healthcheck allows several misses.
+LIVENESS_INTERVAL = 5.0
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +132,32 @@ def _start_main_process_threads(**_: object) -> None:
     Watchdog(
         get_engine(), get_redis(), broker_name(settings.redis_url), settings.broker_check_interval
     ).start()
+
+
+class LivenessFile(bootsteps.StartStopStep):
+    """Touch WORKER_LIVENESS_FILE every few seconds from the consumer's own event loop.
+
+    The file goes stale when the consumer stops looping (stuck, or without its broker),
+    so its age is a healthcheck that costs a `stat` instead of a Celery client.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        configured = load_settings().liveness_file
+        self.path = Path(configured) if configured else None
+        self.timer_entry: Any = None
+
+    def start(self, parent: Any) -> None:
+        if self.path is not None:
+            self.path.touch()
+            self.timer_entry = parent.timer.call_repeatedly(LIVENESS_INTERVAL, self.path.touch)
+
+    def stop(self, parent: Any) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+            self.timer_entry = None
+
+
+celery_app.steps["consumer"].add(LivenessFile)

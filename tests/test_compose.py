@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ import pytest
 import yaml
 
 from scripts.services import find_docker_compose
+from scripts.stack import Worker
+from scripts.stack import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -97,7 +101,7 @@ def test_redis_fsyncs_every_acceptance_to_an_append_only_file_on_a_named_volume(
     assert words[0] == "redis-server"
     assert words[words.index("--appendonly") + 1] == "yes"
     assert words[words.index("--appendfsync") + 1] == "always"
-    assert words[words.index("--maxmemory-policy") + 1] == "volatile-ttl"
+    assert words[words.index("--maxmemory-policy") + 1] == "noeviction"
     assert mounts("redis")["/data"] in COMPOSE["volumes"]
     assert healthcheck("redis").endswith("redis-cli ping")
 
@@ -143,11 +147,12 @@ def test_migrate_runs_once_before_the_api_and_the_worker() -> None:
         assert depends_on["redis"]["condition"] == "service_healthy"
 
 
-def test_publisher_is_one_shot_and_waits_for_a_healthy_api() -> None:
+def test_publisher_is_one_shot_and_waits_for_a_healthy_proxy() -> None:
     publisher = SERVICES["publisher"]
     assert publisher["restart"] == "no"
     assert publisher["profiles"] == ["publish"]
-    assert publisher["depends_on"]["aggregator"]["condition"] == "service_healthy"
+    assert publisher["depends_on"]["proxy"]["condition"] == "service_healthy"
+    assert SERVICES["proxy"]["depends_on"]["aggregator"]["condition"] == "service_healthy"
     assert "API_TOKEN" in publisher["environment"]
 
 
@@ -206,7 +211,7 @@ def test_gunicorn_serves_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("REDIS_URL", raising=False)
-    monkeypatch.setenv("API_TOKENS", "t" * 32)
+    monkeypatch.setenv("API_TOKENS", secrets.token_hex(32))
     application = import_app(words[-1])
     routes = {rule.rule for rule in application.url_map.iter_rules()}
     assert {"/health", "/ready", "/publish", "/stats", "/events"} <= routes
@@ -234,6 +239,7 @@ def test_publisher_command_runs_the_aggregator_console_script() -> None:
     assert words[:2] == ["aggregator", "publish"]
     assert words[words.index("--url") + 1] == "http://proxy:8080"
     assert "--verify" in words
+    assert "--json" in words  # `logs publisher` is one JSON document
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["aggregator"] == "publisher.cli:main"
     # The options the service passes are ones the CLI accepts, with valid values.
@@ -251,16 +257,12 @@ def test_alembic_finds_its_configuration() -> None:
     assert pyproject["tool"]["alembic"]["script_location"].endswith("migrations")
 
 
-def test_one_image_is_built_once_for_every_app_service() -> None:
-    built = {name: svc["build"] for name, svc in SERVICES.items() if "build" in svc}
-    assert set(built) == {"migrate"}  # what every other app service waits for
-    image = SERVICES["migrate"]["image"]
-    assert all(SERVICES[name]["image"] == image for name in (*APP_SERVICES, "publisher"))
-    for name, build in built.items():
-        build = {"context": build} if isinstance(build, str) else build
-        context = build.get("context", ".")
-        dockerfile = build.get("dockerfile", "Dockerfile")
-        assert (ROOT / context / dockerfile).is_file(), f"{name}: no {dockerfile} in {context}"
+def test_every_app_service_builds_the_one_image_instead_of_pulling_it() -> None:
+    # A service that names the image without `build:` makes `up --build` try to pull it.
+    services = (*APP_SERVICES, "publisher")
+    assert {SERVICES[name]["image"] for name in services} == {COMPOSE["x-app"]["image"]}
+    assert all(SERVICES[name]["build"] == "." for name in services)
+    assert (ROOT / "Dockerfile").is_file()
 
 
 def test_dockerfile_runs_the_app_factory_as_a_non_root_user() -> None:
@@ -278,6 +280,19 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     assert {".venv", ".git", ".local", ".env"} <= ignored
 
 
+def test_the_image_gets_what_runs_and_no_tests_benchmarks_or_docs() -> None:
+    copied = {
+        word.rstrip("/")
+        for keyword, rest in dockerfile_instructions(ROOT / "Dockerfile")
+        if keyword == "COPY"
+        for word in rest.split()[:-1]
+    }
+    assert {"app", "tasks", "publisher", "migrations", "gunicorn.conf.py", "pyproject.toml"} <= (
+        copied
+    )
+    assert "." not in copied and not {"tests", "bench", "docs", "deploy", "scripts"} & copied
+
+
 def compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
     """`docker-compose config`: the file as compose reads it, validated without an engine."""
     return subprocess.run(
@@ -291,17 +306,43 @@ def compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_compose_validates_with_the_example_secrets(tmp_path: Path) -> None:
-    done = compose_config(ROOT / ".env.example")
+def filled_env(path: Path) -> Path:
+    """.env.example with a secret in each empty value, as README asks."""
+    token = secrets.token_hex(32)
+    values = {
+        "POSTGRES_PASSWORD": secrets.token_hex(16),
+        "API_TOKENS": f"{token}:publish+read+admin",
+        "API_TOKEN": token,
+        "FLOWER_BASIC_AUTH": f"admin:{secrets.token_hex(16)}",
+    }
+    text = (ROOT / ".env.example").read_text()
+    for name, value in values.items():
+        text, found = re.subn(rf"^{name}=$", f"{name}={value}", text, flags=re.M)
+        assert found == 1, f".env.example has no empty {name}="
+    path.write_text(text)
+    return path
+
+
+def test_compose_validates_with_the_secrets_filled_in(tmp_path: Path) -> None:
+    done = compose_config(filled_env(tmp_path / ".env"))
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)["services"]
     assert str(resolved["proxy"]["ports"][0]).startswith("127.0.0.1:")
-    assert "build" in resolved["migrate"]
+    assert all("build" in resolved[name] for name in APP_SERVICES)
     images = {resolved[name]["image"] for name in APP_SERVICES}
     assert len(images) == 1  # one image for every app service
     for name in ("aggregator", "worker"):
         assert resolved[name]["environment"]["PROMETHEUS_MULTIPROC_DIR"] == "/metrics"
     assert yaml.safe_load(done.stdout)["volumes"]["metrics"]["driver_opts"]["type"] == "tmpfs"
+
+
+def test_an_unedited_copy_of_env_example_is_refused_naming_the_secret() -> None:
+    # Its secrets are empty: compose refuses them (`:?`), so no known value ever deploys.
+    done = compose_config(ROOT / ".env.example")
+    assert done.returncode != 0
+    # Compose names the first empty secret it meets (its order varies).
+    secrets_named = ("POSTGRES_PASSWORD", "API_TOKENS", "API_TOKEN", "FLOWER_BASIC_AUTH")
+    assert any(f"{name} " in done.stderr for name in secrets_named), done.stderr
 
 
 def test_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None:
@@ -312,13 +353,67 @@ def test_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None:
     assert "POSTGRES_PASSWORD" in done.stderr
 
 
-@pytest.mark.parametrize("name", ["aggregator", "worker", "flower", "postgres", "redis"])
+@pytest.mark.parametrize("name", ["aggregator", "worker", "flower", "postgres", "redis", "proxy"])
 def test_every_long_running_service_has_a_healthcheck_and_rotated_logs(name: str) -> None:
     assert SERVICES[name]["healthcheck"]["test"]
     options = SERVICES[name]["logging"]["options"]
     assert options["max-size"] and options["max-file"]
 
 
-def test_worker_healthcheck_pings_the_worker_over_the_broker() -> None:
-    assert "inspect ping" in healthcheck("worker")
-    assert "/flower/healthcheck" in healthcheck("flower")
+def test_whatever_waits_for_a_service_waits_for_it_to_be_healthy() -> None:
+    # `up` (and `up --wait`) then returns only once the stack answers.
+    for name, service in SERVICES.items():
+        for dependency, condition in service.get("depends_on", {}).items():
+            expected = (
+                "service_completed_successfully" if dependency == "migrate" else ("service_healthy")
+            )
+            assert condition["condition"] == expected, f"{name} -> {dependency}"
+    assert "proxy" in SERVICES["publisher"]["depends_on"]
+
+
+def test_the_proxy_is_healthy_only_when_it_reaches_an_api_replica() -> None:
+    assert "127.0.0.1:8080/health" in healthcheck("proxy")
+    assert SERVICES["proxy"]["environment"]["PROXY_LISTEN"] == "8080"
+
+
+def test_the_proxy_runs_the_shipped_nginx_conf_with_descriptors_for_its_connections() -> None:
+    conf = mounts("proxy")["/etc/nginx/nginx.conf"]
+    text = (ROOT / conf).read_text()
+    rlimit = re.search(r"^worker_rlimit_nofile\s+(\d+);", text, re.M)
+    assert rlimit is not None
+    assert SERVICES["proxy"]["ulimits"]["nofile"] == int(rlimit.group(1))
+    # Docker's DNS, asked per request: replicas added by --scale are found.
+    assert SERVICES["proxy"]["environment"]["PROXY_RESOLVER"] == "127.0.0.11"
+
+
+def worker_healthcheck(liveness_file: Path) -> int:
+    """Run the worker's compose healthcheck here, as the container's shell would."""
+    test = SERVICES["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    command = test[1].replace("$$", "$")  # compose's escape for a literal $
+    env = {"PATH": os.environ["PATH"], "WORKER_LIVENESS_FILE": str(liveness_file)}
+    return subprocess.run(["sh", "-c", command], env=env, timeout=10).returncode
+
+
+def test_the_worker_healthcheck_passes_while_the_consumer_touches_its_file(
+    stack_env: dict[str, str], logs: Path, tmp_path: Path
+) -> None:
+    # A file check, not `celery inspect ping`: that started a Celery client per check
+    # (8-13 s, ~1.9 s of CPU) and timed out on busy workers.
+    assert "celery" not in healthcheck("worker")
+    assert SERVICES["worker"]["environment"]["WORKER_LIVENESS_FILE"]
+    liveness = tmp_path / "worker.alive"
+    assert worker_healthcheck(liveness) != 0  # no file yet
+    worker = Worker({**stack_env, "WORKER_LIVENESS_FILE": str(liveness)}, logs / "liveness.log")
+    worker.start()
+    try:
+        wait_until(liveness.exists, timeout=10)
+        first = liveness.stat().st_mtime
+        wait_until(lambda: liveness.stat().st_mtime > first, timeout=15, interval=0.2)
+        assert worker_healthcheck(liveness) == 0
+    finally:
+        worker.stop()
+    # A file nobody touched for a minute: the consumer is stuck or gone.
+    stale = time.time() - 60
+    os.utime(liveness, (stale, stale))
+    assert worker_healthcheck(liveness) != 0

@@ -1,19 +1,27 @@
 """The compose proxy (deploy/nginx) for real: nginx in front of gunicorn holds slow clients.
 
 Renders the repository's template the way the official nginx image does (its
-`${VAR}`s from the environment) and runs Debian's nginx with it in front of the
-session's API. NGINX names the binary (scripts/test.sh finds or installs it).
+`${VAR}`s from the environment) into a conf.d that the shipped deploy/nginx/nginx.conf
+includes, as in the container, and runs Debian's nginx with it in front of the
+session's API. The template also loads under the nginx image's own nginx.conf
+(deploy/standin/nginx/nginx.conf), which already sets keepalive_timeout and others in
+`http`. NGINX names the binary (scripts/test.sh finds or installs it).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import socket
 import statistics
+import struct
 import subprocess
+import termios
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +29,21 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.schemas import MAX_WAIT_SECONDS
 from scripts.services import find_nginx
 from scripts.services import free_port
 from scripts.stack import ROOT
 from scripts.stack import Api
+from scripts.stack import Worker
 from scripts.stack import wait_until
+from tests.helpers import make_event
+from tests.helpers import publish
+from tests.helpers import settled_stats
+from tests.helpers import stats
 
 TEMPLATE = ROOT / "deploy" / "nginx" / "aggregator.conf.template"
+SHIPPED_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"  # compose mounts it over the image's
+IMAGE_CONF = ROOT / "deploy" / "standin" / "nginx" / "nginx.conf"  # the official image's file
 
 
 def render(values: dict[str, str]) -> str:
@@ -38,14 +54,61 @@ def render(values: dict[str, str]) -> str:
     return re.sub(r"\$\{([A-Z_]+)\}", lambda m: values[m.group(1)], text)
 
 
+def main_conf(source: Path, base: Path) -> str:
+    """An nginx.conf of the image's layout, with its absolute paths moved under base."""
+    text = source.read_text()
+    mime_types = Path("/etc/nginx/mime.types")
+    if not mime_types.exists():  # an nginx from elsewhere than Debian's package
+        mime_types = base / "mime.types"
+        mime_types.write_text("types {}\n")
+    moves = {
+        "/etc/nginx/conf.d/": f"{base}/conf.d/",
+        "/etc/nginx/mime.types": str(mime_types),
+        "/var/log/nginx/": f"{base}/",
+        "/var/run/nginx.pid": f"{base}/nginx.pid",
+    }
+    for old, new in moves.items():
+        assert old in text, f"{source} no longer names {old}"
+        text = text.replace(old, new)
+    # The image's `nginx` account does not exist here; as root, workers run as root.
+    user = "user root;" if os.geteuid() == 0 else ""
+    text, found = re.subn(r"^user\s+nginx;", user, text, flags=re.M)
+    assert found == 1, f"{source} no longer runs workers as nginx"
+    return text
+
+
+def lay_out(base: Path, main: Path, values: dict[str, str]) -> Path:
+    """Write main (paths moved) and the rendered template into conf.d; return nginx.conf."""
+    (base / "conf.d").mkdir(parents=True, exist_ok=True)
+    base.chmod(0o777)
+    # Temporary files where the test can see them, before the template in include order.
+    (base / "conf.d" / "00-paths.conf").write_text(
+        "".join(f"{kind}_temp_path {base}/{kind};\n" for kind in TEMP_KINDS)
+    )
+    (base / "conf.d" / "aggregator.conf").write_text(render(values))
+    conf = base / "nginx.conf"
+    conf.write_text(main_conf(main, base))
+    return conf
+
+
+TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
 class Proxy:
-    def __init__(self, base: Path, upstream: str, **overrides: str) -> None:
+    def __init__(
+        self,
+        base: Path,
+        upstream: str,
+        main: Path = SHIPPED_CONF,
+        listen_options: str = "",
+        **overrides: str,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base.mkdir(parents=True, exist_ok=True)
-        base.chmod(0o777)
         values = {
-            "PROXY_LISTEN": f"127.0.0.1:{self.port}",
+            "PROXY_LISTEN": f"127.0.0.1:{self.port} {listen_options}".strip(),
+            "PROXY_RESOLVER": "127.0.0.1",  # never asked: the upstreams here are addresses
             "AGGREGATOR_UPSTREAM": upstream,
             "FLOWER_UPSTREAM": "127.0.0.1:9",  # never reached in these tests
             "PROXY_HEADER_TIMEOUT": "2s",
@@ -53,37 +116,11 @@ class Proxy:
             "PROXY_CONNECTIONS_PER_CLIENT": "1000",
             **overrides,
         }
-        (base / "aggregator.conf").write_text(render(values))
-        user = "user root;" if os.geteuid() == 0 else ""
-        (base / "nginx.conf").write_text(
-            f"""{user}
-worker_processes 1;
-pid {base}/nginx.pid;
-error_log {base}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {base}/body;
-    proxy_temp_path {base}/proxy;
-    fastcgi_temp_path {base}/fastcgi;
-    uwsgi_temp_path {base}/uwsgi;
-    scgi_temp_path {base}/scgi;
-    include {base}/aggregator.conf;
-}}
-"""
-        )
+        conf = lay_out(base, main, values)
         self.base = base
         self._stderr = open(base / "stderr.log", "wb")
         self.process = subprocess.Popen(
-            [
-                str(find_nginx()),
-                "-p",
-                str(base),
-                "-c",
-                str(base / "nginx.conf"),
-                "-g",
-                "daemon off;",
-            ],
+            [str(find_nginx()), "-p", str(base), "-c", str(conf), "-g", "daemon off;"],
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
         )
@@ -193,7 +230,10 @@ def test_a_client_stalling_in_its_headers_is_cut_off_by_the_header_timeout(proxy
     started = time.monotonic()
     sock.settimeout(10)
     try:
-        assert sock.recv(4096) == b""  # nginx closes after PROXY_HEADER_TIMEOUT (2 s)
+        # nginx drops the connection after PROXY_HEADER_TIMEOUT (2 s), with a reset
+        # (reset_timedout_connection: its buffers are freed at once).
+        with pytest.raises(ConnectionResetError):
+            sock.recv(4096)
     finally:
         sock.close()
     assert 1.5 < time.monotonic() - started < 6
@@ -246,3 +286,136 @@ def test_requests_in_progress_per_client_are_limited(api: Api, scratch_dir: Path
         for sock in held:
             sock.close()
         small.stop()
+
+
+def test_the_template_loads_under_the_nginx_images_own_nginx_conf(scratch_dir: Path) -> None:
+    # The image's http block already sets keepalive_timeout, sendfile, access_log...:
+    # a template that sets one again is an [emerg] there, and the proxy never starts.
+    base = scratch_dir / "nginx-image-conf"
+    conf = lay_out(
+        base,
+        IMAGE_CONF,
+        {
+            "PROXY_LISTEN": f"127.0.0.1:{free_port()}",
+            "PROXY_RESOLVER": "127.0.0.1",
+            "AGGREGATOR_UPSTREAM": "127.0.0.1:9",
+            "FLOWER_UPSTREAM": "127.0.0.1:9",
+            "PROXY_HEADER_TIMEOUT": "10s",
+            "PROXY_BODY_TIMEOUT": "10s",
+            "PROXY_CONNECTIONS_PER_CLIENT": "64",
+        },
+    )
+    done = subprocess.run(
+        [str(find_nginx()), "-t", "-p", str(base), "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+HALF_HEADER = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+
+
+def test_health_holds_beside_2100_clients_holding_half_sent_headers(
+    api: Api, scratch_dir: Path
+) -> None:
+    # The compose timeouts: a half-sent header is held for up to 10 s.
+    proxy = Proxy(
+        scratch_dir / "nginx-2100",
+        api.url.removeprefix("http://"),
+        PROXY_HEADER_TIMEOUT="10s",
+        PROXY_BODY_TIMEOUT="10s",
+    )
+    held: list[socket.socket] = []
+    try:
+        held = open_connections(proxy, 2100, HALF_HEADER)
+        with requests.Session() as session:
+            for _ in range(20):
+                assert session.get(f"{proxy.url}/health", timeout=5).status_code == 200
+        # Every one still held open by nginx, unanswered, while /health was served.
+        assert all(still_waiting(sock) for sock in held)
+    finally:
+        for sock in held:
+            sock.close()
+        proxy.stop()
+
+
+def test_an_export_to_a_reader_that_stalls_is_streamed_not_spooled_to_the_proxys_disk(
+    api: Api, worker: Worker, scratch_dir: Path
+) -> None:
+    topic = f"proxy-export-{uuid.uuid4().hex[:8]}"
+    received = stats(api.url)["total_received_queued"]
+    padding = "x" * 1000
+    for start in range(0, 2000, 500):
+        batch = [make_event(f"e-{n}", topic, pad=padding) for n in range(start, start + 500)]
+        publish(api.url, batch)
+    settled_stats(api.url, received + 2000)
+    # Small socket buffers, so the ~2 MB export cannot hide in the kernel's.
+    proxy = Proxy(
+        scratch_dir / "nginx-export", api.url.removeprefix("http://"), listen_options="sndbuf=16k"
+    )
+    host, port = proxy.url.removeprefix("http://").split(":")
+    try:
+        body = read_export_slowly(host, int(port), topic)
+        spooled = b"buffered to a temporary file" in (proxy.base / "error.log").read_bytes()
+    finally:
+        proxy.stop()
+    assert not spooled
+    head, _, rest = body.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    lines = dechunk(rest).splitlines()
+    assert len(lines) == 2000
+    assert json.loads(lines[-1])["event_id"] == "e-1999"
+
+
+def read_export_slowly(host: str, port: int, topic: str) -> bytes:
+    """Ask for an export, stop reading until nothing more arrives, then read it all."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader fills up soon
+        sock.settimeout(30)
+        sock.connect((host, port))
+        sock.sendall(
+            f"GET /events?topic={topic} HTTP/1.1\r\nHost: x\r\n"
+            "Accept: application/x-ndjson\r\nConnection: close\r\n\r\n".encode()
+        )
+        # The reader stalls until what reached it stops growing: the proxy either holds the
+        # rest of the export (~2 MB) somewhere, or stopped reading it from gunicorn.
+        wait_until(stopped_growing(sock), timeout=20, interval=0.3)
+        body = b""
+        while chunk := sock.recv(1 << 16):
+            body += chunk
+        return body
+
+
+def stopped_growing(sock: socket.socket) -> Callable[[], bool]:
+    """A condition: the bytes waiting unread in sock's receive queue did not change since the
+    last call."""
+    last = [-1]
+
+    def check() -> bool:
+        waiting = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        stopped = waiting == last[0] and waiting > 0
+        last[0] = waiting
+        return stopped
+
+    return check
+
+
+def dechunk(data: bytes) -> bytes:
+    """Undo HTTP/1.1 chunked transfer coding."""
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2 :]
+    return out
+
+
+def test_the_proxy_waits_longer_for_an_answer_than_the_apis_longest_long_poll() -> None:
+    # GET /events?wait=30 answers after 30 s: a 30 s proxy_read_timeout made it a 504.
+    timeouts = re.findall(r"proxy_read_timeout\s+(\d+)s;", TEMPLATE.read_text())
+    assert timeouts and all(int(seconds) > MAX_WAIT_SECONDS + 5 for seconds in timeouts)

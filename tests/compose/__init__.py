@@ -1,0 +1,1 @@
+"""The compose stack for real: images built, containers started (see conftest.py)."""
