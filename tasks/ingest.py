@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
 
+import orjson
 import redis
 from celery import Task
 from celery.exceptions import Reject
@@ -15,6 +17,8 @@ from structlog.contextvars import bind_contextvars
 from app.config import load_settings
 from app.instruments import TASK_DURATION
 from app.instruments import TASK_OUTCOMES
+from app.schemas import MAX_BATCH
+from app.schemas import queued_problems
 from app.store.ledger import store_exactly_once
 from tasks import celery_app
 from tasks import get_engine
@@ -46,6 +50,18 @@ class Backoff:
 
 
 _backoff = Backoff(_settings.retry_backoff_max)
+# The most events a task holds: a group closes once it holds
+# GROUP_COMMIT_MAX_EVENTS, and a request of MAX_BATCH is a task of its own.
+MAX_TASK_EVENTS = _settings.group_commit_max_events + MAX_BATCH
+MAX_BATCH_ID = 200
+
+
+def refusal(batch_id: Any, events: Any) -> str | None:
+    """Say why a task's arguments are not what the API queues, or return None."""
+    if type(batch_id) is not str or not 1 <= len(batch_id) <= MAX_BATCH_ID:
+        return f"batch id must be 1 to {MAX_BATCH_ID} characters"
+    problems = queued_problems(events, MAX_TASK_EVENTS)
+    return orjson.dumps(problems, default=repr).decode()[:2000] if problems else None
 
 
 # No Celery retry: a retry publishes a new message, and when that publish fails
@@ -60,6 +76,16 @@ def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None
     """Store one accepted batch exactly once."""
     # Every line below (and Celery's own for this task) carries the batch id as a field.
     bind_contextvars(batch_id=batch_id)
+    # A second layer behind the API's validation: a task queued some other way
+    # (Flower, anyone with the broker's password) is refused whole, never stored.
+    reason = refusal(batch_id, events)
+    if reason is not None:
+        logger.error("batch %r refused, nothing stored: %s", batch_id, reason)
+        if type(batch_id) is str:
+            # Accepted by an API of another version, it would wait as queued forever.
+            with contextlib.suppress(redis.RedisError):
+                get_scripts().forget([batch_id])
+        return
     epoch, seq = parse_stamp(self.request.get(STAMP_HEADER))
     try:
         with TASK_DURATION.time():

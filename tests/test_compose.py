@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import tomllib
@@ -206,7 +207,7 @@ def test_gunicorn_serves_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("REDIS_URL", raising=False)
-    monkeypatch.setenv("API_TOKENS", "t" * 32)
+    monkeypatch.setenv("API_TOKENS", secrets.token_hex(32))
     application = import_app(words[-1])
     routes = {rule.rule for rule in application.url_map.iter_rules()}
     assert {"/health", "/ready", "/publish", "/stats", "/events"} <= routes
