@@ -4,16 +4,19 @@ Before a byte is read: the declared size against MAX_BODY_BYTES, the size
 charged to the client's budget (app.auth), and a slot among the process's
 MAX_LARGE_BODIES for a large body or one of unknown size (chunked), so
 concurrent large bodies cannot fill the memory. After reading, before parsing:
-the number of JSON values, counted as commas in C. Then a large body is parsed
-and validated in gevent's thread pool: the event loop keeps serving the
-process's other requests meanwhile (orjson holds the GIL while it parses, at
-most ~50 ms under these bounds; marshmallow gives it up every few ms).
+the number of JSON values, counted as commas in C. A large body is counted,
+parsed and validated in a lane of its own: gevent's thread pool, one body at a
+time, within half of the process's time (LARGE_BODY_SHARE). orjson keeps the
+GIL while it parses (at most ~50 ms under these bounds) and marshmallow gives
+it up every few ms; the share is what keeps the event loop serving the
+process's other requests between large bodies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -33,9 +36,9 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from app.auth import charge_body
 from app.schemas import LARGE_BODY_BYTES
+from app.schemas import LARGE_BODY_SHARE
 from app.schemas import MAX_BODY_VALUES
 from app.schemas import MAX_OTHER_BODY_BYTES
-from app.schemas import OFFLOAD_BODY_BYTES
 from app.schemas import load_events
 
 T = TypeVar("T")
@@ -46,12 +49,14 @@ READ_CHUNK = 64 * 1024
 
 
 class LargeBodies:
-    """A process's slots for large bodies, and how long a request may wait for one."""
+    """A process's slots for large bodies (their memory), and the one lane their parsing takes."""
 
     def __init__(self, slots: int, wait_seconds: float) -> None:
-        # A gevent semaphore under gevent (threading is patched): waiting yields.
+        # Gevent's semaphore and lock under gevent (threading is patched): waiting yields.
         self._slots = threading.BoundedSemaphore(slots)
         self._wait = wait_seconds
+        self._lane = threading.Lock()
+        self._resume_at = 0.0
 
     @contextlib.contextmanager
     def slot(self, size: int | None) -> Iterator[None]:
@@ -68,6 +73,30 @@ class LargeBodies:
             yield
         finally:
             self._slots.release()
+
+    def work(self, function: Callable[[bytes], T], body: bytes) -> T:
+        """Run a CPU-bound step on a body: a small one inline, a large one in the lane.
+
+        The lane is gevent's thread pool, one body at a time, within
+        LARGE_BODY_SHARE of the process's time, so the event loop keeps
+        serving the process's other requests whatever large bodies arrive.
+        """
+        if len(body) <= LARGE_BODY_BYTES or not monkey.is_module_patched("socket"):
+            return function(body)
+        with self._lane:
+            pause = self._resume_at - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            started = time.monotonic()
+            try:
+                result, error = gevent.get_hub().threadpool.apply(_outcome, (function, body))
+            finally:
+                spent = time.monotonic() - started
+                rest = spent * (1 - LARGE_BODY_SHARE) / LARGE_BODY_SHARE
+                self._resume_at = time.monotonic() + rest
+        if error is not None:
+            raise error
+        return result
 
 
 def refuse_unread_bodies() -> None:
@@ -128,7 +157,14 @@ def _read_body(deadline_seconds: float, limit: int) -> bytes:
 
 
 def parse_events(body: bytes) -> list[dict[str, Any]]:
-    """Parse and validate a publish body (no request context: it may run in a thread)."""
+    """Count, parse and validate a publish body (no request context: it may run in a thread)."""
+    values = body.count(b",") + 1
+    if values > MAX_BODY_VALUES:
+        raise RequestEntityTooLarge(
+            f"the body holds up to {values} JSON values (counted by commas, those in"
+            f" strings too); at most {MAX_BODY_VALUES} per request: send fewer or smaller"
+            " events"
+        )
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -143,16 +179,6 @@ def _outcome(function: Callable[[bytes], T], body: bytes) -> tuple[T | None, Exc
         return function(body), None
     except Exception as exc:
         return None, exc
-
-
-def off_the_loop(function: Callable[[bytes], T], body: bytes) -> T:
-    """Run a CPU-bound step on a large body in gevent's thread pool; small ones inline."""
-    if len(body) <= OFFLOAD_BODY_BYTES or not monkey.is_module_patched("socket"):
-        return function(body)
-    result, error = gevent.get_hub().threadpool.apply(_outcome, (function, body))
-    if error is not None:
-        raise error
-    return result
 
 
 @contextlib.contextmanager
@@ -174,11 +200,4 @@ def publish_body(large_bodies: LargeBodies) -> Iterator[tuple[bytes, list[dict[s
         body = _read_body(current_app.config["BODY_READ_TIMEOUT"], limit)
         if declared is None:
             charge_body(len(body))
-        values = body.count(b",") + 1
-        if values > MAX_BODY_VALUES:
-            raise RequestEntityTooLarge(
-                f"the body holds up to {values} JSON values (counted by commas, those in"
-                f" strings too); at most {MAX_BODY_VALUES} per request: send fewer or smaller"
-                " events"
-            )
-        yield body, off_the_loop(parse_events, body)
+        yield body, large_bodies.work(parse_events, body)

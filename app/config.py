@@ -207,9 +207,9 @@ class Settings:
     # Peers whose X-Forwarded-For is trusted (addresses or networks): the proxy's.
     # A request from any other peer is taken at its own address, whatever it says.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
-    # Bodies over 1 MiB (or of unknown length) one API process reads at once; more
+    # Bodies over 64 KiB (or of unknown length) one API process holds at once; more
     # wait up to large_body_wait seconds for a slot, then get 503. Bounds memory.
-    max_large_bodies: int = 2
+    max_large_bodies: int = 4
     large_body_wait: float = 5.0
     # Lowest level written to the logs (app.logs), for the API and the worker alike.
     log_level: str = "INFO"

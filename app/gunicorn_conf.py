@@ -2,11 +2,13 @@
 
 import os
 import tempfile
+import time
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from gunicorn import util
+from gunicorn.http import parser
 from prometheus_client import multiprocess
 
 from app.config import load_server_settings
@@ -85,3 +87,22 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 # chunk); its answer is an HTML page. Replaced here, in the master, so every
 # worker inherits it.
 util.write_error = write_json_error
+
+
+# Before reading the next request on a keep-alive connection, gunicorn discards
+# what the app left unread of the last body. Its gthread worker bounds that
+# (64 KiB, then the connection closes); its gevent worker reads the rest of
+# the body, however large, 1 KiB per step: every publish refused before its
+# body was read (401, 429, 503 for want of a slot) cost up to 8 MiB of that.
+# Bounded here as gthread does it.
+DRAIN_SECONDS = 2.0
+_drain_unbounded = parser.Parser.finish_body
+
+
+def _drain_bounded(self: Any, deadline: float | None = None, max_bytes: int | None = None) -> bool:
+    if deadline is None:
+        deadline = time.monotonic() + DRAIN_SECONDS
+    return bool(_drain_unbounded(self, deadline, max_bytes))
+
+
+parser.Parser.finish_body = _drain_bounded
