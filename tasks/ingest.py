@@ -61,7 +61,9 @@ def refusal(batch_id: Any, events: Any) -> str | None:
     if type(batch_id) is not str or not 1 <= len(batch_id) <= MAX_BATCH_ID:
         return f"batch id must be 1 to {MAX_BATCH_ID} characters"
     problems = queued_problems(events, MAX_TASK_EVENTS)
-    return orjson.dumps(problems, default=repr).decode()[:2000] if problems else None
+    if not problems:
+        return None
+    return orjson.dumps(problems, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()[:2000]
 
 
 # No Celery retry: a retry publishes a new message, and when that publish fails

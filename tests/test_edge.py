@@ -191,3 +191,12 @@ def test_the_fast_twin_never_passes_what_the_schema_refuses(
         del candidate[drop]
     if _plainly_valid(candidate):
         load_events(candidate)  # raises if the schema disagrees
+
+
+def test_the_worker_says_why_it_refuses_a_task() -> None:
+    from tasks.ingest import refusal
+
+    assert refusal("b-1", [event()]) is None
+    reason = refusal("b-1", [event(), event(topic="x" * 1000)])
+    assert reason is not None and '"1":{"topic":["Length must be between 1 and 255."]}' in reason
+    assert refusal(7, [event()]) == "batch id must be 1 to 200 characters"
