@@ -92,6 +92,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--connections", type=int, default=50, help="concurrent connections (default 50)")
     add("--events", type=int, default=1, help="events per request (1: an object; more: an array)")
     add("--api-workers", type=int, default=2, help="gunicorn processes (default 2)")
+    add("--rate-limit", default=None, help="RATE_LIMIT for the API (default: the production one)")
     add("--worker-class", default="gevent", help="gunicorn worker class (default gevent)")
     add("--repeat", type=int, default=1, help="runs; the table shows each")
     add("--profile", type=Path, default=None, help="record py-spy profiles into this directory")
@@ -204,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Every request would otherwise wait for broker room once the queue is large.
             "BROKER_MAX_BACKLOG_BYTES": str(2**40),
         }
+        if args.rate_limit is not None:
+            env["RATE_LIMIT"] = args.rate_limit
         api = Api(env, base / "api.log", workers=args.api_workers)
         stack.callback(api.stop)
         api.start()
