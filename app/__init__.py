@@ -37,15 +37,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Create the API application, with its own engine and Redis client."""
     from flask import Flask
     from flask_smorest import Api
-    from werkzeug.middleware.proxy_fix import ProxyFix
 
     from app.api import BLUEPRINTS
     from app.api import attach_queue
     from app.api import reject_unknown_query_parameters
     from app.auth import init_auth
+    from app.bodies import LargeBodies
+    from app.bodies import refuse_unread_bodies
     from app.errors import register_error_handlers
     from app.followers import LogHead
+    from app.headers import add_security_headers
     from app.metrics import init_metrics
+    from app.proxies import TrustedProxyFix
     from app.schemas import EventSchema
 
     settings = settings or load_settings()
@@ -107,19 +110,25 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     if settings.proxy_hops:
         # Behind a proxy the peer is the proxy: take the client's address from
-        # the X-Forwarded-For entries the trusted proxies added.
-        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops
+        # the X-Forwarded-For entries the trusted proxies added, when the peer
+        # is one of them (app.proxies).
+        app.wsgi_app = TrustedProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, settings.proxy_hops, settings.trusted_proxies
         )
     # Outermost, so every answer (errors and 404s included) carries the request id.
     app.wsgi_app = RequestIds(app.wsgi_app)  # type: ignore[method-assign]
     app.extensions["followers"] = threading.BoundedSemaphore(settings.max_followers)
     app.extensions["log_head"] = LogHead(app.extensions["probe_engine"])
     app.extensions["exports"] = threading.BoundedSemaphore(settings.max_exports)
+    app.extensions["large_bodies"] = LargeBodies(
+        settings.max_large_bodies, settings.large_body_wait
+    )
     api = Api(app)
     app.add_url_rule(f"{DOCS_ASSETS}/<path:filename>", "docs_assets", _docs_asset)
     init_auth(app, app.extensions["redis_limits"], settings)
+    app.before_request(refuse_unread_bodies)
     app.before_request(reject_unknown_query_parameters)
+    app.after_request(add_security_headers)
     init_metrics(app)
     api.spec.components.schema("Event", schema=EventSchema)
     for blueprint in BLUEPRINTS:

@@ -6,7 +6,6 @@ entry point, it hands publish requests over and reads what the broker holds.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
@@ -14,7 +13,6 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
-import gevent
 import orjson
 import redis
 from flask import Flask
@@ -24,22 +22,18 @@ from flask import g
 from flask import request
 from flask import stream_with_context
 from flask_smorest import Blueprint
-from gevent import monkey
 from marshmallow import RAISE
 from marshmallow import ValidationError
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import text
 from structlog.contextvars import bind_contextvars
-from werkzeug.exceptions import BadRequest
-from werkzeug.exceptions import ClientDisconnected
 from werkzeug.exceptions import NotFound
-from werkzeug.exceptions import RequestTimeout
 from werkzeug.exceptions import ServiceUnavailable
-from werkzeug.exceptions import UnsupportedMediaType
 
 from app import broker_log
 from app.auth import charge_events
+from app.bodies import publish_body
 from app.config import Settings
 from app.cursors import InvalidCursor
 from app.cursors import decode_cursor
@@ -64,8 +58,6 @@ from app.schemas import ReplayResultSchema
 from app.schemas import StatsSchema
 from app.schemas import TopicPageSchema
 from app.schemas import TopicQuerySchema
-from app.schemas import load_events
-from app.schemas import refuse_inexact_numbers
 from app.store import reading
 from app.store.counters import topic_page
 from app.store.dead_letters import ReplayRefused
@@ -94,11 +86,12 @@ ERROR_DESCRIPTIONS = {
     403: "The token lacks the scope this operation needs.",
     404: "No such resource.",
     408: "The body stalled or ended early.",
-    413: "Body too large.",
+    413: "Body too large, too many JSON values in it, or costing more than the whole"
+    " rate budget (RATE_LIMIT): refused for good, send smaller requests.",
     415: "Content type is not application/json.",
     422: "Invalid fields, with messages per field (and per array index for batches).",
     429: "Too many requests; see Retry-After.",
-    503: "Broker or database unreachable; see Retry-After.",
+    503: "Broker or database unreachable, or too many large bodies in progress; see Retry-After.",
 }
 
 
@@ -159,50 +152,6 @@ def _redis() -> redis.Redis:
 
 def _intake() -> Intake:
     return current_app.extensions["intake"]
-
-
-def _body_deadline(seconds: float) -> contextlib.AbstractContextManager[object]:
-    # gunicorn reads a body until it has what was asked for, so a per-read
-    # socket timeout never fires for a client that drips one byte at a time;
-    # under gevent a Timeout bounds the whole read.
-    if monkey.is_module_patched("socket"):
-        return gevent.Timeout(seconds, TimeoutError)
-    return contextlib.nullcontext()
-
-
-def _read_body(deadline_seconds: float) -> bytes:
-    """Read the whole body within a deadline (per read only, on non-gevent workers)."""
-    sock = request.environ.get("gunicorn.socket")
-    before = sock.gettimeout() if sock is not None else None
-    try:
-        if sock is not None:
-            sock.settimeout(deadline_seconds)
-        with _body_deadline(deadline_seconds):
-            return request.get_data(cache=False)
-    except (TimeoutError, ClientDisconnected):
-        raise RequestTimeout(
-            f"the body took longer than {deadline_seconds:g} s or ended before Content-Length"
-        ) from None
-    finally:
-        # The answer is written on the same socket, with the timeout it had.
-        if sock is not None:
-            sock.settimeout(before)
-
-
-def _json_body() -> tuple[bytes, Any]:
-    """Return the raw body and its parsed JSON."""
-    if not request.is_json:
-        raise UnsupportedMediaType("send the body as application/json")
-    body = _read_body(current_app.config["BODY_READ_TIMEOUT"])
-    try:
-        return body, orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if "number" in str(exc):
-            # A number beyond a double's range: named (422) like any number that would
-            # not be stored exactly, when the rest of the body is JSON.
-            with contextlib.suppress(ValueError):
-                refuse_inexact_numbers(body)
-        raise BadRequest(f"malformed JSON: {exc}") from None
 
 
 def _idempotency_key() -> tuple[str, bool]:
@@ -266,15 +215,12 @@ def publish_events() -> Response:
     """Accept one event or an array of up to 1,000, as one queued batch."""
     # The hot path: answered without flask-smorest's wrappers (documented above).
     key, remember = _idempotency_key()
-    raw, body = _json_body()
-    events = load_events(body)
-    try:
-        refuse_inexact_numbers(raw)
-    except ValueError as exc:  # JSON to orjson, not to the standard library: never seen.
-        raise BadRequest(f"malformed JSON: {exc}") from None
-    charge_events(len(events))
-    accept = Request(events, g.get("client_id") or "-", key, fingerprint(raw), remember)
-    receipt = _intake().submit(accept)
+    with publish_body(current_app.extensions["large_bodies"]) as (raw, events):
+        charge_events(len(events))
+        accept = Request(
+            events, g.get("client_id") or "-", key, fingerprint(raw), remember, size=len(raw)
+        )
+        receipt = _intake().submit(accept)
     headers = {IDEMPOTENCY_HEADER: key}
     if receipt.replayed:
         headers["Idempotent-Replayed"] = "true"

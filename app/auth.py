@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 
 import redis
 from flask import Flask
@@ -19,6 +20,7 @@ from flask import g
 from flask import request
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.exceptions import TooManyRequests
 from werkzeug.exceptions import Unauthorized
 
@@ -28,6 +30,10 @@ from app.config import SettingsError
 from app.ratelimit import RateBudget
 
 logger = logging.getLogger(__name__)
+
+# A publish costs one unit of the budget per event, or per this many bytes of
+# body if that is more, charged before the body is read.
+BODY_BYTES_PER_UNIT = 8192
 
 # Probes, the OpenAPI document and the docs built on it stay open, so
 # orchestrators and clients can use them.
@@ -78,17 +84,20 @@ def _client_address() -> str:
 def _authenticate(tokens: _Tokens, failures: RateBudget | None) -> None:
     if request.endpoint in OPEN_ENDPOINTS:
         return
-    address = _client_address()
-    if failures is not None:
-        wait = failures.exhausted(address)
-        if wait is not None:
-            raise TooManyRequests(
-                "too many failed authentications from this address", retry_after=int(wait)
-            )
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     match = tokens.match(presented.encode()) if scheme.lower() == "bearer" else None
     if match is None:
+        # Only failed attempts count, and only they are refused when too many
+        # came from one address: a valid token is never locked out by others'
+        # guessing from its address (tokens are long and random, app.config, so
+        # guessing stays hopeless; the limit bounds what wrong attempts cost).
         if failures is not None:
+            address = _client_address()
+            wait = failures.exhausted(address)
+            if wait is not None:
+                raise TooManyRequests(
+                    "too many failed authentications from this address", retry_after=int(wait)
+                )
             failures.charge(address)
         raise Unauthorized(
             "send a valid token as 'Authorization: Bearer <token>'",
@@ -103,25 +112,47 @@ def _authenticate(tokens: _Tokens, failures: RateBudget | None) -> None:
 def _check_rate(budget: RateBudget) -> None:
     if request.endpoint in OPEN_ENDPOINTS:
         return
-    client = g.get("client_id") or _client_address()
-    wait = budget.charge(client)
-    if wait is not None:
-        raise TooManyRequests(
-            f"budget of {budget.amount} per {budget.period} s spent", retry_after=int(wait)
+    _spend(budget, 1, "a request")
+
+
+def _refuse_if_never_fits(budget: RateBudget, cost: int, what: str) -> None:
+    # Refused for good rather than with a 429 a client would retry forever.
+    if cost > budget.amount:
+        raise RequestEntityTooLarge(
+            f"{what} costs {cost} of the budget (RATE_LIMIT), which is {budget.describe()}:"
+            f" it can never pass; send at most {budget.amount} per request"
         )
+
+
+def _spend(budget: RateBudget, cost: int, what: str) -> None:
+    _refuse_if_never_fits(budget, cost, what)
+    wait = budget.charge(g.get("client_id") or _client_address(), cost)
+    if wait is not None:
+        raise TooManyRequests(f"budget of {budget.describe()} spent", retry_after=int(wait))
+
+
+def charge_body(size: int) -> None:
+    """Charge a publish for its body's size before it is read: one per BODY_BYTES_PER_UNIT.
+
+    The request already paid one; charge_events later adds what its events
+    cost beyond this, so a publish costs max(events, size / BODY_BYTES_PER_UNIT).
+    """
+    budget: RateBudget | None = current_app.extensions.get("rate_budget")
+    units = max(1, math.ceil(size / BODY_BYTES_PER_UNIT))
+    g.body_units = units
+    if budget is not None and units > 1:
+        what = f"a body of {size} bytes (one per {BODY_BYTES_PER_UNIT} bytes)"
+        _refuse_if_never_fits(budget, units, what)
+        _spend(budget, units - 1, what)
 
 
 def charge_events(events: int) -> None:
-    """Charge a publish for its events beyond the one its request already cost."""
+    """Charge a publish for its events beyond what its request and body already cost."""
     budget: RateBudget | None = current_app.extensions.get("rate_budget")
-    if budget is None or events <= 1:
-        return
-    wait = budget.charge(g.get("client_id") or _client_address(), events - 1)
-    if wait is not None:
-        raise TooManyRequests(
-            f"budget of {budget.amount} events per {budget.period} s spent",
-            retry_after=int(wait),
-        )
+    paid = g.get("body_units", 1)
+    if budget is not None and events > paid:
+        _refuse_if_never_fits(budget, events, f"a batch of {events} events")
+        _spend(budget, events - paid, f"a batch of {events} events")
 
 
 def init_auth(app: Flask, client: redis.Redis, settings: Settings) -> None:

@@ -8,6 +8,9 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
+from ipaddress import IPv4Network
+from ipaddress import IPv6Network
+from ipaddress import ip_network
 from typing import Literal
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/aggregator"
@@ -25,6 +28,49 @@ DEFAULT_SCOPES = frozenset({"publish", "read"})
 MIN_TOKEN_LENGTH = 32
 # Token characters: printable ASCII but space and the separators , : +
 _TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set(",:+")
+# A token is refused as a placeholder or as guessable when it contains one of
+# these words (any case), has fewer than MIN_DISTINCT_CHARACTERS different
+# characters, or repeats a sequence of REPEAT_LENGTH characters. Random tokens
+# pass (`openssl rand -hex 32`: 64 characters, ~16 different; a repeat of 8
+# characters by chance has odds below 1 in 10^7), copied examples do not.
+PLACEHOLDER_WORDS = (
+    "replace",
+    "change",
+    "example",
+    "placeholder",
+    "sample",
+    "dummy",
+    "your",
+    "secret",
+    "password",
+    "token",
+    "todo",
+    "fixme",
+)
+MIN_DISTINCT_CHARACTERS = 10
+REPEAT_LENGTH = 8
+TOKEN_RULE = (
+    f"at least {MIN_TOKEN_LENGTH} characters, {MIN_DISTINCT_CHARACTERS} of them different,"
+    f" no sequence of {REPEAT_LENGTH} characters repeated, none of the words"
+    f" {', '.join(PLACEHOLDER_WORDS)}; make one with `openssl rand -hex 32`"
+)
+
+
+def weak_token_reason(secret: str) -> str | None:
+    """Say why a token looks like a placeholder or is easy to guess, or return None."""
+    lowered = secret.lower()
+    for word in PLACEHOLDER_WORDS:
+        if word in lowered:
+            return f"contains {word!r}, as placeholders do"
+    if len(set(secret)) < MIN_DISTINCT_CHARACTERS:
+        return f"has only {len(set(secret))} different characters"
+    seen: set[str] = set()
+    for start in range(len(secret) - REPEAT_LENGTH + 1):
+        part = secret[start : start + REPEAT_LENGTH]
+        if part in seen:
+            return f"repeats {part!r}"
+        seen.add(part)
+    return None
 
 
 @dataclass(frozen=True)
@@ -39,7 +85,8 @@ def parse_tokens(raw: str) -> tuple[ApiToken, ...]:
     """Parse API_TOKENS: comma-separated `<token>` or `<token>:<scope>+<scope>...` entries.
 
     A token without scopes may publish and read; `admin` is only ever granted
-    by name. Blank entries, short tokens and unknown scopes are errors.
+    by name. Blank entries, short or weak tokens (TOKEN_RULE) and unknown
+    scopes are errors.
     """
     if not raw.strip():
         return ()
@@ -57,6 +104,8 @@ def parse_tokens(raw: str) -> tuple[ApiToken, ...]:
             raise SettingsError(
                 f"API_TOKENS entry {position}: tokens are printable ASCII without space , : +"
             )
+        if weak := weak_token_reason(secret):
+            raise SettingsError(f"API_TOKENS entry {position} {weak}; tokens need {TOKEN_RULE}")
         scopes = frozenset(scope_text.split("+")) if separator else DEFAULT_SCOPES
         unknown = sorted(scopes - set(SCOPES))
         if unknown:
@@ -196,6 +245,13 @@ class Settings:
     # Proxies in front whose X-Forwarded-For to trust for the client address
     # (1 behind the compose nginx); 0 trusts none.
     proxy_hops: int = 0
+    # Peers whose X-Forwarded-For is trusted (addresses or networks): the proxy's.
+    # A request from any other peer is taken at its own address, whatever it says.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    # Bodies over 64 KiB (or of unknown length) one API process holds at once; more
+    # wait up to large_body_wait seconds for a slot, then get 503. Bounds memory.
+    max_large_bodies: int = 4
+    large_body_wait: float = 5.0
     # Lowest level written to the logs (app.logs), for the API and the worker alike.
     log_level: str = "INFO"
     # A worker touches this file every few seconds from its consumer's loop, so
@@ -244,6 +300,22 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _networks(environ: Mapping[str, str], name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    raw = environ.get(name, "")
+    networks = []
+    for entry in raw.split(","):
+        if not entry.strip():
+            continue
+        try:
+            networks.append(ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise SettingsError(
+                f"{name}: {entry.strip()!r} is not an address or network (e.g. 10.0.0.5,"
+                " 172.18.0.0/16)"
+            ) from None
+    return tuple(networks)
+
+
 def _url(environ: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     value = environ.get(name) or default
     if not value.startswith(schemes):
@@ -265,6 +337,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         # past the hard limit it never fires.
         raise SettingsError(
             f"TASK_TIME_LIMIT ({hard_limit}) must be above TASK_SOFT_TIME_LIMIT ({soft_limit})"
+        )
+    proxy_hops = _count(env, "PROXY_HOPS", Settings.proxy_hops)
+    trusted_proxies = _networks(env, "TRUSTED_PROXIES")
+    if proxy_hops and not trusted_proxies:
+        raise SettingsError(
+            "PROXY_HOPS needs TRUSTED_PROXIES: the proxy's addresses or networks, so that only"
+            " the proxy can name a client's address in X-Forwarded-For"
         )
     return Settings(
         database_url=database_url,
@@ -309,7 +388,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         auth_disabled=_flag(env, "AUTH_DISABLED"),
         rate_limit=env.get("RATE_LIMIT", Settings.rate_limit).strip(),
         auth_failure_limit=env.get("AUTH_FAILURE_LIMIT", Settings.auth_failure_limit).strip(),
-        proxy_hops=_count(env, "PROXY_HOPS", Settings.proxy_hops),
+        proxy_hops=proxy_hops,
+        trusted_proxies=trusted_proxies,
+        max_large_bodies=_int(env, "MAX_LARGE_BODIES", Settings.max_large_bodies),
+        large_body_wait=_float(env, "LARGE_BODY_WAIT", Settings.large_body_wait),
         log_level=load_log_level(env),
         liveness_file=env.get("WORKER_LIVENESS_FILE", "").strip(),
     )

@@ -22,6 +22,8 @@ from werkzeug.exceptions import InternalServerError
 from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.exceptions import UnprocessableEntity
 
+from app.schemas import MAX_LISTED_PROBLEMS
+
 logger = logging.getLogger(__name__)
 
 BROKER_ERRORS = (
@@ -72,9 +74,33 @@ def _unavailable(what: str) -> Response:
     )
 
 
+def _first_problems(messages: Any, room: int) -> tuple[Any, int, int]:
+    """Keep the first `room` messages of a nested error dict; return it, kept and total."""
+    if isinstance(messages, dict):
+        kept: dict[Any, Any] = {}
+        listed = total = 0
+        for key, value in messages.items():
+            part, part_listed, part_total = _first_problems(value, room - listed)
+            total += part_total
+            if part_listed:
+                kept[key] = part
+                listed += part_listed
+        return kept, listed, total
+    if isinstance(messages, list) and all(isinstance(item, str) for item in messages):
+        shown = messages[: max(room, 0)]
+        return shown, len(shown), len(messages)
+    if isinstance(messages, list):
+        return _first_problems(dict(enumerate(messages)), room)
+    return (messages, 1, 1) if room > 0 else (None, 0, 1)
+
+
 def handle_validation_error(exc: ValidationError) -> Response:
-    """Answer invalid input with 422 and the messages per field."""
-    return error_response(UnprocessableEntity(), "invalid input", exc.messages)
+    """Answer invalid input with 422 and the messages per field (the first few of many)."""
+    errors, listed, total = _first_problems(exc.messages, MAX_LISTED_PROBLEMS)
+    message = "invalid input"
+    if total > listed:
+        message = f"invalid input: {total} problems, the first {listed} listed"
+    return error_response(UnprocessableEntity(), message, errors)
 
 
 def handle_http_exception(exc: HTTPException) -> Response:

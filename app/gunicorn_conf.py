@@ -2,7 +2,13 @@
 
 import os
 import tempfile
+import time
+from http import HTTPStatus
+from typing import Any
 
+import orjson
+from gunicorn import util
+from gunicorn.http import parser
 from prometheus_client import multiprocess
 
 from app.config import load_server_settings
@@ -57,3 +63,46 @@ def child_exit(server: object, worker: object) -> None:
     """Fold a finished worker's live gauges out of /metrics."""
     # Its files are named after host and pid (app.metric_files), not the pid alone.
     multiprocess.mark_process_dead(file_id(worker.pid))  # type: ignore[attr-defined]
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """Answer what gunicorn refuses itself (414, 431, 400 ...) in the API's one JSON shape."""
+    try:
+        status = HTTPStatus(status_int).phrase
+    except ValueError:
+        status = reason
+    body = orjson.dumps({"code": status_int, "status": status, "message": mesg or reason})
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+# gunicorn's workers call util.write_error for requests they refuse before the
+# app sees them (a request line over limit_request_line, too many headers, a bad
+# chunk); its answer is an HTML page. Replaced here, in the master, so every
+# worker inherits it.
+util.write_error = write_json_error
+
+
+# Before reading the next request on a keep-alive connection, gunicorn discards
+# what the app left unread of the last body. Its gthread worker bounds that
+# (64 KiB, then the connection closes); its gevent worker reads the rest of
+# the body, however large, 1 KiB per step: every publish refused before its
+# body was read (401, 429, 503 for want of a slot) cost up to 8 MiB of that.
+# Bounded here as gthread does it.
+DRAIN_SECONDS = 2.0
+_drain_unbounded = parser.Parser.finish_body
+
+
+def _drain_bounded(self: Any, deadline: float | None = None, max_bytes: int | None = None) -> bool:
+    if deadline is None:
+        deadline = time.monotonic() + DRAIN_SECONDS
+    return bool(_drain_unbounded(self, deadline, max_bytes))
+
+
+parser.Parser.finish_body = _drain_bounded

@@ -143,7 +143,7 @@ class GunicornLogger(glogging.Logger):
                 handler.setFormatter(formatter)
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:
-        """Log one line per request; its request_id (and batch_id) come from the context."""
+        """Log one line per request with the client's address; request_id (and batch_id) too."""
         # Called in the greenlet or thread that served the request, after the answer.
         # Read from environ and the status line: every worker class passes those
         # (gevent_pywsgi passes headers instead of a request object).
@@ -153,16 +153,19 @@ class GunicornLogger(glogging.Logger):
             status = resp.status
             if isinstance(status, str):
                 status = int(status.split(None, 1)[0])
-            self.access_log.info(
-                "%s %s %s",
-                method,
-                path,
-                status,
-                extra={
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "duration_ms": round(request_time.total_seconds() * 1000, 3),
-                },
-            )
+            # The client's address: the peer's, or the one a trusted proxy named
+            # (app.proxies rewrites REMOTE_ADDR in this same environ and keeps
+            # the peer's under werkzeug's key).
+            client = environ.get("REMOTE_ADDR", "-")
+            fields = {
+                "method": method,
+                "path": path,
+                "status": status,
+                "client": client,
+                "duration_ms": round(request_time.total_seconds() * 1000, 3),
+            }
+            proxied = environ.get("werkzeug.proxy_fix.orig")
+            if proxied and proxied.get("REMOTE_ADDR") not in (None, client):
+                fields["peer"] = proxied["REMOTE_ADDR"]
+            self.access_log.info("%s %s %s %s", client, method, path, status, extra=fields)
         clear_contextvars()

@@ -1,11 +1,12 @@
-"""The API alone: one event per POST /publish from wrk, and the API's CPU per request.
+"""The API alone: POST /publish from wrk (one event, or --events N), and the API's CPU per request.
 
-    python -m bench.api                          # 10 s, 50 connections, 3 gunicorn processes
+    python -m bench.api                          # 10 s, 50 connections, 2 gunicorn processes
+    python -m bench.api --events 500 --connections 8   # batches of 500 events
     python -m bench.api --duration 20 --connections 50 --worker-class gthread
 
 wrk (Debian package `wrk`; a C load generator, so the client costs little of the
 two cores) sends each request with a bearer token, its own Idempotency-Key and a
-new event id. The API runs with production settings (tokens, the rate limit,
+new event id (a batch: N new ids). The API runs with production settings (tokens, the rate limit,
 Redis with `appendfsync always`). No Celery worker runs: accepted batches stay on
 the broker, so this measures acceptance only; `bench.e2e` measures the whole path.
 Reports requests/s, wrk's latency percentiles, non-202 answers, and CPU µs per
@@ -57,12 +58,24 @@ end
 function init(args)
   thread_id = id
 end
+function event(key, n)
+  return string.format(
+    '{"topic":"bench","event_id":"%s","timestamp":"2026-01-01T00:00:00Z",'
+    .. '"source":"wrk","payload":{"n":%d}}', key, n)
+end
 function request()
   counter = counter + 1
   local key = string.format("%d-%d-%d", RUN, thread_id, counter)
-  local body = string.format(
-    '{"topic":"bench","event_id":"%s","timestamp":"2026-01-01T00:00:00Z",'
-    .. '"source":"wrk","payload":{"n":%d}}', key, counter)
+  local body
+  if EVENTS == 1 then
+    body = event(key, counter)
+  else
+    local events = {}
+    for i = 1, EVENTS do
+      events[i] = event(key .. "-" .. i, i)
+    end
+    body = "[" .. table.concat(events, ",") .. "]"
+  end
   return wrk.format("POST", "/publish", {
     ["Content-Type"] = "application/json",
     ["Authorization"] = "Bearer TOKEN",
@@ -77,7 +90,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--duration", type=int, default=10, help="seconds of load per run (default 10)")
     add("--connections", type=int, default=50, help="concurrent connections (default 50)")
+    add("--events", type=int, default=1, help="events per request (1: an object; more: an array)")
     add("--api-workers", type=int, default=2, help="gunicorn processes (default 2)")
+    add("--rate-limit", default=None, help="RATE_LIMIT for the API (default: the production one)")
     add("--worker-class", default="gevent", help="gunicorn worker class (default gevent)")
     add("--repeat", type=int, default=1, help="runs; the table shows each")
     add("--profile", type=Path, default=None, help="record py-spy profiles into this directory")
@@ -152,7 +167,7 @@ def render(document: dict[str, Any]) -> str:
     ]
     args = document["args"]
     title = (
-        f"POST /publish, one event each: {args['connections']} connections, "
+        f"POST /publish, {args.get('events', 1)} event(s) each: {args['connections']} connections, "
         f"{args['api_workers']} x {args['worker_class']}"
     )
     headers = ["run", "req/s", "p50 ms", "p99 ms", "errors", "API CPU µs/req", "Redis CPU µs/req"]
@@ -190,13 +205,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Every request would otherwise wait for broker room once the queue is large.
             "BROKER_MAX_BACKLOG_BYTES": str(2**40),
         }
+        if args.rate_limit is not None:
+            env["RATE_LIMIT"] = args.rate_limit
         api = Api(env, base / "api.log", workers=args.api_workers)
         stack.callback(api.stop)
         api.start()
         for repeat in range(args.repeat):
             script = base / f"publish-{repeat}.lua"
             run_tag = uuid.uuid4().int % 10**9
-            script.write_text(WRK_SCRIPT.replace("RUN", str(run_tag)).replace("TOKEN", TOKEN))
+            script.write_text(
+                WRK_SCRIPT.replace("RUN", str(run_tag))
+                .replace("TOKEN", TOKEN)
+                .replace("EVENTS", str(args.events))
+            )
             log(
                 f"run {repeat + 1}/{args.repeat}: {args.duration} s, {args.connections} connections"
             )

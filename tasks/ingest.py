@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
 
+import orjson
 import redis
 from billiard.einfo import ExceptionInfo
 from billiard.einfo import ExceptionWithTraceback
@@ -19,6 +21,8 @@ from structlog.contextvars import bind_contextvars
 from app.config import load_settings
 from app.instruments import TASK_DURATION
 from app.instruments import TASK_OUTCOMES
+from app.schemas import MAX_BATCH
+from app.schemas import queued_problems
 from app.store.ledger import store_exactly_once
 from tasks import celery_app
 from tasks import get_engine
@@ -50,6 +54,20 @@ class Backoff:
 
 
 _backoff = Backoff(_settings.retry_backoff_max)
+# The most events a task holds: a group closes once it holds
+# GROUP_COMMIT_MAX_EVENTS, and a request of MAX_BATCH is a task of its own.
+MAX_TASK_EVENTS = _settings.group_commit_max_events + MAX_BATCH
+MAX_BATCH_ID = 200
+
+
+def refusal(batch_id: Any, events: Any) -> str | None:
+    """Say why a task's arguments are not what the API queues, or return None."""
+    if type(batch_id) is not str or not 1 <= len(batch_id) <= MAX_BATCH_ID:
+        return f"batch id must be 1 to {MAX_BATCH_ID} characters"
+    problems = queued_problems(events, MAX_TASK_EVENTS)
+    if not problems:
+        return None
+    return orjson.dumps(problems, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()[:2000]
 
 
 class HandBackOnSoftLimit(Request):
@@ -107,6 +125,16 @@ def store_batch(self: Task, batch_id: str, events: list[dict[str, Any]]) -> None
 
 def _store(batch_id: str, events: list[dict[str, Any]], stamp: str | None) -> None:
     """Store the batch once, or wait out a failure and hand it back to the queue."""
+    # A second layer behind the API's validation: a task queued some other way
+    # (Flower, anyone with the broker's password) is refused whole, never stored.
+    reason = refusal(batch_id, events)
+    if reason is not None:
+        logger.error("batch %r refused, nothing stored: %s", batch_id, reason)
+        if type(batch_id) is str:
+            # Accepted by an API of another version, it would wait as queued forever.
+            with contextlib.suppress(redis.RedisError):
+                get_scripts().forget([batch_id])
+        return
     epoch, seq = parse_stamp(stamp)
     try:
         with TASK_DURATION.time():

@@ -7,6 +7,7 @@ is tested is what a user types.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from tests.helpers import make_event
 from tests.helpers import settled_stats
 from tests.helpers import stats
 
-TOKEN = "cli-" + "t" * 40
+TOKEN = "cli-" + secrets.token_hex(20)
 WRONG = "cli-" + "w" * 40
 
 

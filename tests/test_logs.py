@@ -111,7 +111,8 @@ def test_a_request_without_an_id_gets_one_in_the_answer_and_the_access_line(api:
     assert HEX_ID.fullmatch(request_id)
     line = access_line(api, request_id)
     assert (line["method"], line["path"], line["status"]) == ("GET", "/health", 200)
-    assert line["message"] == "GET /health 200"
+    assert line["message"] == "127.0.0.1 GET /health 200"
+    assert line["client"] == "127.0.0.1"  # the client's address, on every access line
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
     assert "batch_id" not in line
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from scripts.stack import Worker
 README = ROOT / "README.md"
 QUICKSTARTS = ("## Five minutes with curl", "## Your own events: the `aggregator` command")
 DOCUMENTED_URL = "http://127.0.0.1:8080"
-TOKEN = "readme-" + "r" * 40
+TOKEN = "readme-" + secrets.token_hex(20)
 # JSON fields whose values change on every run: compared by type only.
 VOLATILE_FIELDS = frozenset(
     {"batch_id", "idempotency_key", "stored_at", "uptime_seconds", "next_cursor", "request_id"}

@@ -1,0 +1,214 @@
+"""Publish bodies read and parsed within bounds, so one client's body cannot stall the process.
+
+Before a byte is read: the declared size against MAX_BODY_BYTES, the size
+charged to the client's budget (app.auth), and a slot among the process's
+MAX_LARGE_BODIES for a large body or one of unknown size (chunked), so
+concurrent large bodies cannot fill the memory. After reading, before parsing:
+the number of JSON values, counted as commas in C. A large body is counted,
+parsed and validated in a lane of its own: gevent's thread pool, one body at a
+time, within half of the process's time (LARGE_BODY_SHARE). orjson keeps the
+GIL while it parses (at most ~50 ms under these bounds) and marshmallow gives
+it up every few ms; the share is what keeps the event loop serving the
+process's other requests between large bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+from typing import TypeVar
+
+import gevent
+import orjson
+from flask import current_app
+from flask import request
+from gevent import monkey
+from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import ClientDisconnected
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import RequestTimeout
+from werkzeug.exceptions import ServiceUnavailable
+from werkzeug.exceptions import UnsupportedMediaType
+
+from app.auth import charge_body
+from app.schemas import LARGE_BODY_BYTES
+from app.schemas import LARGE_BODY_SHARE
+from app.schemas import MAX_BODY_VALUES
+from app.schemas import MAX_OTHER_BODY_BYTES
+from app.schemas import load_events
+from app.schemas import refuse_inexact_numbers
+
+T = TypeVar("T")
+# Endpoints that read a body; every other one refuses a large declared body unread.
+BODY_ENDPOINTS = frozenset({"events.publish_events", "events.publish_batch"})
+# Read in pieces of this size, so a chunked body over the limit is cut off there.
+READ_CHUNK = 64 * 1024
+
+
+class LargeBodies:
+    """A process's slots for large bodies (their memory), and the one lane their parsing takes."""
+
+    def __init__(self, slots: int, wait_seconds: float) -> None:
+        # Gevent's semaphore and lock under gevent (threading is patched): waiting yields.
+        self._slots = threading.BoundedSemaphore(slots)
+        self._wait = wait_seconds
+        self._lane = threading.Lock()
+        self._resume_at = 0.0
+
+    @contextlib.contextmanager
+    def slot(self, size: int | None) -> Iterator[None]:
+        """Hold a slot for the request's lifetime if its body is large or of unknown size."""
+        if size is not None and size <= LARGE_BODY_BYTES:
+            yield
+            return
+        if not self._slots.acquire(timeout=self._wait):
+            raise ServiceUnavailable(
+                "too many large bodies in progress on this server; retry shortly",
+                retry_after=1,
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def work(self, function: Callable[[bytes], T], body: bytes) -> T:
+        """Run a CPU-bound step on a body: a small one inline, a large one in the lane.
+
+        The lane is gevent's thread pool, one body at a time, within
+        LARGE_BODY_SHARE of the process's time, so the event loop keeps
+        serving the process's other requests whatever large bodies arrive.
+        """
+        if len(body) <= LARGE_BODY_BYTES or not monkey.is_module_patched("socket"):
+            return function(body)
+        with self._lane:
+            pause = self._resume_at - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            started = time.monotonic()
+            try:
+                result, error = gevent.get_hub().threadpool.apply(_outcome, (function, body))
+            finally:
+                spent = time.monotonic() - started
+                rest = spent * (1 - LARGE_BODY_SHARE) / LARGE_BODY_SHARE
+                self._resume_at = time.monotonic() + rest
+        if error is not None:
+            raise error
+        return result
+
+
+def refuse_unread_bodies() -> None:
+    """Refuse a large declared body to endpoints that take none, before anything reads it."""
+    if request.endpoint in BODY_ENDPOINTS:
+        return
+    if (request.content_length or 0) > MAX_OTHER_BODY_BYTES:
+        raise RequestEntityTooLarge(
+            f"this endpoint takes no body; at most {MAX_OTHER_BODY_BYTES} bytes are tolerated"
+        )
+
+
+def _body_deadline(seconds: float) -> contextlib.AbstractContextManager[object]:
+    # gunicorn reads a body until it has what was asked for, so a per-read
+    # socket timeout never fires for a client that drips one byte at a time;
+    # under gevent a Timeout bounds the whole read.
+    if monkey.is_module_patched("socket"):
+        return gevent.Timeout(seconds, TimeoutError)
+    return contextlib.nullcontext()
+
+
+def _read_within(limit: int) -> bytes:
+    """Read the body, chunked or not, refusing it once it grows past `limit` bytes."""
+    stream = request.environ["wsgi.input"]
+    length = request.content_length
+    if length is not None:
+        body = stream.read(length)
+        if len(body) < length:
+            raise ClientDisconnected()
+        return bytes(body)
+    pieces: list[bytes] = []
+    size = 0
+    while piece := stream.read(READ_CHUNK):
+        size += len(piece)
+        if size > limit:
+            raise RequestEntityTooLarge(f"the body is over {limit} bytes")
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _read_body(deadline_seconds: float, limit: int) -> bytes:
+    """Read the whole body within a deadline (per read only, on non-gevent workers)."""
+    sock = request.environ.get("gunicorn.socket")
+    before = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(deadline_seconds)
+        with _body_deadline(deadline_seconds):
+            return _read_within(limit)
+    except (TimeoutError, ClientDisconnected, OSError):
+        raise RequestTimeout(
+            f"the body took longer than {deadline_seconds:g} s or ended before Content-Length"
+        ) from None
+    finally:
+        # The answer is written on the same socket, with the timeout it had.
+        if sock is not None:
+            sock.settimeout(before)
+
+
+def parse_events(body: bytes) -> list[dict[str, Any]]:
+    """Count, parse and validate a publish body (no request context: it may run in a thread)."""
+    values = body.count(b",") + 1
+    if values > MAX_BODY_VALUES:
+        raise RequestEntityTooLarge(
+            f"the body holds up to {values} JSON values (counted by commas, those in"
+            f" strings too); at most {MAX_BODY_VALUES} per request: send fewer or smaller"
+            " events"
+        )
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "number" in str(exc):
+            # A number beyond a double's range: named (422) like any number that would
+            # not be stored exactly, when the rest of the body is JSON.
+            with contextlib.suppress(ValueError):
+                refuse_inexact_numbers(body)
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    events = load_events(parsed)
+    try:
+        refuse_inexact_numbers(body)
+    except ValueError as exc:  # JSON to orjson, not to the standard library: never seen.
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    return events
+
+
+def _outcome(function: Callable[[bytes], T], body: bytes) -> tuple[T | None, Exception | None]:
+    # Handed back rather than raised in the thread, which gevent would print
+    # with the whole error (every refused body) before passing it on.
+    try:
+        return function(body), None
+    except Exception as exc:
+        return None, exc
+
+
+@contextlib.contextmanager
+def publish_body(large_bodies: LargeBodies) -> Iterator[tuple[bytes, list[dict[str, Any]]]]:
+    """Yield the publish body and its validated events, every step bounded before it runs.
+
+    A large body's slot is held until the block ends (the events are handed
+    over), since its memory lives until then.
+    """
+    if not request.is_json:
+        raise UnsupportedMediaType("send the body as application/json")
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise RequestEntityTooLarge(f"the body is over {limit} bytes")
+    if declared is not None:
+        charge_body(declared)
+    with large_bodies.slot(declared):
+        body = _read_body(current_app.config["BODY_READ_TIMEOUT"], limit)
+        if declared is None:
+            charge_body(len(body))
+        yield body, large_bodies.work(parse_events, body)
