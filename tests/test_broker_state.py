@@ -115,7 +115,11 @@ def test_a_broker_accepts_nothing_past_its_allowance_until_a_check_raises_it(
     check(engine, quiet_broker, "redis://allowance/0", wanted=1)
     assert accept(quiet_broker, "b2", 1).status == "OK"
     with engine.connect() as conn:
-        allowed = conn.execute(select(broker_checkpoints.c.allowed_events)).scalar_one()
+        allowed = conn.execute(
+            select(broker_checkpoints.c.allowed_events).where(
+                broker_checkpoints.c.broker == "redis://allowance/0"
+            )
+        ).scalar_one()
     assert allowed == read_state(quiet_broker).allowed_events >= MIN_ALLOWANCE + 1
 
 
