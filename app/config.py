@@ -28,14 +28,18 @@ DEFAULT_SCOPES = frozenset({"publish", "read"})
 MIN_TOKEN_LENGTH = 32
 # Token characters: printable ASCII but space and the separators , : +
 _TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set(",:+")
-# A token is refused as a placeholder or as guessable when it contains one of
-# these words (any case), has fewer than MIN_DISTINCT_CHARACTERS different
-# characters, or repeats a sequence of REPEAT_LENGTH characters. Random tokens
-# pass (`openssl rand -hex 32`: 64 characters, ~16 different; a repeat of 8
-# characters by chance has odds below 1 in 10^7), copied examples do not.
+# A token is refused as a placeholder or as guessable when it holds one of
+# these words (any case) standing alone (between the token's ends or characters
+# that are neither letters nor digits), has fewer than MIN_DISTINCT_CHARACTERS
+# different characters, or repeats a sequence of REPEAT_LENGTH characters.
+# Random tokens pass: `openssl rand -hex 32` can hold none of the words; a
+# url-safe one holds "todo" or "your" inside its letters by chance about once
+# in 23,000, so a word only counts where a placeholder puts it (odds about
+# 1 in 10^7), and a repeat of 8 characters has odds below 1 in 10^7.
 PLACEHOLDER_WORDS = (
     "replace",
     "change",
+    "changeme",
     "example",
     "placeholder",
     "sample",
@@ -47,6 +51,11 @@ PLACEHOLDER_WORDS = (
     "todo",
     "fixme",
 )
+# A word counts where it stands alone: each side is the token's end or a
+# character that is neither letter nor digit.
+_PLACEHOLDER_PATTERNS = {
+    word: re.compile(rf"(?:^|[^a-z0-9]){word}(?:$|[^a-z0-9])") for word in PLACEHOLDER_WORDS
+}
 MIN_DISTINCT_CHARACTERS = 10
 REPEAT_LENGTH = 8
 TOKEN_RULE = (
@@ -60,7 +69,7 @@ def weak_token_reason(secret: str) -> str | None:
     """Say why a token looks like a placeholder or is easy to guess, or return None."""
     lowered = secret.lower()
     for word in PLACEHOLDER_WORDS:
-        if word in lowered:
+        if _PLACEHOLDER_PATTERNS[word].search(lowered):
             return f"contains {word!r}, as placeholders do"
     if len(set(secret)) < MIN_DISTINCT_CHARACTERS:
         return f"has only {len(set(secret))} different characters"

@@ -7,10 +7,12 @@ kombu's Redis transport would push: Celery's protocol 2 headers and body
 base64 in kombu's JSON envelope. tests/test_messages.py checks the result
 against a message kombu publishes.
 
-Two choices differ from kombu's: the delivery tag is the batch id (kombu picks
-a random one), so the resend sweep can ask kombu's unacked hash about a batch
-directly; and a header carries the acceptance stamp "<epoch>:<seq>", filled in
-by the script.
+Three choices differ from kombu's: the delivery tag is the batch id (kombu
+picks a random one), so the resend sweep can ask kombu's unacked hash about a
+batch directly; a header carries the acceptance stamp "<epoch>:<seq>", filled
+in by the script; and the time limits are left to the worker (None, so its own
+TASK_TIME_LIMIT/TASK_SOFT_TIME_LIMIT apply) where Celery copies the
+publisher's configuration into every message.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ bounded error lists, cheap refusals before the schema, and the workers' fast twi
 
 from __future__ import annotations
 
+import base64
+import random
 import re
 import secrets
 from typing import Any
@@ -14,9 +16,11 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from app import create_app
+from app.config import PLACEHOLDER_WORDS
 from app.config import Settings
 from app.config import SettingsError
 from app.config import load_settings
+from app.config import weak_token_reason
 from app.proxies import TrustedProxyFix
 from app.schemas import EVENT_FIELDS
 from app.schemas import MAX_LISTED_PROBLEMS
@@ -58,9 +62,28 @@ def test_placeholders_and_guessable_tokens_are_refused_at_start(token: str, comp
 
 
 def test_random_tokens_pass() -> None:
-    for _ in range(200):
-        for token in (secrets.token_hex(32), secrets.token_urlsafe(32)):
-            assert load_settings({"API_TOKENS": token}).api_tokens[0].secret == token
+    # Seeded, so the run is repeatable: of 100,000 url-safe tokens a few hold
+    # "todo", "your" and the like inside their letters, as random tokens do.
+    chance = random.Random(20261205)
+    urlsafe = [
+        base64.urlsafe_b64encode(chance.randbytes(32)).decode().rstrip("=") for _ in range(100_000)
+    ]
+    with_words = [t for t in urlsafe if any(word in t.lower() for word in PLACEHOLDER_WORDS)]
+    assert with_words
+    for token in [*with_words, *urlsafe[:200], *(secrets.token_hex(32) for _ in range(200))]:
+        assert load_settings({"API_TOKENS": token}).api_tokens[0].secret == token
+
+
+def test_placeholder_words_count_where_placeholders_put_them() -> None:
+    assert weak_token_reason("k3Xtodo9Qm2Vp9Lw4Rz8Tn5Yb1Hc6Jd0F") is None
+    assert (
+        weak_token_reason("todo-k3X9Qm2Vp9Lw4Rz8Tn5Yb1Hc6Jd0F")
+        == "contains 'todo', as placeholders do"
+    )
+    assert (
+        weak_token_reason("k3X9Qm2Vp9Lw4Rz8Tn5Yb1Hc6Jd0F_YOUR")
+        == "contains 'your', as placeholders do"
+    )
 
 
 def test_proxy_hops_need_the_proxies_named() -> None:

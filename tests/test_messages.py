@@ -55,6 +55,12 @@ def test_built_message_matches_what_kombu_publishes(quiet_broker: redis.Redis) -
     # Ours carries the acceptance stamp; the origin names the publishing process.
     assert ours["headers"].pop(STAMP_HEADER) == STAMP_PLACEHOLDER
     assert ours["headers"].pop("origin") and theirs["headers"].pop("origin")
+    # The time limits are the worker's to set (Celery copies the publisher's config).
+    assert ours["headers"].pop("timelimit") == [None, None]
+    assert theirs["headers"].pop("timelimit") == [
+        celery_app.conf.task_time_limit,
+        celery_app.conf.task_soft_time_limit,
+    ]
     assert ours["headers"] == theirs["headers"]
     # The delivery tag is the batch id (kombu's is random), so sweeps can look it up.
     assert ours["properties"].pop("delivery_tag") == "b1"

@@ -412,23 +412,30 @@ def lock_holder(engine: Engine) -> tuple[int, int, str] | None:
     return None if row is None else (row.pid, row.client_port, row.state)
 
 
-def client_of(worker: Worker, port: int) -> int | None:
-    """Return the pool process whose database connection uses this local port."""
+def client_ports(worker: Worker) -> dict[int, int]:
+    """Map the local port of each pool process's TCP connections to that process."""
+    ports: dict[int, int] = {}
     for pid in worker.children():
         with contextlib.suppress(psutil.Error):
-            if any(c.laddr.port == port for c in psutil.Process(pid).net_connections("tcp")):
-                return pid
-    return None
+            ports.update((c.laddr.port, pid) for c in psutil.Process(pid).net_connections("tcp"))
+    return ports
 
 
 def stop_lock_holder(engine: Engine, worker: Worker, timeout: float = 60) -> int:
     """SIGSTOP a pool process while it holds the log lock in an open transaction; its pid."""
+    # Pool processes keep their pooled connections, so the ports are mapped once (and
+    # again on a miss): reading every child's sockets per poll takes longer than most
+    # transactions hold the lock, and on a loaded machine nothing was ever caught.
+    ports = client_ports(worker)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         holder = lock_holder(engine)
-        child = client_of(worker, holder[1]) if holder else None
-        if holder is None or child is None:
-            time.sleep(0.01)  # poll interval
+        if holder is None:
+            time.sleep(0.005)  # poll interval
+            continue
+        child = ports.get(holder[1])
+        if child is None:
+            ports = client_ports(worker)
             continue
         os.kill(child, signal.SIGSTOP)
         with contextlib.suppress(TimeoutError):

@@ -77,7 +77,12 @@ def test_worker_with_its_clock_off_runs_each_batch_once(
 ) -> None:
     """One worker holds two slow batches; another one sweeps; one of them has its clock off."""
     started = time.monotonic()
-    holder = worker.start(**(skewed(libfaketime, holder_minutes) if holder_minutes else {}))
+    # The lock is held for more than two visibility timeouts: past DB_LOCK_TIMEOUT (10 s),
+    # which would end the holder's wait first and make this a test of a retry instead.
+    patient = {"DB_LOCK_TIMEOUT": "60"}
+    holder = worker.start(
+        **patient, **(skewed(libfaketime, holder_minutes) if holder_minutes else {})
+    )
     topics = [f"clock-{n}" for n in range(BATCHES)]
     lock = TableLock(engine)
     try:
@@ -87,7 +92,7 @@ def test_worker_with_its_clock_off_runs_each_batch_once(
             response = requests.post(f"{api.url}/publish", json=body, timeout=10)
             assert response.status_code == 202, response.text
         lock.wait_for_blocked_tasks(BATCHES)
-        worker.start(**(skewed(libfaketime, sweeper_minutes) if sweeper_minutes else {}))
+        worker.start(**patient, **(skewed(libfaketime, sweeper_minutes) if sweeper_minutes else {}))
         # Two visibility timeouts with the other worker sweeping every second: with each
         # host's clock, the skewed leases look ten minutes old to the sweeper.
         visibility = float(fault_env["BROKER_VISIBILITY_TIMEOUT"])

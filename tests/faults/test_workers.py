@@ -138,7 +138,9 @@ def test_task_outliving_the_visibility_timeout_keeps_its_lease_and_runs_once(
 ) -> None:
     """A live worker renews the lease of a message it holds: no second copy, however slow."""
     started = time.monotonic()
-    worker.start()
+    # The lock is held for three visibility timeouts (15 s): past DB_LOCK_TIMEOUT (10 s),
+    # which would end the task's wait first and make this a test of a retry instead.
+    worker.start(DB_LOCK_TIMEOUT="60")
     body = [make_event(f"s-{i}", topic="slow") for i in range(100)]
     body += [make_event(f"s-{i}", topic="slow") for i in range(10)]
     lock = TableLock(engine)
