@@ -93,8 +93,9 @@ util.write_error = write_json_error
 # what the app left unread of the last body. Its gthread worker bounds that
 # (64 KiB, then the connection closes); its gevent worker reads the rest of
 # the body, however large, 1 KiB per step: every publish refused before its
-# body was read (401, 429, 503 for want of a slot) cost up to 8 MiB of that.
-# Bounded here as gthread does it.
+# body was read (401, 429, 503 for want of a slot) cost up to MAX_BODY_BYTES of that.
+# Bounded here as gthread does it: 64 KiB (gunicorn's cap) within DRAIN_SECONDS, then the
+# connection closes, so a sender still writing such a body may meet a reset first.
 DRAIN_SECONDS = 2.0
 _drain_unbounded = parser.Parser.finish_body
 

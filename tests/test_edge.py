@@ -7,6 +7,7 @@ import base64
 import random
 import re
 import secrets
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -223,3 +224,10 @@ def test_the_worker_says_why_it_refuses_a_task() -> None:
     reason = refusal("b-1", [event(), event(topic="x" * 1000)])
     assert reason is not None and '"1":{"topic":["Length must be between 1 and 255."]}' in reason
     assert refusal(7, [event()]) == "batch id must be 1 to 200 characters"
+
+
+def test_the_proxy_takes_the_bodies_the_api_takes() -> None:
+    template = (Path(__file__).parents[1] / "deploy/nginx/aggregator.conf.template").read_text()
+    found = re.search(r"client_max_body_size (\d+)m;", template)
+    assert found, "the proxy's template sets no client_max_body_size in MiB"
+    assert int(found.group(1)) * 1024 * 1024 == Settings().max_body_bytes

@@ -23,6 +23,7 @@ from scripts.stack import Worker
 from scripts.stack import wait_until
 from tests.abuse.noisy import ABUSER_TOKEN
 from tests.abuse.noisy import GOOD_TOKEN
+from tests.abuse.noisy import topic_stored
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +77,6 @@ def abuse_api(abuse_env: dict[str, str], logs: Path) -> Iterator[Callable[..., A
     apis = Apis(abuse_env, logs)
     yield apis
     apis.stop()
-
-
-def topic_stored(url: str, topic: str) -> int:
-    """Return how many events of one topic the database holds, from /stats/topics."""
-    response = requests.get(
-        f"{url}/stats/topics",
-        params={"prefix": topic},
-        headers={"Authorization": f"Bearer {GOOD_TOKEN}"},
-        timeout=10,
-    )
-    assert response.status_code == 200, response.text
-    return sum(row["stored"] for row in response.json()["topics"] if row["topic"] == topic)
 
 
 @pytest.fixture

@@ -37,6 +37,10 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
+# The API's MAX_BODY_BYTES default (app.config); a number here, so old code can run it too.
+BODY_LIMIT = 2 * 1024 * 1024
+# A 503 that says the broker's backlog is over its budget (BROKER_MAX_BACKLOG_BYTES).
+BACKLOG_FULL = "503 backlog full"
 # The suite's API takes these two (tests/abuse/conftest.py).
 GOOD_TOKEN = "good-" + secrets.token_hex(24)
 ABUSER_TOKEN = "abuser-" + secrets.token_hex(24)
@@ -53,6 +57,18 @@ def make_event(event_id: str, topic: str, **payload: Any) -> dict[str, Any]:
 
 
 # --- the well-behaved client ----------------------------------------------------------------
+
+
+def topic_stored(url: str, topic: str) -> int:
+    """Return how many events of one topic the database holds, from /stats/topics."""
+    response = requests.get(
+        f"{url}/stats/topics",
+        params={"prefix": topic},
+        headers={"Authorization": f"Bearer {GOOD_TOKEN}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    return sum(row["stored"] for row in response.json()["topics"] if row["topic"] == topic)
 
 
 @dataclass
@@ -243,8 +259,10 @@ def post(
 
 
 def unknown_keys(args: argparse.Namespace, tally: Tally) -> None:
-    """Row 1: bodies of 700,000 unknown keys (~7 MB), and of just under the cap on values."""
-    huge = orjson.dumps({f"k{n}": 1 for n in range(700_000)})
+    """Row 1: bodies of unknown keys as large as --body-bytes allows, and of just under the cap
+    on values (before: 700,000 keys, ~7 MB, under the 8 MiB limit then)."""
+    keys = args.body_bytes // 12  # `"k123456":1,` is 12 bytes at most: the body fits
+    huge = orjson.dumps({f"k{n}": 1 for n in range(keys)})
     # MAX_BODY_VALUES (app.schemas) less a few; a number here, so old code can run it too.
     under_cap = orjson.dumps({f"k{n}": 1 for n in range(99_990)})
     auth = {"Authorization": f"Bearer {args.token}"}
@@ -255,15 +273,44 @@ def unknown_keys(args: argparse.Namespace, tally: Tally) -> None:
     hammer(args.threads, args.seconds, attempt)
 
 
+def filler_for(body_bytes: int) -> str:
+    """Text that makes a batch of 1,000 `make_event`s (32-character ids) just fit `body_bytes`."""
+    bare = len(orjson.dumps(make_event(uuid.uuid4().hex, "noisy-topic-" + "x" * 20, text="")))
+    return "x" * ((body_bytes - 4096) // 1000 - bare - 1)
+
+
 def huge_bodies(args: argparse.Namespace, tally: Tally) -> None:
-    """Row 2: many concurrent ~8 MiB publishes of 1,000 events whose last one is invalid."""
-    events = [make_event(f"huge-{n}", "noisy-huge", text="x" * 8000) for n in range(1000)]
+    """Row 2: many concurrent publishes of 1,000 events at the body limit, the last invalid."""
+    filler = filler_for(args.body_bytes)
+    events = [make_event(f"huge-{n}", "noisy-huge", text=filler) for n in range(1000)]
     events[-1]["topic"] = ""  # refused after the whole body was parsed and validated
     body = orjson.dumps(events)
     auth = {"Authorization": f"Bearer {args.token}"}
 
     def attempt(session: requests.Session, number: int) -> None:
         post(tally, session, args.url, body, **auth)
+
+    hammer(args.threads, args.seconds, attempt)
+
+
+def fat_batches(args: argparse.Namespace, tally: Tally) -> None:
+    """Row 3: valid batches of 1,000 new events at the body limit, to --topic, back to back."""
+    filler = filler_for(args.body_bytes)
+    auth = {"Authorization": f"Bearer {args.token}"}
+
+    def attempt(session: requests.Session, number: int) -> None:
+        events = [make_event(uuid.uuid4().hex, args.topic, text=filler) for _ in range(1000)]
+        sent = time.time()
+        response = post(tally, session, args.url, orjson.dumps(events), **auth)
+        if response is not None and response.status_code == 202:
+            with tally.lock:
+                tally.accepted.append((sent, time.time(), response.json()["accepted"]))
+        if response is not None and response.status_code == 503 and b"backlog" in response.content:
+            with tally.lock:  # back-pressure, told apart from a broker that did not answer
+                tally.statuses[BACKLOG_FULL] += 1
+                tally.statuses["503"] -= 1
+                if not tally.statuses["503"]:
+                    del tally.statuses["503"]
 
     hammer(args.threads, args.seconds, attempt)
 
@@ -351,6 +398,7 @@ def forged_tasks(args: argparse.Namespace, tally: Tally) -> None:
 KINDS: dict[str, Callable[[argparse.Namespace, Tally], None]] = {
     "unknown-keys": unknown_keys,
     "huge-bodies": huge_bodies,
+    "fat-batches": fat_batches,
     "wrong-tokens": wrong_tokens,
     "budget-bursts": budget_bursts,
     "edge-cases": edge_cases,
@@ -367,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--events", type=int, default=20)
     parser.add_argument("--forge", action="store_true")
+    parser.add_argument("--body-bytes", type=int, default=BODY_LIMIT)
+    parser.add_argument("--topic", default="noisy-fat")
     args = parser.parse_args(argv)
     tally = Tally()
     KINDS[args.kind](args, tally)

@@ -26,20 +26,26 @@ from sqlalchemy import func
 from sqlalchemy import select
 
 from app.db import events as events_table
+from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import wait_until
 from tasks.pending import QUEUE_KEY
 from tests.abuse.noisy import ABUSER_TOKEN
+from tests.abuse.noisy import BACKLOG_FULL
 from tests.abuse.noisy import GOOD_TOKEN
 from tests.abuse.noisy import Abuser
 from tests.abuse.noisy import GoodClient
 from tests.abuse.noisy import Measured
+from tests.abuse.noisy import topic_stored
 
 # A p99 under this passes whatever it was alone: on two shared cores an abuser
 # busy in its own process slows everything (a busy machine: a few hundred ms);
 # the failures this suite exists for are stalls of many seconds and refusals.
 P99_FLOOR = 1.0
+# Half of the API's broker timeout (0.5 s): a command holding Redis longer than this
+# starts to turn other clients' publishes into 503s.
+SLOW_COMMAND_MICROSECONDS = 250_000
 ALONE_SECONDS = 5.0
 ABUSE_SECONDS = 10.0
 
@@ -75,7 +81,11 @@ def test_bodies_of_unknown_keys_cost_little_and_are_answered_briefly(
     api = abuse_api()
     topic, alone, during, abuse = beside(api, "unknown-keys", "--threads", "4")
     assert_unharmed(alone, during)
-    assert set(abuse["statuses"]) <= {"413", "422", "429"}, abuse
+    # A body refused before it is read (429: the budget is charged first) has its
+    # connection closed once 64 KiB of it were discarded (app.gunicorn_conf), so a
+    # sender still writing may meet the reset before it reads the answer.
+    statuses = abuse["statuses"]
+    assert set(statuses) <= {"413", "422", "429", "ConnectionError"}, abuse
     assert abuse["largest_answer"] < 4096, abuse
     drained(api.url, topic, alone.accepted + during.accepted)
 
@@ -112,7 +122,7 @@ class PeakRss:
         self._thread.join()
 
 
-def test_sixty_concurrent_8_mib_publishes_bound_memory_and_leave_others_served(
+def test_sixty_concurrent_publishes_at_the_body_limit_bound_memory_and_leave_others_served(
     abuse_api: Callable[..., Api], abuse_worker: Worker, drained: Callable[..., None]
 ) -> None:
     # Before: API RSS 1.18 GB, the event loop blocked past gunicorn's timeout,
@@ -128,6 +138,39 @@ def test_sixty_concurrent_8_mib_publishes_bound_memory_and_leave_others_served(
     assert set(abuse["statuses"]) <= {"422", "429", "503", "ConnectionError"}, abuse
     assert abuse["statuses"].get("422", 0) > 0, abuse  # some were parsed and validated
     drained(api.url, topic, alone.accepted + during.accepted)
+
+
+def test_max_size_batches_hold_redis_briefly_and_leave_others_served(
+    abuse_api: Callable[..., Api],
+    abuse_worker: Worker,
+    abuse_broker: RedisServer,
+    drained: Callable[..., None],
+) -> None:
+    # Before: 1,000 x 8 KB batches held Redis 0.5-0.7 s per acceptance, past the 0.5 s
+    # broker timeout: other tenants' small publishes got 503 seven times in nine, and
+    # the big batches were answered 503 though accepted.
+    api = abuse_api()
+    fat_topic = f"noisy-fat-{uuid.uuid4().hex[:8]}"
+    broker = redis.Redis.from_url(abuse_broker.url)
+    # Every command that holds Redis longer than half the broker timeout is logged.
+    broker.config_set("slowlog-log-slower-than", SLOW_COMMAND_MICROSECONDS)
+    broker.slowlog_reset()
+    try:
+        topic, alone, during, abuse = beside(
+            api, "fat-batches", "--threads", "2", "--topic", fat_topic
+        )
+        slow = [(entry["duration"], entry["command"][:40]) for entry in broker.slowlog_get(100)]
+    finally:
+        broker.config_set("slowlog-log-slower-than", 10_000)
+    assert_unharmed(alone, during)
+    # No 503 but back-pressure: none of them ambiguous (accepted though refused).
+    assert set(abuse["statuses"]) <= {"202", "429", BACKLOG_FULL}, abuse
+    accepted = sum(events for _, _, events in abuse["accepted"])
+    assert accepted >= 1000, abuse
+    assert not slow, f"commands that held Redis over {SLOW_COMMAND_MICROSECONDS} µs: {slow}"
+    drained(api.url, topic, alone.accepted + during.accepted)
+    # Every fat batch answered 202 is stored, once.
+    wait_until(lambda: topic_stored(api.url, fat_topic) == accepted, timeout=180, interval=0.5)
 
 
 def test_failed_logins_from_an_address_never_lock_out_its_valid_tokens(
