@@ -30,6 +30,7 @@ from sqlalchemy import text
 from structlog.contextvars import bind_contextvars
 from werkzeug.exceptions import NotFound
 from werkzeug.exceptions import ServiceUnavailable
+from werkzeug.http import HTTP_STATUS_CODES
 
 from app import broker_log
 from app.auth import charge_events
@@ -93,6 +94,24 @@ ERROR_DESCRIPTIONS = {
     429: "Too many requests; see Retry-After.",
     503: "Broker or database unreachable, or too many large bodies in progress; see Retry-After.",
 }
+# What each error's answer looks like, for the OpenAPI document's examples.
+ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
+    400: {"message": "malformed JSON: unexpected character: line 1 column 2 (char 1)"},
+    401: {"message": "send a valid token as 'Authorization: Bearer <token>'"},
+    403: {"message": "this token lacks the 'admin' scope"},
+    404: {"message": "no dead letter 42 waiting for replay"},
+    408: {"message": "the body took longer than 10 s or ended before Content-Length"},
+    413: {"message": "the body is over 2097152 bytes"},
+    415: {"message": "send the body as application/json"},
+    422: {"message": "invalid input", "errors": {"1": {"timestamp": ["Not a valid datetime."]}}},
+    429: {"message": "budget of 50000 per 1.0 s spent"},
+    503: {"message": "broker unavailable, retry in 2 s"},
+}
+
+
+def error_example(code: int) -> dict[str, Any]:
+    """An answer with `code` in the one error shape, as the API gives it."""
+    return {"code": code, "status": HTTP_STATUS_CODES[code], **ERROR_EXAMPLES[code]}
 
 
 View = Callable[..., Any]
@@ -126,7 +145,10 @@ def documents_errors(*codes: int) -> Callable[[View], View]:
     return documented_only(
         *(
             events_blp.alt_response(
-                code, schema=ErrorBodySchema, description=ERROR_DESCRIPTIONS[code]
+                code,
+                schema=ErrorBodySchema,
+                description=ERROR_DESCRIPTIONS[code],
+                example=error_example(code),
             )
             for code in codes
         )

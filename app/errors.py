@@ -16,6 +16,7 @@ from flask import Flask
 from flask import Response
 from flask import current_app
 from flask import jsonify
+from flask import request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import InternalServerError
@@ -49,12 +50,47 @@ def _stringify_keys(value: Any) -> Any:
     return value
 
 
+# Our words for errors raised without a description of our own (Werkzeug's stock
+# texts speak of "the server" and "spelling"): one voice in every answer.
+OWN_DESCRIPTIONS = {
+    400: "the request could not be read",
+    401: "a valid bearer token is required (Authorization: Bearer <token>)",
+    403: "the token lacks the scope this operation needs",
+    406: "only application/json answers are offered here",
+    408: "the request took too long to arrive",
+    409: "the request conflicts with what is stored",
+    411: "send a Content-Length or a chunked body",
+    413: "the body is too large",
+    414: "the request line is too long",
+    415: "unsupported content type",
+    416: "the range asked for is not available",
+    429: "too many requests; retry after the seconds in Retry-After",
+    431: "the request's headers are too large",
+    500: "internal error",
+    501: "not implemented",
+    503: "unavailable for now; retry after the seconds in Retry-After",
+}
+
+
+def own_description(exc: HTTPException) -> str:
+    """The message for an error: its own description, or ours instead of Werkzeug's stock one."""
+    stock = type(exc).description
+    if exc.description and exc.description != stock:
+        return exc.description
+    if exc.code == 404:
+        return f"no such endpoint: {request.method} {request.path} (the API is described at /docs)"
+    if exc.code == 405:
+        allowed = ", ".join(sorted(getattr(exc, "valid_methods", None) or ()))
+        return f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    return OWN_DESCRIPTIONS.get(exc.code or 500, (exc.name or "error").lower())
+
+
 def error_response(exc: HTTPException, message: str | None = None, errors: Any = None) -> Response:
     """Build the JSON error body for an HTTP exception, keeping its headers."""
     body: dict[str, Any] = {
         "code": exc.code,
         "status": exc.name,
-        "message": message or exc.description,
+        "message": message or own_description(exc),
     }
     if errors:
         body["errors"] = _stringify_keys(errors)

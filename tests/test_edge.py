@@ -231,3 +231,27 @@ def test_the_proxy_takes_the_bodies_the_api_takes() -> None:
     found = re.search(r"client_max_body_size (\d+)m;", template)
     assert found, "the proxy's template sets no client_max_body_size in MiB"
     assert int(found.group(1)) * 1024 * 1024 == Settings().max_body_bytes
+
+
+def test_every_error_speaks_in_our_words_and_docs_show_each_code() -> None:
+    app = create_app(Settings(auth_disabled=True, rate_limit=""))
+    client = app.test_client()
+    missing = client.get("/nowhere").get_json()
+    assert missing["message"] == "no such endpoint: GET /nowhere (the API is described at /docs)"
+    wrong = client.delete("/publish").get_json()
+    assert wrong["code"] == 405 and wrong["message"].startswith("DELETE is not allowed on /publish")
+    assert "POST" in wrong["message"]
+    spec = client.get("/openapi.json").get_json()
+    examples = {
+        code: answer["content"]["application/json"]["example"]
+        for path in spec["paths"].values()
+        for operation in path.values()
+        if isinstance(operation, dict)
+        for code, answer in operation.get("responses", {}).items()
+        if answer.get("content", {})
+        .get("application/json", {})
+        .get("schema", {})
+        .get("$ref", "")
+        .endswith("/ErrorBody")
+    }
+    assert examples and all(int(code) == body["code"] for code, body in examples.items())
