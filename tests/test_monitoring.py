@@ -250,3 +250,19 @@ def test_the_api_exposes_only_the_aggregators_series_with_flower_running(
         flower.stop()
         worker.stop()
         api.stop()
+
+
+def test_every_dashboard_query_follows_the_job_and_env_variables() -> None:
+    variables = {v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    assert {"job", "env"} <= variables
+    for query in dashboard_queries():
+        for selector in re.findall(r"\baggregator_[a-z0-9_]+(\{[^}]*\})?", query):
+            assert 'job=~"$job"' in selector and 'env=~"$env"' in selector, query
+
+
+def test_every_alert_says_what_it_means_and_what_to_do() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            annotations = rule.get("annotations", {})
+            assert annotations.get("summary") and annotations.get("description"), rule["alert"]
