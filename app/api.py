@@ -46,9 +46,12 @@ from app.errors import handle_key_reused
 from app.followers import LogHead
 from app.instruments import ACCEPTED
 from app.instruments import REPLAYS
+from app.schemas import BATCH_ID_PATTERN
 from app.schemas import MAX_BATCH
 from app.schemas import AcceptedSchema
 from app.schemas import AcknowledgedSchema
+from app.schemas import BatchIdSchema
+from app.schemas import BatchSchema
 from app.schemas import BrokerLossSchema
 from app.schemas import DeadLetterSchema
 from app.schemas import ErrorBodySchema
@@ -69,6 +72,7 @@ from tasks.acceptance import BrokerUnavailable
 from tasks.acceptance import Intake
 from tasks.acceptance import KeyReused
 from tasks.acceptance import Request
+from tasks.acceptance import batch_status
 from tasks.acceptance import collect_stats
 from tasks.acceptance import fingerprint
 
@@ -77,6 +81,9 @@ stats_blp = Blueprint("stats", __name__, description="Exact counters.")
 dead_letters_blp = Blueprint("dead_letters", __name__, description="Events the database refused.")
 health_blp = Blueprint("health", __name__, description="Liveness and readiness.")
 broker_blp = Blueprint("broker", __name__, description="Losses of broker data.")
+batches_blp = Blueprint(
+    "batches", __name__, description="What became of each accepted batch (the worker's ledger)."
+)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
@@ -398,6 +405,33 @@ def reject_unknown_query_parameters() -> None:
         raise ValidationError({name: ["unknown query parameter"] for name in unknown})
 
 
+_BATCH_ID = BatchIdSchema()
+
+
+@batches_blp.route(
+    "/batches/<batch_id>",
+    methods=["GET"],
+    parameters=[
+        {
+            "in": "path",
+            "name": "batch_id",
+            "description": "The `batch_id` a 202 from POST /publish answered.",
+            "schema": {"type": "string", "pattern": BATCH_ID_PATTERN},
+        }
+    ],
+)
+@batches_blp.response(200, BatchSchema)
+@documents_errors(401, 403, 404, 422, 429, 503)
+@operation(batches_blp, "getBatch")
+def get_batch(batch_id: str) -> dict[str, Any]:
+    """Say what became of an accepted batch: queued, or stored with its counts."""
+    _BATCH_ID.load({"batch_id": batch_id})
+    status = batch_status(_engine(), _redis(), batch_id)
+    if status is None:
+        raise NotFound(f"no batch {batch_id}: never accepted here, or its ledger row was deleted")
+    return status
+
+
 @stats_blp.route("/stats", methods=["GET"])
 @stats_blp.response(200, StatsSchema)
 @documents_errors(401, 403, 429, 503)
@@ -535,4 +569,4 @@ def acknowledge_broker_data_loss() -> dict[str, int]:
         return {"acknowledged": broker_log.acknowledge_losses(conn)}
 
 
-BLUEPRINTS = (events_blp, stats_blp, dead_letters_blp, health_blp, broker_blp)
+BLUEPRINTS = (events_blp, batches_blp, stats_blp, dead_letters_blp, health_blp, broker_blp)

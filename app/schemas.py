@@ -41,6 +41,10 @@ LARGE_BODY_SHARE = 0.5
 MAX_LISTED_PROBLEMS = 20
 # Endpoints that take no body refuse one above this from its Content-Length.
 MAX_OTHER_BODY_BYTES = 64 * 1024
+# Batch ids: the API issues 32 hex digits; GET /batches/<id> takes any id a
+# worker would store (tasks.ingest), of characters a URL carries unescaped.
+MAX_BATCH_ID = 200
+BATCH_ID_PATTERN = rf"^[A-Za-z0-9_-]{{1,{MAX_BATCH_ID}}}$"
 
 
 def reject_unstorable(value: str) -> None:
@@ -373,6 +377,57 @@ class AcceptedSchema(Schema):
     idempotency_key = fields.String(
         required=True,
         metadata={"description": "The request's Idempotency-Key, or the one the server made up."},
+    )
+
+
+class BatchIdSchema(Schema):
+    """The batch id of GET /batches/<batch_id>, checked before anything is looked up."""
+
+    batch_id = fields.String(
+        required=True,
+        validate=validate.Regexp(
+            BATCH_ID_PATTERN,
+            error=f"must be 1 to {MAX_BATCH_ID} letters, digits, '-' or '_'"
+            " (the batch_id a 202 answered)",
+        ),
+    )
+
+
+class BatchSchema(Schema):
+    """What became of one accepted batch, from the worker's ledger."""
+
+    batch_id = fields.String(
+        required=True, metadata={"example": "8ba58774272c486180a68d6196e9a079"}
+    )
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(["queued", "stored"]),
+        metadata={
+            "description": "queued: accepted, not yet stored; stored: a worker committed it,"
+            " and the counts say what became of each event.",
+            "example": "stored",
+        },
+    )
+    received = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Events in the batch: several small requests that arrived together"
+            " may share one batch, and its counts cover all of them.",
+            "example": 1000,
+        },
+    )
+    stored = fields.Integer(required=True, allow_none=True, metadata={"example": 0})
+    duplicates = fields.Integer(required=True, allow_none=True, metadata={"example": 1000})
+    failed = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Refused by the database (GET /dead-letters).", "example": 0},
+    )
+    processed_at = fields.AwareDateTime(
+        required=True,
+        allow_none=True,
+        format="iso",
+        metadata={"description": "When a worker stored it; null while queued."},
     )
 
 

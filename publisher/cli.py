@@ -1,4 +1,4 @@
-"""The `aggregator` command: publish events, follow the log, read counters and dead letters."""
+"""The `aggregator` command: publish, follow the log, read batches, counters and dead letters."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from typing import Self
 import orjson
 from tqdm import tqdm
 
+from publisher.batches import batch_outcome
+from publisher.batches import wait_for_batches
 from publisher.client import DEFAULT_URL
 from publisher.client import HEALTH_TIMEOUT
 from publisher.client import MAX_BATCH
@@ -33,6 +35,7 @@ from publisher.events import run_prefix
 from publisher.events import run_topics
 from publisher.outcomes import PublishSummary
 from publisher.outcomes import RequestOutcome
+from publisher.outcomes import ServerOutcome
 from publisher.verify import VerifyResult
 from publisher.verify import wait_and_verify
 
@@ -42,7 +45,12 @@ EXIT_USAGE = 2  # argparse's own code for a bad option; also unreadable input.
 EXIT_PUBLISH_FAILED = 3
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
+EXIT_NOT_FOUND = 6
 EXIT_INTERRUPTED = 130
+
+# How long publish waits by default for its batches to be stored, and the most it may.
+WAIT_STORED = 5.0
+MAX_WAIT_STORED = 3600.0
 
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    done: every event accepted (publish), or the command did what it says
@@ -51,6 +59,7 @@ EXIT_CODES = f"""exit codes:
   {EXIT_PUBLISH_FAILED}    the API refused a request or some events were not accepted
   {EXIT_UNREACHABLE}    the API did not answer (checked first, within {HEALTH_TIMEOUT:g} s)
   {EXIT_REFUSED}    the API refused the token (401) or its scope (403)
+  {EXIT_NOT_FOUND}    batch: the API knows no such batch (404)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C) before the end
 """
 
@@ -58,6 +67,7 @@ EXAMPLES = """examples:
   aggregator publish events.ndjson                 # one JSON event per line
   some-program | aggregator publish -              # from stdin, as it arrives
   aggregator publish --generate 20000 --duplicates 0.1 --verify
+  aggregator batch 8ba58774272c486180a68d6196e9a079 # queued, or stored N / duplicates N
   aggregator tail --topic orders                   # everything stored, then follow
   aggregator stats --topics --prefix orders
   aggregator dead-letters list
@@ -104,6 +114,13 @@ def _seconds(raw: str) -> float:
     value = float(raw)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {raw}")
+    return value
+
+
+def _wait_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= MAX_WAIT_STORED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_WAIT_STORED:g}], got {raw}")
     return value
 
 
@@ -170,6 +187,24 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--no-progress", action="store_true", help="hide the progress bar")
     add("--verify", action="store_true", help="--generate: wait for /stats, check exact counts")
     add("--verify-timeout", type=_seconds, default=120.0, help="seconds to wait (%(default)s)")
+    add(
+        "--wait-stored",
+        type=_wait_seconds,
+        default=WAIT_STORED,
+        metavar="SECONDS",
+        help="then wait up to this long for the batches to be stored, and print their outcome"
+        " from the server's ledger; 0 looks once (%(default)s)",
+    )
+
+    batch = command("batch", "Print what became of accepted batches: queued, or stored N.")
+    batch.add_argument("ids", nargs="+", metavar="ID", help="batch_id from a 202 answer")
+    batch.add_argument(
+        "--wait",
+        type=_wait_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for queued batches to be stored (%(default)s)",
+    )
 
     tail = command("tail", "Print stored events oldest first, then follow new ones.")
     add = tail.add_argument
@@ -207,17 +242,64 @@ def emit_json(document: Any) -> None:
     sys.stdout.flush()
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
 
 
-def format_summary(summary: PublishSummary) -> str:
-    """Render the publish summary as a small text table."""
+def _batches(count: int) -> str:
+    return _plural(count, "batch", "batches")
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    """Render (name, value) rows as the summary's two columns."""
+    return "\n".join(f"{name:<12}{value}" for name, value in rows)
+
+
+def format_outcome(outcome: ServerOutcome) -> list[tuple[str, str]]:
+    """Render what the server's ledger says of a run's batches as rows of the summary."""
+    if outcome.unread_batches == outcome.batches:
+        return [("outcome", f"not read: {outcome.error or 'no answer'}")]
+    counts = f"stored {outcome.stored}, duplicates {outcome.duplicates}, failed {outcome.failed}"
+    done = f"{outcome.stored_batches} of {_batches(outcome.batches)} stored"
+    so_far = "" if outcome.complete else " so far"
+    rows = [("outcome", f"{counts}{so_far} (server's ledger: {done})")]
+    if outcome.queued_batches:
+        which = outcome.queued_ids[0] if outcome.queued_batches == 1 else "ID (--json lists them)"
+        rows.append(
+            (
+                "queued",
+                f"still queued: {_batches(outcome.queued_batches)}"
+                f" ({outcome.queued_events} events) after {outcome.waited:.1f} s;"
+                f" aggregator batch {which}",
+            )
+        )
+    if outcome.unknown_batches:
+        rows.append(
+            ("unknown", f"{_batches(outcome.unknown_batches)} the server does not know (404)")
+        )
+    if outcome.unread_batches:
+        rows.append(
+            ("not read", f"{_batches(outcome.unread_batches)}: {outcome.error or 'no answer'}")
+        )
+    if outcome.shared:
+        rows.append(("shared", "batches also carried requests that arrived with ours: counted too"))
+    return rows
+
+
+def format_summary(summary: PublishSummary, outcome: ServerOutcome | None = None) -> str:
+    """Render the publish summary as a small text table, with the server's outcome if given."""
+    accepted = f"{summary.sent} events answered 202"
+    if summary.batches:
+        accepted += f", in {_batches(len(summary.batches))}"
     rows = [
         ("read", f"{summary.planned} events, sent in {_plural(summary.requests, 'request')}"),
-        ("accepted", f"{summary.sent} events answered 202"),
-        ("unique", f"{summary.unique}"),
-        ("duplicates", f"{summary.duplicates}"),
+        ("accepted", accepted),
+        *(format_outcome(outcome) if outcome is not None else []),
+        (
+            "client-side",
+            f"{summary.unique} distinct keys, {summary.duplicates} repeated within this run"
+            " (not the outcome)",
+        ),
         ("errors", f"{summary.errors} requests failed ({summary.failed_events} events)"),
         (
             "ambiguous",
@@ -237,7 +319,7 @@ def format_summary(summary: PublishSummary) -> str:
         rows.append(("first error", summary.first_error))
     if summary.stopped_by:
         rows.append(("stopped", f"{summary.stopped_by}; {summary.unsent} events not sent"))
-    return "\n".join(f"{name:<12}{value}" for name, value in rows)
+    return format_rows(rows)
 
 
 def end_to_end_rate(summary: PublishSummary, result: VerifyResult) -> float:
@@ -374,6 +456,11 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
             print(f"{'verify':<12}waiting up to {args.verify_timeout:.0f} s for /stats", flush=True)
         # Poll often: the wait is part of the end-to-end time we report.
         result = wait_and_verify(client, summary, args.verify_timeout, poll=0.05)
+    outcome = None
+    if summary.batches and summary.stopped_by is None:
+        # After any verification, so its end-to-end time is not ours to wait.
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the summary, without it.
+            outcome = batch_outcome(client, summary.batches, args.wait_stored)
     if args.json:
         emit_json(
             {
@@ -383,13 +470,15 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
                 if result
                 else None,
                 "input_error": str(problems[0]) if problems else None,
+                "outcome": outcome.as_dict() if outcome else None,
             }
         )
+    elif result is None:
+        print(format_summary(summary, outcome))
     else:
-        if result is None:
-            print(format_summary(summary))
-        else:
-            print(format_verify(summary, result))
+        print(format_verify(summary, result))
+        if outcome is not None:
+            print(format_rows(format_outcome(outcome)))
     if problems:
         raise Fail(EXIT_USAGE, f"stdin: {problems[0]}; the events before it were published")
     if summary.stopped_by == "interrupted":
@@ -509,6 +598,38 @@ def run_stats(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def format_batch(answer: dict[str, Any]) -> str:
+    """Render one batch's answer as a line: id, status, counts."""
+    line = f"{answer['batch_id']}  {answer['status']:<7} received {answer['received']}"
+    if answer["status"] == "stored":
+        line += (
+            f": stored {answer['stored']}, duplicates {answer['duplicates']},"
+            f" failed {answer['failed']} (at {answer['processed_at']})"
+        )
+    return line
+
+
+def run_batch(client: Client, args: argparse.Namespace) -> int:
+    """Print what became of each batch; wait up to --wait for queued ones to be stored."""
+    check_reachable(client)
+    lookup = wait_for_batches(client, args.ids, args.wait)
+    if lookup.error is not None:
+        raise lookup.error
+    answers = []
+    for batch_id in args.ids:
+        answer = lookup.answers[batch_id]
+        if answer is None:
+            print(f"aggregator: no batch {batch_id} (never accepted, or gone)", file=sys.stderr)
+        answers.append(answer or {"batch_id": batch_id, "status": "unknown"})
+    if args.json:
+        emit_json(answers)
+    else:
+        for answer in answers:
+            if answer["status"] != "unknown":
+                print(format_batch(dict(answer)))
+    return EXIT_NOT_FOUND if any(a["status"] == "unknown" for a in answers) else EXIT_OK
+
+
 def run_dead_letters(client: Client, args: argparse.Namespace) -> int:
     """List dead letters, or replay the given ones."""
     check_reachable(client)
@@ -546,6 +667,7 @@ def run_dead_letters(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "publish": run_publish,
+    "batch": run_batch,
     "tail": run_tail,
     "stats": run_stats,
     "dead-letters": run_dead_letters,

@@ -9,6 +9,10 @@
             ...
         for event in client.export(topic="orders"): # one streamed read, a cursor per event
             ...
+        client.batch(batch_id)                      # what became of a batch: queued or stored
+
+publisher.batches.batch_outcome(client, summary.batches) sums the server's
+outcome over a run's batches, waiting a bounded time for them to be stored.
 
 Every publish request carries its own Idempotency-Key and sends it again on
 each retry, so a retry after an ambiguous failure (a timeout, a reset, a
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from dataclasses import replace
 from typing import Any
 from typing import Self
+from urllib.parse import quote
 from urllib.parse import urlencode
 
 import orjson
@@ -391,6 +396,10 @@ class Client:
                     on_error(exc)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, FOLLOW_BACKOFF_MAX)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """Return GET /batches/<id>: queued, or stored with its counts (ApiError 404: unknown)."""
+        return self._get(f"/batches/{quote(batch_id, safe='')}")
 
     def stats(self) -> dict[str, Any]:
         """Return GET /stats: exact totals across topics."""

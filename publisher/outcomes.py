@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import asdict
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 from publisher.events import event_key
@@ -44,7 +46,12 @@ class RequestOutcome:
 
 @dataclass
 class PublishSummary:
-    """What a run sent and what the API answered; event counts unless named otherwise."""
+    """What a run sent and what the API answered; event counts unless named otherwise.
+
+    `unique` and `duplicates` are counted by the client within this run (distinct
+    keys, and repeats of them); what the server stored is the batches' outcome
+    (ServerOutcome), which also knows the keys earlier runs stored.
+    """
 
     planned: int
     sent: int
@@ -67,6 +74,8 @@ class PublishSummary:
     unsent: int = 0
     # Why the run stopped before the end of its events, if it did.
     stopped_by: str | None = None
+    # Each batch the API answered 202 with, and how many of this run's events it carries.
+    batches: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready primitives."""
@@ -100,6 +109,10 @@ def summarize(
     latencies = [outcome.latency for outcome in outcomes]
     errors = [outcome.error for outcome in outcomes if outcome.error]
     failed_events = sum(len(outcome.events) for outcome in failed)
+    batches: dict[str, int] = {}
+    for outcome in accepted:
+        if outcome.batch_id is not None:
+            batches[outcome.batch_id] = batches.get(outcome.batch_id, 0) + len(outcome.events)
     return PublishSummary(
         planned=planned,
         sent=sent,
@@ -122,4 +135,81 @@ def summarize(
         statuses=dict(sorted(Counter(outcome.final for outcome in outcomes).items())),
         first_error=errors[0] if errors else None,
         unsent=planned - sent - failed_events,
+        batches=batches,
+    )
+
+
+@dataclass(frozen=True)
+class ServerOutcome:
+    """What the server's ledger says became of a run's batches, summed.
+
+    Event counts cover the stored batches only. A batch may also carry other
+    requests that arrived with ours (the API's group commit): `shared` says so,
+    and then the counts include their events.
+    """
+
+    batches: int
+    stored_batches: int
+    queued_batches: int
+    unknown_batches: int
+    # Batches left unread when a lookup failed (`error` says why).
+    unread_batches: int
+    # This run's events in the batches still queued, and their ids.
+    queued_events: int
+    queued_ids: list[str]
+    received: int
+    stored: int
+    duplicates: int
+    failed: int
+    shared: bool
+    waited: float
+    # Why some batches could not be read (e.g. a token without the read scope).
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Say whether every batch was found stored."""
+        return self.stored_batches == self.batches
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the outcome as JSON-ready primitives."""
+        return asdict(self)
+
+
+def sum_batches(
+    sent: Mapping[str, int],
+    answers: Mapping[str, Mapping[str, Any] | None],
+    *,
+    waited: float = 0.0,
+    error: str | None = None,
+) -> ServerOutcome:
+    """Sum GET /batches answers over a run's batches.
+
+    `sent` maps each batch id to this run's events in it; `answers` holds the
+    last answer for each batch looked up, None for one the server does not
+    know (404). A batch without an answer is unread.
+    """
+    read = {batch_id: answers[batch_id] for batch_id in sent if batch_id in answers}
+    stored = [answer for answer in read.values() if answer and answer["status"] == "stored"]
+    queued = [
+        batch_id for batch_id, answer in read.items() if answer and answer["status"] == "queued"
+    ]
+    return ServerOutcome(
+        batches=len(sent),
+        stored_batches=len(stored),
+        queued_batches=len(queued),
+        unknown_batches=sum(1 for answer in read.values() if answer is None),
+        unread_batches=len(sent) - len(read),
+        queued_events=sum(sent[batch_id] for batch_id in queued),
+        queued_ids=queued,
+        received=sum(int(answer["received"]) for answer in stored),
+        stored=sum(int(answer["stored"]) for answer in stored),
+        duplicates=sum(int(answer["duplicates"]) for answer in stored),
+        failed=sum(int(answer["failed"]) for answer in stored),
+        shared=any(
+            answer is not None and int(answer["received"]) > sent[batch_id]
+            for batch_id, answer in read.items()
+        ),
+        waited=round(waited, 3),
+        error=error,
     )

@@ -2,14 +2,24 @@
 
 Run through scripts/demo.sh, which prepares the venv first. Arguments are passed
 to `aggregator publish` (e.g. `--events 2000 --batch-size 1 --concurrency 50`;
-`--events N` stands for its `--generate N`), except
-`--keep-running`: then API, worker and Flower stay up after the publish, with
-their URLs and credentials printed, until Ctrl-C. Everything started here is
-stopped at the end; data stays in .local/ for the next run.
+`--events N` stands for its `--generate N`), except the demo's own:
+
+  --keep-running       API, worker and Flower stay up after the publish, with their
+                       URLs and credentials printed, until Ctrl-C (or SIGTERM)
+  --port N             the API's port (env DEMO_PORT, default 8080; 0: any free one)
+  --flower-port N      Flower's port (env DEMO_FLOWER_PORT, default 5555; 0: any free one)
+  --state-dir DIR      data and logs (default .local/)
+
+A port that is taken stops the demo before it starts anything, naming the port:
+the URLs it prints, and the README's, must be the ones that answer. SIGINT and
+SIGTERM stop everything started here, also when the demo runs as a background
+job of a script (which starts it with SIGINT ignored); data stays in the state
+directory for the next run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -17,33 +27,104 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
 
 from scripts.services import ROOT
 from scripts.services import local_services
+from scripts.services import port_is_free
 from scripts.stack import BIN
 from scripts.stack import Api
 from scripts.stack import Flower
 from scripts.stack import Worker
+from scripts.stack import chosen_port
 
-STATE = ROOT / ".local"
+EXIT_PORT_TAKEN = 2
+API_PORT = 8080
+FLOWER_PORT = 5555
+
+
+class Stopped(BaseException):
+    """A stop signal arrived: unwind, stopping what was started (a BaseException, like Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop(signum: int, _: FrameType | None) -> None:
+    hold_stop_signals()
+    raise Stopped(signum)
+
+
+def _already_stopping(signum: int, _: FrameType | None) -> None:
+    print(f"\n{signal.Signals(signum).name}: already stopping, please wait", flush=True)
+
+
+def stop_on_signals() -> None:
+    """Make the first SIGINT or SIGTERM raise Stopped.
+
+    Installed explicitly because a background job of a non-interactive shell starts
+    with SIGINT ignored, and Python then leaves it ignored. Processes started
+    afterwards get the default disposition back (handlers do not survive exec).
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
+
+
+def hold_stop_signals() -> None:
+    """From now on, stop signals only say a stop is under way: nothing cuts it short."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _already_stopping)
 
 
 def banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def wait_for_interrupt() -> None:
-    """Block until Ctrl-C (SIGINT) or SIGTERM."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(3600):
-            pass
-    except KeyboardInterrupt:
-        pass
+def wait_for_stop() -> None:
+    """Block until a stop signal (Stopped comes out of the handler)."""
+    while True:
+        signal.pause()
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {raw!r}")
+    return int(raw)
+
+
+def parse_args(argv: list[str], environ: dict[str, str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split the demo's own options from those passed on to `aggregator publish`."""
+    parser = argparse.ArgumentParser(prog="demo.sh", allow_abbrev=False, add_help=False)
+    parser.add_argument("--keep-running", action="store_true")
+    # Defaults from the environment are strings, which argparse checks with the type too.
+    parser.add_argument("--port", type=_port, default=environ.get("DEMO_PORT", str(API_PORT)))
+    parser.add_argument(
+        "--flower-port", type=_port, default=environ.get("DEMO_FLOWER_PORT", str(FLOWER_PORT))
+    )
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".local")
+    return parser.parse_known_args(argv)
+
+
+def taken_port_message(args: argparse.Namespace) -> str | None:
+    """Say which chosen port is taken and how to choose another; None when all are free."""
+    for what, port, option, variable in (
+        ("the API", args.port, "--port", "DEMO_PORT"),
+        ("Flower", args.flower_port, "--flower-port", "DEMO_FLOWER_PORT"),
+    ):
+        if port and not port_is_free(port):
+            return (
+                f"demo: port {port} on 127.0.0.1 is taken, so {what} cannot listen there;"
+                f" nothing was started. Stop what listens there, or choose another port:"
+                f" {option} N or {variable}=N (0 picks a free one)."
+            )
+    return None
 
 
 def generate_options(argv: list[str]) -> list[str]:
@@ -53,69 +134,100 @@ def generate_options(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """Run the demo and return the publisher's exit code."""
-    keep_running = "--keep-running" in argv
-    argv = [arg for arg in argv if arg != "--keep-running"]
-    logs = STATE / "logs"
+    """Run the demo and return the publisher's exit code (128 + signal if stopped before)."""
+    stop_on_signals()
+    args, publish_args = parse_args(argv, dict(os.environ))
+    taken = taken_port_message(args)
+    if taken:
+        print(taken, file=sys.stderr)
+        return EXIT_PORT_TAKEN
+    state: Path = args.state_dir
+    logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        banner("PostgreSQL and Redis")
-        env = stack.enter_context(local_services(STATE))
-        print(f"DATABASE_URL={env['DATABASE_URL']}\nREDIS_URL={env['REDIS_URL']}")
+    code: int | None = None
+    try:
+        with ExitStack() as stack:
+            code = run(stack, args, publish_args, state, logs)
+            hold_stop_signals()
+            banner("stopping what this run started")
+    except Stopped as stop:
+        # The ExitStack has stopped everything on the way out.
+        print(f"demo: stopped by {stop}; everything it started is stopped", flush=True)
+        return code if code is not None else 128 + stop.signum
+    return code
 
-        banner("alembic upgrade head")
-        subprocess.run(
-            [str(BIN / "alembic"), "upgrade", "head"],
-            env={**os.environ, **env},
-            cwd=ROOT,
-            check=True,
-        )
 
-        banner("API (gunicorn, 2 gevent workers), worker (Celery, 2 processes), Flower")
-        # API and worker write metrics to one directory, so /metrics shows both.
-        metrics = STATE / "metrics"
-        shutil.rmtree(metrics, ignore_errors=True)
-        metrics.mkdir()
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-        # Publishing and reading need a token; this run makes one with every
-        # scope unless given some (the first given one must publish and read).
-        given = os.environ.get("API_TOKENS", "")
-        token = given.split(",")[0].split(":")[0] or secrets.token_hex(32)
-        env["API_TOKENS"] = given or f"{token}:publish+read+admin"
-        api = Api(env, logs / "api.log", workers=2, port=8080).start()
-        stack.callback(api.stop)
-        worker = Worker(env, logs / "worker.log", concurrency=2, name="demo").start()
-        stack.callback(worker.stop)
-        flower_password = secrets.token_urlsafe(12)
-        flower = Flower(
-            env, logs / "flower.log", auth=f"admin:{flower_password}", port=5555
-        ).start()
-        stack.callback(flower.stop)
-        print(f"API     {api.url}  (logs: {logs})")
-        print(f"Token   {token}  (curl -H 'Authorization: Bearer {token}' {api.url}/stats)")
-        print(f"Flower  {flower.url}  user admin, password {flower_password}")
+def run(
+    stack: ExitStack, args: argparse.Namespace, publish_args: list[str], state: Path, logs: Path
+) -> int:
+    """Start everything (each stop registered before its start), publish, print /stats."""
+    banner("PostgreSQL and Redis")
+    env = stack.enter_context(local_services(state))
+    print(f"DATABASE_URL={env['DATABASE_URL']}\nREDIS_URL={env['REDIS_URL']}", flush=True)
 
-        publish = ["publish", "--url", api.url, *generate_options(argv), "--verify"]
-        banner("aggregator " + " ".join(publish))
-        command = [str(BIN / "aggregator"), *publish]
-        # The token goes by environment, not argv, so `ps` does not show it.
-        published = subprocess.run(command, env={**os.environ, **env, "API_TOKEN": token}, cwd=ROOT)
+    banner("alembic upgrade head")
+    subprocess.run(
+        [str(BIN / "alembic"), "upgrade", "head"],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        check=True,
+    )
 
-        banner("GET /stats")
-        request = urllib.request.Request(
-            f"{api.url}/stats", headers={"Authorization": f"Bearer {token}"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            print(json.dumps(json.load(response), indent=2, sort_keys=True))
+    banner("API (gunicorn, 2 gevent workers), worker (Celery, 2 processes), Flower")
+    # API and worker write metrics to one directory, so /metrics shows both.
+    metrics = state / "metrics"
+    shutil.rmtree(metrics, ignore_errors=True)
+    metrics.mkdir()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    # Publishing and reading need a token; this run makes one with every
+    # scope unless given some (the first given one must publish and read).
+    given = os.environ.get("API_TOKENS", "")
+    token = given.split(",")[0].split(":")[0] or secrets.token_hex(32)
+    env["API_TOKENS"] = given or f"{token}:publish+read+admin"
+    # A port checked free at the start and taken since fails here (PortTaken), never moves.
+    api = Api(env, logs / "api.log", workers=2, port=chosen_port(args.port))
+    stack.callback(api.stop)
+    api.start()
+    worker = Worker(env, logs / "worker.log", concurrency=2, name="demo")
+    stack.callback(worker.stop)
+    worker.start()
+    flower_password = secrets.token_urlsafe(12)
+    flower = Flower(
+        env,
+        logs / "flower.log",
+        auth=f"admin:{flower_password}",
+        port=chosen_port(args.flower_port),
+    )
+    stack.callback(flower.stop)
+    flower.start()
+    print(f"API     {api.url}  (logs: {logs})")
+    print(f"Token   {token}  (curl -H 'Authorization: Bearer {token}' {api.url}/stats)")
+    print(f"Flower  {flower.url}  user admin, password {flower_password}", flush=True)
 
-        if keep_running:
-            banner("running until Ctrl-C")
-            print(f"API     {api.url}   docs {api.url}/docs")
-            print(f"Token   {token}   (every scope)")
-            print(f"Flower  {flower.url}   user admin, password {flower_password}")
-            print(f"Logs    {logs}")
-            wait_for_interrupt()
-        banner("stopping what this run started")
+    publish = ["publish", "--url", api.url, *generate_options(publish_args), "--verify"]
+    banner("aggregator " + " ".join(publish))
+    command = [str(BIN / "aggregator"), *publish]
+    # The token goes by environment, not argv, so `ps` does not show it.
+    published = subprocess.run(command, env={**os.environ, **env, "API_TOKEN": token}, cwd=ROOT)
+
+    banner("GET /stats")
+    request = urllib.request.Request(
+        f"{api.url}/stats", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        print(json.dumps(json.load(response), indent=2, sort_keys=True), flush=True)
+
+    if args.keep_running:
+        banner("running until Ctrl-C (or SIGTERM)")
+        print(f"API     {api.url}   docs {api.url}/docs")
+        print(f"Token   {token}   (every scope)")
+        print(f"Flower  {flower.url}   user admin, password {flower_password}")
+        print(f"Logs    {logs}", flush=True)
+        try:
+            wait_for_stop()
+        except Stopped as stop:
+            # The way a kept-running demo ends: not a failure.
+            print(f"demo: {stop}", flush=True)
     return published.returncode
 
 

@@ -598,8 +598,9 @@ def private_postgres(
 ) -> Iterator[PostgresServer]:
     """Start a PostgreSQL of our own under base (on port when free), stop it on the way out."""
     server = PostgresServer(base, free_port(port), find_pg_bindir(), durable=durable)
-    server.start()
+    # Stopped even when interrupted while starting (stopping a server that is not up is harmless).
     try:
+        server.start()
         yield server
     finally:
         server.stop()
@@ -611,8 +612,8 @@ def private_redis(
 ) -> Iterator[RedisServer]:
     """Start a redis-server of our own in datadir (options as RedisServer's), stop it after."""
     server = RedisServer(datadir, free_port(port), find_redis_server(), **options)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()

@@ -17,7 +17,9 @@ from mirakuru import HTTPExecutor
 from mirakuru import SimpleExecutor
 
 from scripts.services import ROOT
+from scripts.services import ServiceError
 from scripts.services import free_port
+from scripts.services import port_is_free
 
 BIN = Path(sys.executable).parent
 
@@ -32,6 +34,23 @@ def wait_until(
             return
         time.sleep(interval)
     raise TimeoutError(f"condition not met within {timeout} s: {condition}")
+
+
+class PortTaken(ServiceError):
+    """The port asked for is taken: the process would answer somewhere else, or not at all."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(f"port {port} on 127.0.0.1 is taken")
+        self.port = port
+
+
+def chosen_port(port: int | None) -> int:
+    """Return `port` if it is free (PortTaken otherwise), or a free one when None or 0."""
+    if not port:
+        return free_port()
+    if not port_is_free(port):
+        raise PortTaken(port)
+    return port
 
 
 def alive(pid: int) -> bool:
@@ -70,7 +89,7 @@ class _HttpProcess:
 
 
 class Api(_HttpProcess):
-    """gunicorn serving create_app() on a free loopback port."""
+    """gunicorn serving create_app() on loopback: on `port` (PortTaken if taken), or a free one."""
 
     def __init__(
         self,
@@ -80,7 +99,7 @@ class Api(_HttpProcess):
         port: int | None = None,
         access_log: bool = False,
     ) -> None:
-        self.port = free_port(port)
+        self.port = chosen_port(port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [
@@ -179,7 +198,7 @@ class Flower(_HttpProcess):
     """Flower on loopback, behind HTTP basic auth, for watching workers and queues."""
 
     def __init__(self, env: dict[str, str], log: Path, auth: str, port: int | None = None) -> None:
-        self.port = free_port(port)
+        self.port = chosen_port(port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [

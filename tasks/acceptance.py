@@ -7,8 +7,8 @@ answer 202. A request repeated with the same key finds the record and gets the
 first answer again, whether the first attempt was answered or not.
 
 The API holds one Intake (hand over a request, read what the broker holds) and
-calls collect_stats for /stats; app/api.py is the only module of app/ that
-imports this one, and nothing here imports Flask.
+calls collect_stats for /stats and batch_status for /batches/<id>; app/api.py is
+the only module of app/ that imports this one, and nothing here imports Flask.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from app.config import Settings
 from app.instruments import TASK_EVENTS
 from app.store.counters import read_totals
 from app.store.ledger import processed_batches
+from app.store.ledger import read_batch
 from tasks.broker_state import Watchdog
 from tasks.broker_state import broker_name
 from tasks.messages import build_message
@@ -39,6 +40,7 @@ from tasks.pending import Scripts
 from tasks.pending import broker_memory
 from tasks.pending import idempotency_field
 from tasks.pending import oldest_pending_age
+from tasks.pending import pending_events
 from tasks.pending import queue_depth
 from tasks.pending import read_pending
 
@@ -438,3 +440,27 @@ def collect_stats(engine: Engine, client: redis.Redis, started_at: float) -> dic
         "uptime_seconds": round(time.monotonic() - started_at, 3),
         "broker_data_loss": losses,
     }
+
+
+def batch_status(engine: Engine, client: redis.Redis, batch_id: str) -> dict[str, Any] | None:
+    """Return what became of an accepted batch: queued, or stored with its counts; None if unknown.
+
+    The ledger answers first, so a stored batch is reported without the broker.
+    A batch keeps its pending mark until after its ledger row commits: a mark
+    found missing means the row, if any, is visible to the second look.
+    """
+
+    def ledger() -> dict[str, Any] | None:
+        with engine.connect() as conn:
+            return read_batch(conn, batch_id)
+
+    row = ledger()
+    if row is None:
+        queued = pending_events(client, batch_id)
+        if queued is not None:
+            empty = dict.fromkeys(("stored", "duplicates", "failed", "processed_at"))
+            return {"batch_id": batch_id, "status": "queued", "received": queued, **empty}
+        row = ledger()
+        if row is None:
+            return None
+    return {"batch_id": batch_id, "status": "stored", **row}

@@ -22,6 +22,7 @@ from app.config import load_settings
 from app.instruments import TASK_DURATION
 from app.instruments import TASK_OUTCOMES
 from app.schemas import MAX_BATCH
+from app.schemas import MAX_BATCH_ID
 from app.schemas import queued_problems
 from app.store.ledger import store_exactly_once
 from tasks import celery_app
@@ -57,7 +58,6 @@ _backoff = Backoff(_settings.retry_backoff_max)
 # The most events a task holds: a group closes once it holds
 # GROUP_COMMIT_MAX_EVENTS, and a request of MAX_BATCH is a task of its own.
 MAX_TASK_EVENTS = _settings.group_commit_max_events + MAX_BATCH
-MAX_BATCH_ID = 200
 
 
 def refusal(batch_id: Any, events: Any) -> str | None:

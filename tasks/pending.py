@@ -448,6 +448,12 @@ def read_pending(client: redis.Redis) -> dict[str, int]:
     return {_text(key): int(value) for key, value in client.hgetall(PENDING_KEY).items()}
 
 
+def pending_events(client: redis.Redis, batch_id: str) -> int | None:
+    """Return the number of events of a batch accepted and not yet committed, else None."""
+    size = client.hget(PENDING_KEY, batch_id)
+    return None if size is None else int(size)
+
+
 def pending_from(client: redis.Redis, epoch: str) -> dict[str, int]:
     """Return the pending batches accepted in `epoch` (their copies carry its stamp), with sizes.
 

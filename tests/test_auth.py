@@ -73,6 +73,7 @@ def test_every_endpoint_needs_an_exact_token(guarded: Api, headers: dict[str, st
         ("post", "/publish"),
         ("get", "/events"),
         ("get", "/stats"),
+        ("get", "/batches/0123456789abcdef0123456789abcdef"),
         ("get", "/metrics"),
         ("get", "/dead-letters"),
         ("post", "/broker/data-loss/acknowledge"),
@@ -100,6 +101,8 @@ def test_every_configured_token_works_so_they_can_be_rotated(
     [
         (READER, "post", "/publish", 403),
         (READER, "get", "/stats", 200),
+        (READER, "get", "/batches/0123456789abcdef0123456789abcdef", 404),
+        (ADMIN, "get", "/batches/0123456789abcdef0123456789abcdef", 403),
         (READER, "post", "/broker/data-loss/acknowledge", 403),
         (PUBLISHER, "post", "/broker/data-loss/acknowledge", 403),
         (PUBLISHER, "post", "/dead-letters/1/replay", 403),

@@ -1,4 +1,7 @@
-"""Unit tests of the publisher's pure logic: planning, batching, retries, summaries, CLI."""
+"""Unit tests of the publisher's pure logic: planning, batching, retries, summaries, CLI.
+
+Including the sum of a run's batch outcomes and how the summary words it.
+"""
 
 import io
 import threading
@@ -14,12 +17,15 @@ from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import RequestHistory
 
+from publisher.cli import EXIT_NOT_FOUND
 from publisher.cli import EXIT_OK
 from publisher.cli import EXIT_PUBLISH_FAILED
 from publisher.cli import EXIT_REFUSED
 from publisher.cli import EXIT_UNREACHABLE
 from publisher.cli import EXIT_USAGE
 from publisher.cli import build_parser
+from publisher.cli import format_batch
+from publisher.cli import format_outcome
 from publisher.cli import format_summary
 from publisher.cli import main
 from publisher.client import encode_body
@@ -32,6 +38,7 @@ from publisher.events import plan_events
 from publisher.events import read_ndjson
 from publisher.outcomes import RequestOutcome
 from publisher.outcomes import percentile
+from publisher.outcomes import sum_batches
 from publisher.outcomes import summarize
 from publisher.retries import is_ambiguous
 from publisher.retries import make_retry
@@ -401,17 +408,144 @@ def test_help_lists_the_exit_codes(capsys):
         main(["--help"])
     assert exited.value.code == 0
     text = capsys.readouterr().out
-    for code in (EXIT_OK, EXIT_USAGE, EXIT_PUBLISH_FAILED, EXIT_UNREACHABLE, EXIT_REFUSED):
+    codes = (EXIT_OK, EXIT_USAGE, EXIT_PUBLISH_FAILED, EXIT_UNREACHABLE, EXIT_REFUSED)
+    for code in (*codes, EXIT_NOT_FOUND):
         assert f"\n  {code} " in text
 
 
 def test_text_summary_names_the_figures():
     summary = summarize(3, [RequestOutcome([ev("a", "1")] * 3, "202", True, 0, 0.5)], 1.0, ["a"])
     text = format_summary(summary)
-    for label in ("accepted", "unique", "duplicates", "errors", "ambiguous", "events/s", "p99"):
+    for label in ("accepted", "client-side", "errors", "ambiguous", "events/s", "p99"):
         assert label in text
     assert "3 events answered 202" in text
     assert "stopped" not in text
+    # Counted here: labelled so, and never presented as what the server stored.
+    assert "1 distinct keys, 2 repeated within this run (not the outcome)" in text
+    assert "outcome" not in text.replace("(not the outcome)", "")
+
+
+def test_summary_records_each_batch_with_this_runs_events():
+    outcomes = [
+        RequestOutcome([ev("a", "1"), ev("a", "2")], "202", True, 0, 0.1, batch_id="b1"),
+        # Two small requests the API's group commit put in one batch.
+        RequestOutcome([ev("a", "3")], "202", True, 0, 0.1, batch_id="b2"),
+        RequestOutcome([ev("a", "4")], "202", True, 0, 0.1, batch_id="b2"),
+        RequestOutcome([ev("a", "5")], "503", False, 1, 0.1, "HTTP 503: busy"),
+    ]
+    summary = summarize(5, outcomes, 1.0, ["a"])
+    assert summary.batches == {"b1": 2, "b2": 2}
+    assert "4 events answered 202, in 2 batches" in format_summary(summary)
+
+
+def stored(batch_id, received, stored_, duplicates, failed=0):
+    return {
+        "batch_id": batch_id,
+        "status": "stored",
+        "received": received,
+        "stored": stored_,
+        "duplicates": duplicates,
+        "failed": failed,
+        "processed_at": "2026-12-02T10:00:00+00:00",
+    }
+
+
+def queued(batch_id, received):
+    return {"batch_id": batch_id, "status": "queued", "received": received}
+
+
+def test_a_republished_run_is_all_duplicates_from_the_servers_ledger():
+    outcome = sum_batches(
+        {"b1": 500, "b2": 500}, {"b1": stored("b1", 500, 0, 500), "b2": stored("b2", 500, 0, 500)}
+    )
+    assert (outcome.stored, outcome.duplicates, outcome.failed) == (0, 1000, 0)
+    assert outcome.complete and not outcome.shared and outcome.queued_ids == []
+    assert format_outcome(outcome) == [
+        ("outcome", "stored 0, duplicates 1000, failed 0 (server's ledger: 2 of 2 batches stored)")
+    ]
+
+
+def test_batches_still_queued_unknown_or_unread_are_said_so():
+    outcome = sum_batches(
+        {"b1": 500, "b2": 300, "b3": 200, "b4": 7},
+        {"b1": stored("b1", 500, 490, 5, 5), "b2": queued("b2", 300), "b3": None},
+        waited=5.04,
+        error="HTTP 503: database unavailable, retry in 1 s",
+    )
+    # b2 is queued, b3 unknown, and the lookup failed before it reached b4.
+    assert (outcome.stored_batches, outcome.queued_batches) == (1, 1)
+    assert (outcome.unknown_batches, outcome.unread_batches) == (1, 1)
+    assert (outcome.received, outcome.stored, outcome.duplicates, outcome.failed) == (
+        500,
+        490,
+        5,
+        5,
+    )
+    assert outcome.queued_events == 300 and outcome.queued_ids == ["b2"]
+    assert not outcome.complete
+    assert format_outcome(outcome) == [
+        (
+            "outcome",
+            "stored 490, duplicates 5, failed 5 so far (server's ledger: 1 of 4 batches stored)",
+        ),
+        ("queued", "still queued: 1 batch (300 events) after 5.0 s; aggregator batch b2"),
+        ("unknown", "1 batch the server does not know (404)"),
+        ("not read", "1 batch: HTTP 503: database unavailable, retry in 1 s"),
+    ]
+
+
+def test_an_outcome_nothing_could_be_read_of_says_why():
+    outcome = sum_batches({"b1": 5}, {}, error="HTTP 403: this token lacks the 'read' scope")
+    assert format_outcome(outcome) == [
+        ("outcome", "not read: HTTP 403: this token lacks the 'read' scope")
+    ]
+
+
+def test_queued_batches_are_named_and_a_shared_batch_is_flagged():
+    outcome = sum_batches(
+        {"b1": 3, "b2": 4, "b3": 5},
+        {"b1": stored("b1", 10, 10, 0), "b2": queued("b2", 4), "b3": queued("b3", 5)},
+        waited=0.5,
+    )
+    # b1 carried 7 events of other requests that arrived with ours.
+    assert outcome.shared and outcome.received == 10
+    rows = dict(format_outcome(outcome))
+    assert rows["queued"] == (
+        "still queued: 2 batches (9 events) after 0.5 s; aggregator batch ID (--json lists them)"
+    )
+    assert "shared" in rows
+
+
+def test_a_batch_prints_as_one_line():
+    assert format_batch(queued("b1", 12)) == "b1  queued  received 12"
+    assert format_batch(stored("b2", 1000, 0, 1000)) == (
+        "b2  stored  received 1000: stored 0, duplicates 1000, failed 0"
+        " (at 2026-12-02T10:00:00+00:00)"
+    )
+
+
+def test_batch_command_and_wait_options():
+    parser = build_parser({})
+    assert parser.parse_args(["publish", "-"]).wait_stored == 5.0
+    assert parser.parse_args(["publish", "-", "--wait-stored", "0"]).wait_stored == 0.0
+    args = parser.parse_args(["batch", "b1", "b2", "--wait", "2.5"])
+    assert (args.ids, args.wait) == (["b1", "b2"], 2.5)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["batch"],
+        ["batch", "b1", "--wait=-1"],
+        ["publish", "-", "--wait-stored=x"],
+        ["publish", "-", "--wait-stored=99999"],
+    ],
+)
+def test_batch_options_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser({}).parse_args(argv)
+    assert exited.value.code == 2
+    assert "error" in capsys.readouterr().err
 
 
 def test_summary_counts_events_never_sent():

@@ -21,6 +21,7 @@ from app.store.dead_letters import replay_dead_letter
 from app.store.ledger import COPY_FROM_ROWS
 from app.store.ledger import BatchOutcome
 from app.store.ledger import processed_batches
+from app.store.ledger import read_batch
 from app.store.ledger import run_in_transaction
 from app.store.ledger import store_batch
 from app.store.ledger import store_exactly_once
@@ -40,6 +41,7 @@ __all__ = [
     "list_dead_letters",
     "list_events",
     "processed_batches",
+    "read_batch",
     "read_totals",
     "replay_counts",
     "replay_dead_letter",

@@ -440,6 +440,15 @@ def processed_batches(conn: Connection, batch_ids: Sequence[str]) -> set[str]:
     return set(conn.execute(stmt).scalars())
 
 
+def read_batch(conn: Connection, batch_id: str) -> dict[str, Any] | None:
+    """Return a processed batch's ledger row (counts and processed_at), or None."""
+    stmt = select(
+        batches.c.received, *(batches.c[name] for name in OUTCOMES), batches.c.processed_at
+    ).where(batches.c.batch_id == batch_id)
+    row = conn.execute(stmt).one_or_none()
+    return None if row is None else dict(row._mapping)
+
+
 # PostgreSQL aborts one side of a deadlock or serialization conflict; running
 # the whole transaction again is the documented answer.
 _RETRYABLE_SQLSTATES = {"40P01", "40001"}
