@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.auth import init_auth
     from app.bodies import LargeBodies
     from app.bodies import refuse_unread_bodies
+    from app.derived_ids import derived_ids
     from app.errors import register_error_handlers
     from app.followers import LogHead
     from app.headers import add_security_headers
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["large_bodies"] = LargeBodies(
         settings.max_large_bodies, settings.large_body_wait
     )
+    app.extensions["derived_ids"] = derived_ids(settings.derive_event_id_topics)
     api = Api(app)
     app.add_url_rule(f"{DOCS_ASSETS}/<path:filename>", "docs_assets", _docs_asset)
     init_auth(app, app.extensions["redis_limits"], settings)

@@ -86,18 +86,22 @@ batches_blp = Blueprint(
 )
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+NDJSON = "application/x-ndjson"
 MAX_IDEMPOTENCY_KEY = 200
 
 ERROR_DESCRIPTIONS = {
-    400: "Malformed JSON.",
+    400: "Malformed JSON, an NDJSON line that is not JSON (named), or a body that is not"
+    " valid gzip.",
     401: "Missing or wrong bearer token.",
     403: "The token lacks the scope this operation needs.",
     404: "No such resource.",
     408: "The body stalled or ended early.",
-    413: "Body too large, too many JSON values in it, or costing more than the whole"
-    " rate budget (RATE_LIMIT): refused for good, send smaller requests.",
-    415: "Content type is not application/json.",
-    422: "Invalid fields, with messages per field (and per array index for batches).",
+    413: "Body too large (decoded, for gzip), too many JSON values in it, or costing more"
+    " than the whole rate budget (RATE_LIMIT): refused for good, send smaller requests.",
+    415: "Content type is not application/json or application/x-ndjson, or Content-Encoding"
+    " is not gzip or identity.",
+    422: "Invalid fields, with messages per field (per array index for batches, per"
+    ' `"line N"` for NDJSON).',
     429: "Too many requests; see Retry-After.",
     503: "Broker or database unreachable, or too many large bodies in progress; see Retry-After.",
 }
@@ -197,6 +201,12 @@ def _idempotency_key() -> tuple[str, bool]:
 
 PUBLISH_BODY = {
     "required": True,
+    "description": "One event, or up to 1,000: a JSON object or array (`application/json`), or"
+    " one JSON object per line (`application/x-ndjson`, also `application/jsonl`; blank lines"
+    ' are skipped, and errors name the line: `{"line 750": {...}}`). With'
+    " `Content-Encoding: gzip` the body may be compressed; MAX_BODY_BYTES bounds the decoded"
+    " size as well. Events without `event_id` are refused unless their topic is in"
+    " DERIVE_EVENT_ID_TOPICS, where the server derives it (docs/event-ids.md).",
     "content": {
         "application/json": {
             "schema": {
@@ -210,7 +220,15 @@ PUBLISH_BODY = {
                     },
                 ]
             }
-        }
+        },
+        NDJSON: {
+            "schema": {
+                "type": "string",
+                "description": f"1 to {MAX_BATCH} lines, each an Event object as JSON.",
+                "example": '{"topic":"orders","event_id":"o-1","timestamp":'
+                '"2026-12-02T10:00:00Z","source":"checkout","payload":{"total":42}}\n',
+            }
+        },
     },
 }
 
@@ -241,10 +259,11 @@ PUBLISH_DOCS = documented_only(
 @PUBLISH_DOCS
 @operation(events_blp, "publishEvents")
 def publish_events() -> Response:
-    """Accept one event or an array of up to 1,000, as one queued batch."""
+    """Accept one event or up to 1,000 (a JSON array or NDJSON lines), as one queued batch."""
     # The hot path: answered without flask-smorest's wrappers (documented above).
     key, remember = _idempotency_key()
-    with publish_body(current_app.extensions["large_bodies"]) as (raw, events):
+    bodies = current_app.extensions["large_bodies"]
+    with publish_body(bodies, current_app.extensions["derived_ids"]) as (raw, events):
         charge_events(len(events))
         accept = Request(
             events, g.get("client_id") or "-", key, fingerprint(raw), remember, size=len(raw)
@@ -268,9 +287,6 @@ def publish_events() -> Response:
 def publish_batch() -> Response:
     """The same as POST /publish (kept for clients of the original design)."""
     return publish_events()
-
-
-NDJSON = "application/x-ndjson"
 
 
 @events_blp.route("/events", methods=["GET"])

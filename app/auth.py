@@ -134,16 +134,19 @@ def _spend(budget: RateBudget, cost: int, what: str) -> None:
 def charge_body(size: int) -> None:
     """Charge a publish for its body's size before it is read: one per BODY_BYTES_PER_UNIT.
 
-    The request already paid one; charge_events later adds what its events
-    cost beyond this, so a publish costs max(events, size / BODY_BYTES_PER_UNIT).
+    The request already paid one; called again with a larger size (a gzip
+    body's decoded size) it charges only the difference. charge_events later
+    adds what its events cost beyond this, so a publish costs
+    max(events, size / BODY_BYTES_PER_UNIT).
     """
     budget: RateBudget | None = current_app.extensions.get("rate_budget")
-    units = max(1, math.ceil(size / BODY_BYTES_PER_UNIT))
+    paid = g.get("body_units", 1)
+    units = max(paid, math.ceil(size / BODY_BYTES_PER_UNIT))
     g.body_units = units
-    if budget is not None and units > 1:
+    if budget is not None and units > paid:
         what = f"a body of {size} bytes (one per {BODY_BYTES_PER_UNIT} bytes)"
         _refuse_if_never_fits(budget, units, what)
-        _spend(budget, units - 1, what)
+        _spend(budget, units - paid, what)
 
 
 def charge_events(events: int) -> None:

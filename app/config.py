@@ -262,6 +262,10 @@ class Settings:
     # wait up to large_body_wait seconds for a slot, then get 503. Bounds memory.
     max_large_bodies: int = 4
     large_body_wait: float = 5.0
+    # Topics whose events may come without an event_id: the API derives one from
+    # the event's content (publisher.event_ids, docs/event-ids.md). Exact names,
+    # prefixes ending in "*", or "*" for every topic; empty: every event needs one.
+    derive_event_id_topics: tuple[str, ...] = ()
     # Lowest level written to the logs (app.logs), for the API and the worker alike.
     log_level: str = "INFO"
     # A worker touches this file every few seconds from its consumer's loop, so
@@ -324,6 +328,21 @@ def _networks(environ: Mapping[str, str], name: str) -> tuple[IPv4Network | IPv6
                 " 172.18.0.0/16)"
             ) from None
     return tuple(networks)
+
+
+def _topic_patterns(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    patterns = []
+    for entry in environ.get(name, "").split(","):
+        pattern = entry.strip()
+        if not pattern:
+            continue
+        if "*" in pattern[:-1]:
+            raise SettingsError(
+                f"{name}: {pattern!r} has a '*' before its end; give topic names, prefixes"
+                " ending in '*' (orders.*), or '*' for every topic"
+            )
+        patterns.append(pattern)
+    return tuple(patterns)
 
 
 def _url(environ: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
@@ -402,6 +421,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=trusted_proxies,
         max_large_bodies=_int(env, "MAX_LARGE_BODIES", Settings.max_large_bodies),
         large_body_wait=_float(env, "LARGE_BODY_WAIT", Settings.large_body_wait),
+        derive_event_id_topics=_topic_patterns(env, "DERIVE_EVENT_ID_TOPICS"),
         log_level=load_log_level(env),
         liveness_file=env.get("WORKER_LIVENESS_FILE", "").strip(),
     )

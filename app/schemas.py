@@ -110,7 +110,8 @@ def _ends_a_number(masked: bytes, start: int) -> bool:
     return end == len(masked) or masked[end] == ord("|")
 
 
-def _may_hold_inexact_numbers(raw: bytes) -> bool:
+def may_hold_inexact_numbers(raw: bytes) -> bool:
+    """Tell, at C speed, whether a JSON text may hold a number that would be stored changed."""
     masked = raw.translate(_NUMBER_MASK)
     for needle in (b"0" * 16, b"e-000", b"e000"):
         at = masked.find(needle)
@@ -141,7 +142,7 @@ def inexact_numbers(raw: bytes) -> list[tuple[JsonPath, str]]:
 
     Raises ValueError when the document is not JSON.
     """
-    if not _may_hold_inexact_numbers(raw):
+    if not may_hold_inexact_numbers(raw):
         return []
     inexact: list[str] = []
 
@@ -232,7 +233,9 @@ class Text(fields.String):
 
     def __init__(self, **kwargs: Any) -> None:
         metadata = {"minLength": 1, "maxLength": MAX_STRING, "pattern": NO_NUL_PATTERN}
-        super().__init__(required=True, metadata={**metadata, **kwargs.pop("metadata", {})})
+        super().__init__(
+            required=True, metadata={**metadata, **kwargs.pop("metadata", {})}, **kwargs
+        )
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -247,7 +250,12 @@ class Payload(fields.Dict):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         payload = super()._deserialize(value, attr, data, **kwargs)
-        text = orjson.dumps(payload)
+        try:
+            text = orjson.dumps(payload)
+        except TypeError:  # orjson writes 255 levels at most; parsing took up to 1,024.
+            raise ValidationError(
+                f"must not be nested deeper than {MAX_PAYLOAD_DEPTH} levels"
+            ) from None
         if len(text) > MAX_PAYLOAD_BYTES:
             raise ValidationError(f"must be at most {MAX_PAYLOAD_BYTES} bytes as JSON")
         # Walked only when its JSON could hold a NUL (escaped as \u0000) or
@@ -258,6 +266,14 @@ class Payload(fields.Dict):
         return payload
 
 
+MISSING_EVENT_ID = (
+    "Missing data for required field. Send an id that stays the same when this event is sent"
+    ' again, e.g. the recipe of docs/event-ids.md ("h:" + the first 32 hex digits of SHA-256'
+    " over [topic, source, timestamp, payload] as canonical JSON), or have the server derive"
+    " it for this topic: DERIVE_EVENT_ID_TOPICS."
+)
+
+
 class EventSchema(Schema):
     """One published event; unknown fields are rejected."""
 
@@ -265,7 +281,16 @@ class EventSchema(Schema):
         unknown = RAISE
 
     topic = Text(metadata={"example": "orders"})
-    event_id = Text(metadata={"example": "2f1c7c1e-0b7d-4a53-9d1c-5b0f5d7c9a10"})
+    event_id = Text(
+        metadata={
+            "example": "2f1c7c1e-0b7d-4a53-9d1c-5b0f5d7c9a10",
+            "description": "The same on every resend of this event: (topic, event_id) is the"
+            " dedup key. Without one, use the content-hash recipe of docs/event-ids.md"
+            ' ("h:" + 32 hex digits of SHA-256), which the server applies itself to topics'
+            " in DERIVE_EVENT_ID_TOPICS.",
+        },
+        error_messages={"required": MISSING_EVENT_ID},
+    )
     timestamp = UtcDateTime(
         required=True,
         format="iso",

@@ -41,6 +41,12 @@ def test_the_publisher_talks_http_only() -> None:
         assert not any(name.split(".")[0] in ("app", "tasks") for name in names), path
 
 
+def test_the_event_id_recipe_needs_only_the_standard_library() -> None:
+    # Senders reimplement it, and the client distribution ships it without dependencies.
+    names = imported_modules("publisher/event_ids.py")
+    assert {name.split(".")[0] for name in names} <= set(sys.stdlib_module_names) | {"__future__"}
+
+
 def test_workers_and_settings_load_no_web_stack() -> None:
     probe = (
         "import sys, app.config, celery_config, tasks.ingest;"
