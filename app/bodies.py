@@ -213,7 +213,10 @@ def parse_json(body: bytes) -> Any:
             # not be stored exactly, when the rest of the body is JSON.
             with contextlib.suppress(ValueError):
                 refuse_inexact_numbers(body)
-        raise BadRequest(f"malformed JSON: {exc}") from None
+        hint = ""
+        if exc.msg.startswith("unexpected content after") and exc.lineno > 1:
+            hint = "; for one event per line send Content-Type: application/x-ndjson"
+        raise BadRequest(f"malformed JSON: {exc}{hint}") from None
 
 
 def validate_events(parsed: Any, body: bytes, derived: DerivedIds | None) -> list[dict[str, Any]]:

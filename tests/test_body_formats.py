@@ -108,6 +108,17 @@ def test_a_line_that_is_not_json_is_400_naming_it() -> None:
         load(body)
 
 
+def test_a_line_nested_past_what_orjson_reads_is_400_naming_it() -> None:
+    with pytest.raises(BadRequest, match="line 2 is not JSON: depth limit exceeded"):
+        load(ndjson(event("a")) + b"[" * 2000 + b"]" * 2000 + b"\n")
+
+
+def test_ndjson_sent_as_json_is_told_its_content_type() -> None:
+    body = ndjson(event("a"), event("b"))
+    with pytest.raises(BadRequest, match="send Content-Type: application/x-ndjson"):
+        parse_body(body, ndjson=False)
+
+
 def test_an_empty_ndjson_body_is_refused() -> None:
     assert refusal(b"\n \n") == {
         "_schema": [f"a batch holds 1 to {MAX_BATCH} events (lines), got 0"]
