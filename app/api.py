@@ -113,7 +113,10 @@ ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
     404: {"message": "no dead letter 42 waiting for replay"},
     408: {"message": "the body took longer than 10 s or ended before Content-Length"},
     413: {"message": "the body is over 2097152 bytes"},
-    415: {"message": "send the body as application/json"},
+    415: {
+        "message": "send the body as application/json (an event or an array) or"
+        " application/x-ndjson (an event per line)"
+    },
     422: {"message": "invalid input", "errors": {"1": {"timestamp": ["Not a valid datetime."]}}},
     429: {"message": "budget of 50000 per 1.0 s spent"},
     503: {"message": "broker unavailable, retry in 2 s"},
