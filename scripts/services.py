@@ -196,6 +196,15 @@ def find_nginx() -> Path:
     return _debian_tool("NGINX", "nginx-light", "/usr/sbin/nginx", "nginx")
 
 
+def find_rsyslogd() -> Path:
+    """Locate rsyslogd ($RSYSLOGD, PATH, /usr/sbin); as root on Debian, install rsyslog.
+
+    The shipper test runs deploy/shippers/rsyslog/ for real. The package's own
+    service is kept from starting (policy-rc.d) while installing.
+    """
+    return _debian_tool("RSYSLOGD", "rsyslog", "/usr/sbin/rsyslogd", "rsyslogd")
+
+
 def find_libfaketime() -> Path:
     """Locate libfaketime ($LIBFAKETIME, Debian's path); as root on Debian, install faketime.
 
@@ -664,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PG_BINDIR={find_pg_bindir()}")
     print(f"REDIS_SERVER={find_redis_server()}")
     print(f"NGINX={find_nginx()}")
+    print(f"RSYSLOGD={find_rsyslogd()}")
     print(f"CHROMIUM={find_chromium()}")
     print(f"DOCKER_COMPOSE={find_docker_compose()}")
     print(f"PROMTOOL={find_promtool()}")
