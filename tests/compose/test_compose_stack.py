@@ -7,7 +7,8 @@ publisher service's 20,000 events with exact duplicates and its JSON log; a smok
 inside an API container; the same event 5 times stored once (seed test B); 3 API
 replicas and 3 workers behind the proxy storing one of 50 concurrent copies (seed
 test D), still 3 after `run --rm --no-deps publisher`; workers' JSON logs; `down`
-and `up` keeping rows and counters (seed test C); `down -v` starting from zero.
+and `up` keeping rows and counters (seed test C); `down -v` starting from zero, the
+stack left running and empty for test_monitoring_profile.py (the session removes it).
 """
 
 from __future__ import annotations
