@@ -88,10 +88,18 @@ def test_secrets_are_required_from_the_environment_without_defaults() -> None:
     assert SERVICES["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith(
         "${FLOWER_BASIC_AUTH:?"
     )
+    assert SERVICES["prometheus"]["environment"]["PROMETHEUS_TOKEN"].startswith(
+        "${PROMETHEUS_TOKEN:?"
+    )
+    assert SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:?"
+    )
     text = (ROOT / "docker-compose.yml").read_text()
     assert "change-me" not in text and "demo-token" not in text
     example = (ROOT / ".env.example").read_text()
     for name in ("POSTGRES_PASSWORD", "API_TOKENS", "API_TOKEN", "FLOWER_BASIC_AUTH"):
+        assert re.search(rf"^{name}=", example, re.M), name
+    for name in ("PROMETHEUS_TOKEN", "GRAFANA_ADMIN_PASSWORD"):
         assert re.search(rf"^{name}=", example, re.M), name
     assert ".env" in (ROOT / ".gitignore").read_text().split()
 
@@ -314,6 +322,8 @@ def filled_env(path: Path) -> Path:
         "API_TOKENS": f"{token}:publish+read+admin",
         "API_TOKEN": token,
         "FLOWER_BASIC_AUTH": f"admin:{secrets.token_hex(16)}",
+        "PROMETHEUS_TOKEN": token,
+        "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16),
     }
     text = (ROOT / ".env.example").read_text()
     for name, value in values.items():
@@ -341,7 +351,14 @@ def test_an_unedited_copy_of_env_example_is_refused_naming_the_secret() -> None:
     done = compose_config(ROOT / ".env.example")
     assert done.returncode != 0
     # Compose names the first empty secret it meets (its order varies).
-    secrets_named = ("POSTGRES_PASSWORD", "API_TOKENS", "API_TOKEN", "FLOWER_BASIC_AUTH")
+    secrets_named = (
+        "POSTGRES_PASSWORD",
+        "API_TOKENS",
+        "API_TOKEN",
+        "FLOWER_BASIC_AUTH",
+        "PROMETHEUS_TOKEN",
+        "GRAFANA_ADMIN_PASSWORD",
+    )
     assert any(f"{name} " in done.stderr for name in secrets_named), done.stderr
 
 
@@ -353,7 +370,10 @@ def test_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None:
     assert "POSTGRES_PASSWORD" in done.stderr
 
 
-@pytest.mark.parametrize("name", ["aggregator", "worker", "flower", "postgres", "redis", "proxy"])
+@pytest.mark.parametrize(
+    "name",
+    ["aggregator", "worker", "flower", "postgres", "redis", "proxy", "prometheus", "grafana"],
+)
 def test_every_long_running_service_has_a_healthcheck_and_rotated_logs(name: str) -> None:
     assert SERVICES[name]["healthcheck"]["test"]
     options = SERVICES[name]["logging"]["options"]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Stand-ins for the official images docker-compose.yml names (python:3.11-slim, postgres:16,
-# redis:7, nginx:1.27), built from Debian bookworm's packages, for a machine whose engine
-# cannot pull from a registry. Each is tagged with the official name and labelled
-# `log-aggregator.standin`; an image of that name without the label (a real one, pulled) is
-# never replaced. README.md beside this file says what each one mimics and where it differs.
+# redis:7, nginx:1.27, and the monitoring profile's prom/prometheus), built from Debian
+# bookworm's packages, for a machine whose engine cannot pull from a registry. Each is tagged
+# with the official name and labelled `log-aggregator.standin`; an image of that name without
+# the label (a real one, pulled) is never replaced. README.md beside this file says what each
+# one mimics and where it differs.
 #
 #   deploy/standin/build.sh images        # pull each image, else build its stand-in (cached)
 #   deploy/standin/build.sh wheels        # download requirements.lock's files for the image build
@@ -30,6 +31,7 @@ declare -A IMAGES=(
   [postgres:16]=postgres
   [redis:7]=redis
   [nginx:1.27]=nginx
+  [prom/prometheus:v3.5.5]=prometheus
 )
 
 say() { echo "standin: $*" >&2; }

@@ -1,10 +1,12 @@
-"""A Docker engine, the stand-in base images and a copy of the repository for the compose tests.
+"""A Docker engine, the stand-in base images, a copy of the repository and its stack.
 
 The engine is the one already running, or Debian's docker.io started for the session and
 stopped after it (deploy/standin/engine.sh); images the engine cannot pull are built from
 Debian's packages (deploy/standin/build.sh) and kept for the next run. Where no engine can
 be had (not root, not Debian) the tests are skipped with the reason on the terminal.
-Each step's wall time is printed at the end of the run.
+Each step's wall time is printed at the end of the run. The modules share one compose
+project (`stack`): test_compose_stack.py leaves it running and empty, and the monitoring
+profile's module adds Prometheus to it; the session's end removes it with its volumes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import pytest
 from scripts.stack import ROOT
 from tests.compose.harness import TIMINGS
 from tests.compose.harness import Engine
+from tests.compose.harness import Stack
 from tests.compose.harness import record
 
 STANDIN = ROOT / "deploy" / "standin"
@@ -120,13 +124,31 @@ def project_dir() -> Iterator[Path]:
         shutil.rmtree(target, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def stack(docker_engine: Engine, project_dir: Path) -> Iterator[Stack]:
+    """The compose project in the copy of the repository, removed with its data at the end."""
+    stack = Stack(docker_engine, project_dir)
+    yield stack
+    stack.shell(
+        "docker compose --profile publish --profile monitoring down -v --remove-orphans",
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def shout(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Write a line to the terminal past pytest's capture, in yellow (what was not run, and why)."""
+    return lambda message: say(request.config, message)
+
+
 # The scenario is a sequence: once a step fails, the later ones are reported as not run
 # instead of failing for the same reason (pytest's "incremental" recipe).
 _failed_step: dict[str, str] = {}
 
 
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
-    if "incremental" in item.keywords and call.excinfo is not None and call.when == "call":
+    failed = call.excinfo is not None and not call.excinfo.errisinstance(pytest.skip.Exception)
+    if "incremental" in item.keywords and failed and call.when != "teardown":
         _failed_step.setdefault(str(item.path), item.name)
 
 

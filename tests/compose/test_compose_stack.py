@@ -7,185 +7,39 @@ publisher service's 20,000 events with exact duplicates and its JSON log; a smok
 inside an API container; the same event 5 times stored once (seed test B); 3 API
 replicas and 3 workers behind the proxy storing one of 50 concurrent copies (seed
 test D), still 3 after `run --rm --no-deps publisher`; workers' JSON logs; `down`
-and `up` keeping rows and counters (seed test C); `down -v` starting from zero.
+and `up` keeping rows and counters (seed test C); `down -v` starting from zero, the
+stack left running and empty for test_monitoring_profile.py (the session removes it).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import secrets
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 
 import pytest
-import requests
 
-from scripts.stack import ROOT
-from scripts.stack import wait_until
-from tests.compose.harness import PROJECT_NAME
-from tests.compose.harness import Engine
+from tests.compose.harness import Stack
+from tests.compose.harness import event
+from tests.compose.harness import json_lines
+from tests.compose.harness import publish
 from tests.compose.harness import record
 
 pytestmark = pytest.mark.incremental
 
 APP_SERVICES = ("migrate", "aggregator", "worker", "flower")
 LONG_RUNNING = ("postgres", "redis", "aggregator", "worker", "flower", "proxy")
-SECRETS = ("POSTGRES_PASSWORD", "API_TOKENS", "API_TOKEN", "FLOWER_BASIC_AUTH")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "API_TOKENS",
+    "API_TOKEN",
+    "FLOWER_BASIC_AUTH",
+    "PROMETHEUS_TOKEN",
+    "GRAFANA_ADMIN_PASSWORD",
+)
 EVENTS = 20_000
 DUPLICATES = 2_000
-
-
-def readme_lines() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("\n## Compose\n") :]
-    block = section[section.index("```sh\n") + len("```sh\n") :]
-    return [line for line in block[: block.index("```")].splitlines() if line.strip()]
-
-
-class Stack:
-    """The compose project in its directory, driven the way README says."""
-
-    def __init__(self, engine: Engine, directory: Path) -> None:
-        self.directory = directory
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.token = secrets.token_hex(32)
-        self.password = secrets.token_hex(16)
-        # The README's `$EDITOR .env`: fills in each empty secret, and a free port.
-        editor = " ".join(
-            [
-                "sed -i",
-                f"-e s/^POSTGRES_PASSWORD=$/POSTGRES_PASSWORD={self.password}/",
-                f"-e s/^API_TOKENS=$/API_TOKENS={self.token}:publish+read+admin/",
-                f"-e s/^API_TOKEN=$/API_TOKEN={self.token}/",
-                f"-e s/^FLOWER_BASIC_AUTH=$/FLOWER_BASIC_AUTH=admin:{secrets.token_hex(16)}/",
-                f"-e s/^PROXY_PORT=.*/PROXY_PORT={port}/",
-            ]
-        )
-        self.env = {**engine.env, "COMPOSE_PROJECT_NAME": PROJECT_NAME, "EDITOR": editor}
-        self.lines = readme_lines()
-        self.ran: set[str] = set()
-
-    def readme(self, command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """Run README's line that starts with command, exactly as written there."""
-        (line,) = [line for line in self.lines if line.startswith(command)]
-        self.ran.add(line)
-        done = self.shell(line, timeout)
-        assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
-        return done
-
-    def shell(self, line: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", "-c", f"set -euo pipefail\n{line}"],
-            cwd=self.directory,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def compose(self, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run(
-            ["docker", "compose", *args],
-            cwd=self.directory,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert done.returncode == 0, f"docker compose {' '.join(args)}\n{done.stderr}"
-        return done.stdout
-
-    def containers(self) -> list[dict[str, Any]]:
-        out = self.compose("ps", "--all", "--format", "json")
-        # One JSON object per line (compose v2.21 and later) or one array.
-        rows = (
-            json.loads(out)
-            if out.lstrip().startswith("[")
-            else [json.loads(line) for line in out.splitlines() if line.strip()]
-        )
-        return rows
-
-    def running(self, service: str) -> list[dict[str, Any]]:
-        rows = self.containers()
-        return [row for row in rows if row["Service"] == service and row["State"] == "running"]
-
-    def get(self, path: str, **params: Any) -> requests.Response:
-        return requests.get(f"{self.url}{path}", params=params, headers=self.auth(), timeout=30)
-
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def stats(self) -> dict[str, Any]:
-        response = self.get("/stats")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def settled(self, received: int, timeout: float = 120) -> dict[str, Any]:
-        """Wait until /stats has received this many events and stored or dropped them all."""
-        figures: dict[str, Any] = {}
-
-        def idle() -> bool:
-            figures.update(self.stats())
-            return figures["total_received_queued"] >= received and figures["queued_events"] == 0
-
-        wait_until(idle, timeout=timeout, interval=0.2)
-        return figures
-
-    def stored_rows(self) -> int:
-        query = "SELECT count(*) FROM events"
-        out = self.compose("exec", "-T", "postgres", "psql", "-U", "aggregator", "-tAc", query)
-        return int(out.strip())
-
-    def logs(self, service: str) -> list[str]:
-        out = self.compose("logs", "--no-log-prefix", "--no-color", service)
-        return [line for line in out.splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def publish(stack: Stack, event: dict[str, Any]) -> int:
-    return requests.post(
-        f"{stack.url}/publish", json=event, headers=stack.auth(), timeout=30
-    ).status_code
-
-
-def event(event_id: str, topic: str) -> dict[str, Any]:
-    return {
-        "topic": topic,
-        "event_id": event_id,
-        "timestamp": "2026-12-01T08:00:00+00:00",
-        "source": "compose-test",
-        "payload": {"id": event_id},
-    }
-
-
-def json_lines(lines: list[str]) -> list[dict[str, Any]]:
-    """Parse every line as JSON (a line that is not fails the test, naming it)."""
-    parsed = []
-    for line in lines:
-        try:
-            parsed.append(json.loads(line))
-        except ValueError:
-            pytest.fail(f"not a JSON line: {line!r}")
-    return parsed
-
-
-@pytest.fixture(scope="module")
-def stack(docker_engine: Engine, project_dir: Path) -> Iterator[Stack]:
-    stack = Stack(docker_engine, project_dir)
-    yield stack
-    stack.shell("docker compose --profile publish down -v --remove-orphans", timeout=300)
 
 
 def test_an_unedited_copy_of_env_example_is_refused(stack: Stack) -> None:
