@@ -22,7 +22,7 @@ import requests
 from sqlalchemy import Engine
 from sqlalchemy import text
 
-from publisher.client import Client
+from aggregator_client.client import Client
 from scripts.stack import BIN
 from scripts.stack import Api
 from scripts.stack import Worker

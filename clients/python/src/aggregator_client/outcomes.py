@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
-from publisher.events import event_key
+from aggregator_client.events import event_key
 
 
 @dataclass(frozen=True)

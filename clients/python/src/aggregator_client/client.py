@@ -11,13 +11,13 @@
             ...
         client.batch(batch_id)                      # what became of a batch: queued or stored
 
-publisher.batches.batch_outcome(client, summary.batches) sums the server's
+aggregator_client.batches.batch_outcome(client, summary.batches) sums the server's
 outcome over a run's batches, waiting a bounded time for them to be stored.
 
 Every publish request carries its own Idempotency-Key and sends it again on
 each retry, so a retry after an ambiguous failure (a timeout, a reset, a
 gateway's 502, a 503 after a stall) is counted once by the API. The summary says how many events the
-API may have accepted beyond the 202s it answered (see publisher.outcomes).
+API may have accepted beyond the 202s it answered (see aggregator_client.outcomes).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
-from publisher.events import iter_batches
-from publisher.events import iter_lingering_batches
-from publisher.outcomes import PublishSummary
-from publisher.outcomes import RequestOutcome
-from publisher.outcomes import summarize
-from publisher.retries import RETRY_STATUSES
-from publisher.retries import is_ambiguous
-from publisher.retries import make_retry
+from aggregator_client.events import iter_batches
+from aggregator_client.events import iter_lingering_batches
+from aggregator_client.outcomes import PublishSummary
+from aggregator_client.outcomes import RequestOutcome
+from aggregator_client.outcomes import summarize
+from aggregator_client.retries import RETRY_STATUSES
+from aggregator_client.retries import is_ambiguous
+from aggregator_client.retries import make_retry
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 NDJSON = "application/x-ndjson"

@@ -19,25 +19,25 @@ from typing import Self
 import orjson
 from tqdm import tqdm
 
-from publisher.batches import batch_outcome
-from publisher.batches import wait_for_batches
-from publisher.client import DEFAULT_URL
-from publisher.client import HEALTH_TIMEOUT
-from publisher.client import MAX_BATCH
-from publisher.client import ApiError
-from publisher.client import Client
-from publisher.client import ClientError
-from publisher.client import Unreachable
-from publisher.events import InputError
-from publisher.events import plan_events
-from publisher.events import read_ndjson
-from publisher.events import run_prefix
-from publisher.events import run_topics
-from publisher.outcomes import PublishSummary
-from publisher.outcomes import RequestOutcome
-from publisher.outcomes import ServerOutcome
-from publisher.verify import VerifyResult
-from publisher.verify import wait_and_verify
+from aggregator_client.batches import batch_outcome
+from aggregator_client.batches import wait_for_batches
+from aggregator_client.client import DEFAULT_URL
+from aggregator_client.client import HEALTH_TIMEOUT
+from aggregator_client.client import MAX_BATCH
+from aggregator_client.client import ApiError
+from aggregator_client.client import Client
+from aggregator_client.client import ClientError
+from aggregator_client.client import Unreachable
+from aggregator_client.events import InputError
+from aggregator_client.events import plan_events
+from aggregator_client.events import read_ndjson
+from aggregator_client.events import run_prefix
+from aggregator_client.events import run_topics
+from aggregator_client.outcomes import PublishSummary
+from aggregator_client.outcomes import RequestOutcome
+from aggregator_client.outcomes import ServerOutcome
+from aggregator_client.verify import VerifyResult
+from aggregator_client.verify import wait_and_verify
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
