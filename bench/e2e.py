@@ -34,11 +34,11 @@ import psycopg2
 from psycopg2.extensions import connection as PgConnection
 from psycopg2.extras import execute_values
 
-from aggregator_client.cli import end_to_end_rate
 from aggregator_client.client import Client
 from aggregator_client.events import plan_events
 from aggregator_client.events import run_prefix
 from aggregator_client.events import run_topics
+from aggregator_client.report import end_to_end_rate
 from aggregator_client.verify import wait_and_verify
 from app.db import make_engine
 from app.store.ledger import store_exactly_once

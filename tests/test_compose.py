@@ -247,9 +247,9 @@ def test_publisher_command_runs_the_aggregator_console_script() -> None:
     assert client["project"]["name"] in server["project"]["dependencies"]
     assert "scripts" not in server["project"]
     # The options the service passes are ones the CLI accepts, with valid values.
-    from aggregator_client.cli import build_parser
+    from aggregator_client.cli import parse_args
 
-    args = build_parser({}).parse_args([with_defaults(word) for word in words[1:]])
+    args = parse_args([with_defaults(word) for word in words[1:]], {}).args
     assert args.url == "http://proxy:8080"
     assert args.generate == 20000
     assert args.verify is True

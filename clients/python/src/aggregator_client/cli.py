@@ -1,22 +1,35 @@
-"""The `aggregator` command: publish, follow the log, read batches, counters and dead letters."""
+"""The `aggregator` command: publish, follow the log, read batches, counters and dead letters.
+
+Built on click: options are checked by the types of `aggregator_client.options`
+(refused in our own words, exit 2), the global options (--url, --token,
+--timeout, --max-retries, --json) are taken before or after the command, and
+click supplies --version and shell completion (`_AGGREGATOR_COMPLETE`, see
+--help). Parsing only collects an `Invocation`; `run` carries it out.
+"""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import itertools
 import os
 import signal
 import sys
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
+from dataclasses import field
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import IO
 from typing import Any
 from typing import Self
 
+import click
 import orjson
+from click.shell_completion import CompletionItem
 from tqdm import tqdm
 
 from aggregator_client.batches import batch_outcome
@@ -29,19 +42,36 @@ from aggregator_client.client import Client
 from aggregator_client.client import ClientError
 from aggregator_client.client import Unreachable
 from aggregator_client.events import InputError
+from aggregator_client.events import LineNumbers
 from aggregator_client.events import plan_events
 from aggregator_client.events import read_ndjson
 from aggregator_client.events import run_prefix
 from aggregator_client.events import run_topics
-from aggregator_client.outcomes import PublishSummary
+from aggregator_client.options import JsonObject
+from aggregator_client.options import Moment
+from aggregator_client.options import Number
+from aggregator_client.options import OneOf
+from aggregator_client.options import Whole
 from aggregator_client.outcomes import RequestOutcome
-from aggregator_client.outcomes import ServerOutcome
-from aggregator_client.verify import VerifyResult
+from aggregator_client.report import MAX_REFUSALS
+from aggregator_client.report import InputPlaces
+from aggregator_client.report import Refusal
+from aggregator_client.report import end_to_end_rate
+from aggregator_client.report import format_batch
+from aggregator_client.report import format_event
+from aggregator_client.report import format_outcome
+from aggregator_client.report import format_rows
+from aggregator_client.report import format_summary
+from aggregator_client.report import format_verify
+from aggregator_client.report import refusals_of
 from aggregator_client.verify import wait_and_verify
+
+PROG = "aggregator"
+DISTRIBUTION = "log-aggregator-client"
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
-EXIT_USAGE = 2  # argparse's own code for a bad option; also unreadable input.
+EXIT_USAGE = 2  # click's own code for a bad option; also unreadable input.
 EXIT_PUBLISH_FAILED = 3
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
@@ -51,26 +81,41 @@ EXIT_INTERRUPTED = 130
 # How long publish waits by default for its batches to be stored, and the most it may.
 WAIT_STORED = 5.0
 MAX_WAIT_STORED = 3600.0
+# Defaults of the global options (given before or after the command).
+TIMEOUT = 10.0
+MAX_RETRIES = 8
+# Completing a topic asks the API; a shell must not hang on it.
+COMPLETION_TIMEOUT = 1.0
+COMPLETION_LIMIT = 100
 
-EXIT_CODES = f"""exit codes:
-  {EXIT_OK}    done: every event accepted (publish), or the command did what it says
-  {EXIT_VERIFY_FAILED}    publish --verify: /stats does not match what was accepted
-  {EXIT_USAGE}    bad options, or input that is not NDJSON (the line is named)
-  {EXIT_PUBLISH_FAILED}    the API refused a request or some events were not accepted
-  {EXIT_UNREACHABLE}    the API did not answer (checked first, within {HEALTH_TIMEOUT:g} s)
-  {EXIT_REFUSED}    the API refused the token (401) or its scope (403)
-  {EXIT_NOT_FOUND}    batch: the API knows no such batch (404)
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C) before the end
+# click keeps a paragraph after a \b line as written, indented by two spaces.
+EXIT_CODES = f"""\b
+exit codes:
+{EXIT_OK}    done: every event accepted (publish), or the command did what it says
+{EXIT_VERIFY_FAILED}    publish --verify: /stats does not match what was accepted
+{EXIT_USAGE}    bad options, or input that is not NDJSON (the line is named)
+{EXIT_PUBLISH_FAILED}    the API refused a request or some events were not accepted
+{EXIT_UNREACHABLE}    the API did not answer (checked first, within {HEALTH_TIMEOUT:g} s)
+{EXIT_REFUSED}    the API refused the token (401) or its scope (403)
+{EXIT_NOT_FOUND}    batch: the API knows no such batch (404)
+{EXIT_INTERRUPTED}  interrupted (Ctrl-C) before the end
 """
 
-EXAMPLES = """examples:
-  aggregator publish events.ndjson                 # one JSON event per line
-  some-program | aggregator publish -              # from stdin, as it arrives
-  aggregator publish --generate 20000 --duplicates 0.1 --verify
-  aggregator batch 8ba58774272c486180a68d6196e9a079 # queued, or stored N / duplicates N
-  aggregator tail --topic orders                   # everything stored, then follow
-  aggregator stats --topics --prefix orders
-  aggregator dead-letters list
+EXAMPLES = """\b
+examples:
+aggregator publish events.ndjson                 # one JSON event per line
+some-program | aggregator publish -              # from stdin, as it arrives
+aggregator publish --generate 20000 --duplicates 0.1 --verify
+aggregator batch 8ba58774272c486180a68d6196e9a079 # queued, or stored N / duplicates N
+aggregator --url http://host:8080 stats          # global options before or after the command
+aggregator tail --topic orders --since 10m       # the last 10 minutes, then follow
+aggregator stats --topics --prefix orders
+aggregator dead-letters list
+"""
+
+COMPLETION = """\b
+shell completion (bash; zsh and fish alike, with zsh_source or fish_source):
+eval "$(_AGGREGATOR_COMPLETE=bash_source aggregator)"    # in ~/.bashrc
 """
 
 
@@ -82,156 +127,274 @@ class Fail(Exception):
         self.code = code
 
 
-def _ratio(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {raw}")
-    return value
+@dataclass
+class State:
+    """What the command line's parts share: the environment and the global options given."""
+
+    environ: Mapping[str, str]
+    given: dict[str, Any] = field(default_factory=dict)
+
+    def options(self, local: dict[str, Any]) -> SimpleNamespace:
+        """Merge a command's options with the global ones; the command's own win."""
+        merged = dict(local)
+        for name in GLOBAL_OPTIONS:
+            value = local.get(name)
+            if value is None or value is False:
+                value = self.given.get(name)
+            merged[name] = value
+        merged["url"] = merged["url"] or self.environ.get("AGGREGATOR_URL") or DEFAULT_URL
+        merged["token"] = merged["token"] or self.environ.get("API_TOKEN") or None
+        merged["timeout"] = TIMEOUT if merged["timeout"] is None else merged["timeout"]
+        retries = merged["max_retries"]
+        merged["max_retries"] = MAX_RETRIES if retries is None else retries
+        merged["json"] = bool(merged["json"])
+        return SimpleNamespace(**merged)
 
 
-def _non_negative(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {raw}")
-    return value
+@dataclass(frozen=True)
+class Invocation:
+    """A parsed command line: which command, with every option's value."""
+
+    command: str
+    args: SimpleNamespace
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {raw}")
-    return value
+GLOBAL_OPTIONS = ("url", "token", "timeout", "max_retries", "json")
 
 
-def _batch_size(raw: str) -> int:
-    value = _positive(raw)
-    if value > MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_BATCH}, got {raw}")
-    return value
+def _endpoint(ctx: click.Context) -> tuple[str, str | None]:
+    """Return the URL and token of the command line being completed."""
+    given: dict[str, Any] = {}
+    for context in reversed(list(_lineage(ctx))):
+        given.update({k: v for k, v in context.params.items() if v is not None})
+    state = ctx.find_object(State)
+    environ = state.environ if state is not None else os.environ
+    url = given.get("url") or environ.get("AGGREGATOR_URL") or DEFAULT_URL
+    return url, given.get("token") or environ.get("API_TOKEN") or None
 
 
-def _seconds(raw: str) -> float:
-    value = float(raw)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {raw}")
-    return value
+def _lineage(ctx: click.Context) -> Iterator[click.Context]:
+    current: click.Context | None = ctx
+    while current is not None:
+        yield current
+        current = current.parent
 
 
-def _wait_seconds(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value <= MAX_WAIT_STORED:
-        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_WAIT_STORED:g}], got {raw}")
-    return value
-
-
-def _json_object(raw: str) -> str:
+def complete_topics(ctx: click.Context, _: click.Parameter, incomplete: str) -> list[Any]:
+    """Offer the topics the API knows that start with what was typed (none if it is away)."""
+    url, token = _endpoint(ctx)
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return raw
+        with Client(url, token, timeout=COMPLETION_TIMEOUT, max_retries=0) as client:
+            rows = itertools.islice(client.topic_stats(incomplete or None), COMPLETION_LIMIT)
+            return [CompletionItem(row["topic"]) for row in rows]
+    except (ClientError, ValueError):
+        return []
 
 
-def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """Build the parser; --url and --token default to AGGREGATOR_URL and API_TOKEN."""
-    env = os.environ if environ is None else environ
-    common = argparse.ArgumentParser(add_help=False)
-    add = common.add_argument
-    add(
-        "--url",
-        default=env.get("AGGREGATOR_URL") or DEFAULT_URL,
-        help="API base URL (env AGGREGATOR_URL, default %(default)s)",
-    )
-    add("--token", default=env.get("API_TOKEN") or None, help="bearer token (env API_TOKEN)")
-    add("--timeout", type=_seconds, default=10.0, help="seconds per request attempt (%(default)s)")
-    add("--max-retries", type=_non_negative, default=8, help="retries per request (%(default)s)")
-    add("--json", action="store_true", help="print JSON for machines instead of text")
+def global_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --url, --token, --timeout, --max-retries and --json (before or after the command)."""
+    decorators = [
+        click.option(
+            "--url",
+            metavar="URL",
+            help=f"API base URL (env AGGREGATOR_URL, default {DEFAULT_URL})",
+        ),
+        click.option("--token", metavar="TOKEN", help="bearer token (env API_TOKEN)"),
+        click.option(
+            "--timeout",
+            type=Number(0, above=True, unit="seconds"),
+            metavar="SECONDS",
+            help=f"seconds per request attempt ({TIMEOUT:g})",
+        ),
+        click.option(
+            "--max-retries",
+            type=Whole(0),
+            metavar="N",
+            help=f"retries per request ({MAX_RETRIES})",
+        ),
+        click.option("--json", is_flag=True, default=None, help="print JSON for machines"),
+    ]
+    for decorate in reversed(decorators):
+        command = decorate(command)
+    return command
 
-    parser = argparse.ArgumentParser(
-        prog="aggregator",
-        description="Publish events to the log aggregator and read back what it stored.",
-        epilog=EXAMPLES + "\n" + EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            parents=[common],
-            help=help_text,
-            description=help_text,
-            epilog=EXIT_CODES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-    publish = command("publish", "Publish NDJSON events from a file or stdin, or generated ones.")
-    add = publish.add_argument
-    add("file", nargs="?", help="NDJSON file, one event per line; - for stdin")
-    add("--generate", type=_non_negative, metavar="N", help="publish N generated events instead")
-    add("--duplicates", type=_ratio, default=0.1, help="--generate: share of copies (%(default)s)")
-    add("--topics", type=_positive, default=4, help="--generate: topics (%(default)s)")
-    add("--topic-prefix", help="--generate: topic prefix (default run-<random hex>)")
-    add("--source", default="publisher", help="--generate: source field (%(default)s)")
-    add("--seed", type=int, help="--generate: seed for which events are copied and their order")
-    add("--batch-size", type=_batch_size, default=500, help="events per request; 1 sends objects")
-    add("--concurrency", type=_positive, default=8, help="requests in flight (%(default)s)")
-    add(
+
+@click.group(
+    name=PROG,
+    context_settings=CONTEXT,
+    epilog=EXAMPLES + "\n" + EXIT_CODES + "\n" + COMPLETION,
+)
+@global_options
+@click.version_option(
+    package_name=DISTRIBUTION, prog_name=PROG, message="%(prog)s %(version)s (%(package)s)"
+)
+@click.pass_context
+def cli(ctx: click.Context, **given: Any) -> None:
+    """Publish events to the log aggregator and read back what it stored."""
+    ctx.ensure_object(State).given = given
+
+
+def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Apply option decorators in the order listed (as --help shows them)."""
+
+    def apply(command: Any) -> Any:
+        for decorate in reversed(decorators):
+            command = decorate(command)
+        return command
+
+    return apply
+
+
+publish_options = _options(
+    click.argument(
+        "file",
+        required=False,
+        type=click.Path(dir_okay=False, allow_dash=True),
+    ),
+    click.option("--generate", type=Whole(0), metavar="N", help="publish N generated events"),
+    click.option(
+        "--duplicates",
+        type=Number(0, 1, below=True),
+        default=0.1,
+        show_default=True,
+        help="--generate: share of copies",
+    ),
+    click.option(
+        "--topics", type=Whole(1), default=4, show_default=True, help="--generate: topics"
+    ),
+    click.option("--topic-prefix", help="--generate: topic prefix (default run-<random hex>)"),
+    click.option(
+        "--source", default="publisher", show_default=True, help="--generate: source field"
+    ),
+    click.option("--seed", type=Whole(), help="--generate: seed for the copies and order"),
+    click.option(
+        "--batch-size",
+        type=Whole(1, MAX_BATCH),
+        default=500,
+        show_default=True,
+        help="events per request; 1 sends objects",
+    ),
+    click.option(
+        "--concurrency",
+        type=Whole(1),
+        default=8,
+        show_default=True,
+        help="requests in flight",
+    ),
+    click.option(
         "--linger",
-        type=_seconds,
+        type=Number(0, above=True, unit="seconds"),
         default=0.5,
-        help="stdin: send a batch that is not full after this many seconds (%(default)s)",
-    )
-    add("--no-progress", action="store_true", help="hide the progress bar")
-    add("--verify", action="store_true", help="--generate: wait for /stats, check exact counts")
-    add("--verify-timeout", type=_seconds, default=120.0, help="seconds to wait (%(default)s)")
-    add(
+        show_default=True,
+        metavar="SECONDS",
+        help="stdin: send a batch that is not full after this long",
+    ),
+    click.option("--no-progress", is_flag=True, help="hide the progress bar"),
+    click.option("--verify", is_flag=True, help="--generate: wait for /stats, check counts"),
+    click.option(
+        "--verify-timeout",
+        type=Number(0, above=True, unit="seconds"),
+        default=120.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="how long --verify waits",
+    ),
+    click.option(
         "--wait-stored",
-        type=_wait_seconds,
+        type=Number(0, MAX_WAIT_STORED, unit="seconds"),
         default=WAIT_STORED,
+        show_default=True,
         metavar="SECONDS",
-        help="then wait up to this long for the batches to be stored, and print their outcome"
-        " from the server's ledger; 0 looks once (%(default)s)",
-    )
+        help="then wait up to this long for the batches to be stored, and print their"
+        " outcome from the server's ledger; 0 looks once",
+    ),
+)
 
-    batch = command("batch", "Print what became of accepted batches: queued, or stored N.")
-    batch.add_argument("ids", nargs="+", metavar="ID", help="batch_id from a 202 answer")
-    batch.add_argument(
-        "--wait",
-        type=_wait_seconds,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait up to this long for queued batches to be stored (%(default)s)",
-    )
 
-    tail = command("tail", "Print stored events oldest first, then follow new ones.")
-    add = tail.add_argument
-    add("--topic", help="only this topic")
-    add("--source", help="only this source")
-    add(
-        "--payload",
-        type=_json_object,
-        help='payload contains this JSON object, e.g. \'{"level": "error"}\' (needs --topic)',
-    )
-    add("--since", help="timestamp >= this (ISO 8601)")
-    add("--until", help="timestamp < this (ISO 8601)")
-    add("--cursor", help="start after this cursor (printed when tail stops)")
-    add("--no-follow", action="store_true", help="stop at the end instead of waiting")
-    add("--limit", type=_positive, help="stop after this many events")
-    add(
-        "--wait", type=_positive, default=20, help="seconds each follow request waits (%(default)s)"
-    )
+@cli.command("publish", epilog=EXIT_CODES, context_settings=CONTEXT)
+@publish_options
+@global_options
+@click.pass_obj
+def publish_command(state: State, **options: Any) -> Invocation:
+    """Publish NDJSON events, or generated ones.
 
-    stats = command("stats", "Print exact counters: totals, or per topic.")
-    stats.add_argument("--topics", action="store_true", help="per-topic counters instead")
-    stats.add_argument("--prefix", help="with --topics: only topics starting with this")
+    FILE holds one JSON event per line; - reads stdin as it arrives.
+    """
+    return Invocation("publish", state.options(options))
 
-    letters = command("dead-letters", "List events the database refused, or replay them.")
-    letters.add_argument("action", choices=["list", "replay"])
-    letters.add_argument("ids", nargs="*", type=int, metavar="ID", help="replay: dead letter ids")
-    return parser
+
+@cli.command("batch", epilog=EXIT_CODES, context_settings=CONTEXT)
+@click.argument("ids", nargs=-1, required=True, metavar="ID...")
+@click.option(
+    "--wait",
+    type=Number(0, MAX_WAIT_STORED, unit="seconds"),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="wait up to this long for queued batches to be stored",
+)
+@global_options
+@click.pass_obj
+def batch_command(state: State, **options: Any) -> Invocation:
+    """Print what became of accepted batches: queued, or stored N."""
+    return Invocation("batch", state.options(options))
+
+
+@cli.command("tail", epilog=EXIT_CODES, context_settings=CONTEXT)
+@click.option("--topic", shell_complete=complete_topics, help="only this topic")
+@click.option("--source", help="only this source")
+@click.option(
+    "--payload",
+    type=JsonObject(),
+    help='payload contains this JSON object, e.g. \'{"level": "error"}\' (needs --topic)',
+)
+@click.option(
+    "--since",
+    type=Moment(),
+    help="timestamp >= this: 10m, 2h, 3d (ago) or ISO 8601 (local time if no offset)",
+)
+@click.option("--until", type=Moment(), help="timestamp < this (as --since)")
+@click.option("--cursor", help="start after this cursor (printed when tail stops)")
+@click.option("--no-follow", is_flag=True, help="stop at the end instead of waiting")
+@click.option("--limit", type=Whole(1), help="stop after this many events")
+@click.option(
+    "--wait",
+    type=Whole(1),
+    default=20,
+    show_default=True,
+    metavar="SECONDS",
+    help="seconds each follow request waits",
+)
+@global_options
+@click.pass_obj
+def tail_command(state: State, **options: Any) -> Invocation:
+    """Print stored events oldest first, then follow new ones."""
+    return Invocation("tail", state.options(options))
+
+
+@cli.command("stats", epilog=EXIT_CODES, context_settings=CONTEXT)
+@click.option("--topics", is_flag=True, help="per-topic counters instead")
+@click.option(
+    "--prefix", shell_complete=complete_topics, help="with --topics: only topics starting with this"
+)
+@global_options
+@click.pass_obj
+def stats_command(state: State, **options: Any) -> Invocation:
+    """Print exact counters: totals, or per topic."""
+    return Invocation("stats", state.options(options))
+
+
+@cli.command("dead-letters", epilog=EXIT_CODES, context_settings=CONTEXT)
+@click.argument("action", type=OneOf(["list", "replay"]))
+@click.argument("ids", nargs=-1, type=Whole(1), metavar="[ID]...")
+@global_options
+@click.pass_obj
+def dead_letters_command(state: State, **options: Any) -> Invocation:
+    """List or replay (ID...) the events the database refused."""
+    return Invocation("dead-letters", state.options(options))
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -240,110 +403,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 def emit_json(document: Any) -> None:
     sys.stdout.write(orjson.dumps(document).decode() + "\n")
     sys.stdout.flush()
-
-
-def _plural(count: int, noun: str, plural: str | None = None) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
-
-
-def _batches(count: int) -> str:
-    return _plural(count, "batch", "batches")
-
-
-def format_rows(rows: list[tuple[str, str]]) -> str:
-    """Render (name, value) rows as the summary's two columns."""
-    return "\n".join(f"{name:<12}{value}" for name, value in rows)
-
-
-def format_outcome(outcome: ServerOutcome) -> list[tuple[str, str]]:
-    """Render what the server's ledger says of a run's batches as rows of the summary."""
-    if outcome.unread_batches == outcome.batches:
-        return [("outcome", f"not read: {outcome.error or 'no answer'}")]
-    counts = f"stored {outcome.stored}, duplicates {outcome.duplicates}, failed {outcome.failed}"
-    done = f"{outcome.stored_batches} of {_batches(outcome.batches)} stored"
-    so_far = "" if outcome.complete else " so far"
-    rows = [("outcome", f"{counts}{so_far} (server's ledger: {done})")]
-    if outcome.queued_batches:
-        which = outcome.queued_ids[0] if outcome.queued_batches == 1 else "ID (--json lists them)"
-        rows.append(
-            (
-                "queued",
-                f"still queued: {_batches(outcome.queued_batches)}"
-                f" ({outcome.queued_events} events) after {outcome.waited:.1f} s;"
-                f" aggregator batch {which}",
-            )
-        )
-    if outcome.unknown_batches:
-        rows.append(
-            ("unknown", f"{_batches(outcome.unknown_batches)} the server does not know (404)")
-        )
-    if outcome.unread_batches:
-        rows.append(
-            ("not read", f"{_batches(outcome.unread_batches)}: {outcome.error or 'no answer'}")
-        )
-    if outcome.shared:
-        rows.append(("shared", "batches also carried requests that arrived with ours: counted too"))
-    return rows
-
-
-def format_summary(summary: PublishSummary, outcome: ServerOutcome | None = None) -> str:
-    """Render the publish summary as a small text table, with the server's outcome if given."""
-    accepted = f"{summary.sent} events answered 202"
-    if summary.batches:
-        accepted += f", in {_batches(len(summary.batches))}"
-    rows = [
-        ("read", f"{summary.planned} events, sent in {_plural(summary.requests, 'request')}"),
-        ("accepted", accepted),
-        *(format_outcome(outcome) if outcome is not None else []),
-        (
-            "client-side",
-            f"{summary.unique} distinct keys, {summary.duplicates} repeated within this run"
-            " (not the outcome)",
-        ),
-        ("errors", f"{summary.errors} requests failed ({summary.failed_events} events)"),
-        (
-            "ambiguous",
-            f"{summary.ambiguous} events of failed requests the API may still have accepted",
-        ),
-        ("elapsed", f"{summary.elapsed:.3f} s"),
-        ("events/s", f"{summary.events_per_second:.1f}"),
-        (
-            "latency",
-            f"p50 {summary.latency_p50_ms:.1f} ms, p99 {summary.latency_p99_ms:.1f} ms, "
-            f"max {summary.latency_max_ms:.1f} ms",
-        ),
-        ("statuses", ", ".join(f"{key}={n}" for key, n in summary.statuses.items()) or "-"),
-        ("topics", ", ".join(summary.topics[:10]) + (" ..." if len(summary.topics) > 10 else "")),
-    ]
-    if summary.first_error:
-        rows.append(("first error", summary.first_error))
-    if summary.stopped_by:
-        rows.append(("stopped", f"{summary.stopped_by}; {summary.unsent} events not sent"))
-    return format_rows(rows)
-
-
-def end_to_end_rate(summary: PublishSummary, result: VerifyResult) -> float:
-    """Events per second from the first request until /stats showed every event processed."""
-    total = summary.elapsed + result.waited
-    return summary.sent / total if total > 0 else 0.0
-
-
-def format_verify(summary: PublishSummary, result: VerifyResult) -> str:
-    """Render the verification result, and the end-to-end rate when it settled."""
-    verdict = "OK" if result.ok else "FAILED"
-    line = f"{'verify':<12}{verdict} after {result.waited:.1f} s: {result.message}"
-    if result.settled:
-        rate = end_to_end_rate(summary, result)
-        line += f"\n{'end to end':<12}{rate:.1f} events/s (publish + drain until /stats settled)"
-    return line
-
-
-def format_event(event: dict[str, Any]) -> str:
-    """Render one stored event as a line: time, topic, source, id, payload."""
-    payload = orjson.dumps(event.get("payload"), option=orjson.OPT_SORT_KEYS).decode()
-    return (
-        f"{event['timestamp']}  {event['topic']}  {event['source']}  {event['event_id']}  {payload}"
-    )
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -365,9 +424,10 @@ def check_reachable(client: Client) -> None:
 
 
 def _read_input(
-    args: argparse.Namespace, stack: ExitStack
-) -> tuple[Iterator[dict[str, Any]], int | None, list[InputError]]:
-    """Return the events to publish, how many (when known) and a list that collects a bad line."""
+    args: SimpleNamespace, stack: ExitStack
+) -> tuple[Iterator[dict[str, Any]], int | None, list[InputError], InputPlaces]:
+    """Return the events to publish, how many (when known), a list that collects a bad line
+    and where each event came from."""
     problems: list[InputError] = []
     if args.generate is not None:
         prefix = args.topic_prefix or run_prefix()
@@ -381,12 +441,13 @@ def _read_input(
             )
         except ValueError as exc:
             raise Fail(EXIT_USAGE, str(exc)) from None
-        return iter(events), len(events), problems
+        return iter(events), len(events), problems, InputPlaces()
     if args.file in (None, "-"):
         if args.file is None and sys.stdin.isatty():
             raise Fail(EXIT_USAGE, "give an NDJSON file, - for stdin, or --generate N")
         stream: IO[bytes] = sys.stdin.buffer
         total = None
+        name = "stdin"
     else:
         try:
             stream = stack.enter_context(open(args.file, "rb"))
@@ -399,17 +460,19 @@ def _read_input(
         except InputError as exc:
             raise Fail(EXIT_USAGE, f"{args.file}: {exc}; nothing was sent") from None
         stream.seek(0)
+        name = args.file
+    lines = LineNumbers()
 
     def checked() -> Iterator[dict[str, Any]]:
         try:
-            yield from read_ndjson(stream)
+            yield from read_ndjson(stream, lines)
         except InputError as exc:  # From a pipe: stop there, report what was sent.
             problems.append(exc)
 
-    return checked(), total, problems
+    return checked(), total, problems, InputPlaces(name, lines)
 
 
-def run_publish(client: Client, args: argparse.Namespace) -> int:
+def run_publish(client: Client, args: SimpleNamespace) -> int:
     """Publish, print the summary (and verification), and return the exit code."""
     if args.generate is not None and args.file is not None:
         raise Fail(EXIT_USAGE, "give either a file or --generate, not both")
@@ -418,7 +481,7 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
         # run's topics are known to hold nothing else.
         raise Fail(EXIT_USAGE, "--verify needs --generate (its topics are new)")
     with ExitStack() as stack:
-        events, total, problems = _read_input(args, stack)
+        events, total, problems, places = _read_input(args, stack)
         check_reachable(client)
         progress = stack.enter_context(
             tqdm(
@@ -431,14 +494,21 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
             )
         )
         failed = 0
+        refused: list[Refusal] = []
+        refused_total = 0
 
         def advance(outcome: RequestOutcome) -> None:
-            nonlocal failed
+            # Called for one outcome at a time (Client.publish holds a lock around it).
+            nonlocal failed, refused_total
             if outcome.accepted:
                 progress.update(len(outcome.events))
-            else:
-                failed += len(outcome.events)
-                progress.set_postfix(failed=failed, last=outcome.error, refresh=False)
+                return
+            failed += len(outcome.events)
+            found = refusals_of(outcome, places)
+            refused_total += len(found)
+            refused.extend(found[: MAX_REFUSALS - len(refused)])
+            last = f"{found[0].where}: {found[0].problems}" if found else outcome.error
+            progress.set_postfix(failed=failed, last=last, refresh=False)
 
         # A pipe may trickle: send what came within --linger rather than wait for a full batch.
         linger = args.linger if total is None else None
@@ -449,6 +519,8 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
         # Stopped early: the events never read count as not sent too.
         unsent = total - summary.sent - summary.failed_events
         summary = replace(summary, planned=total, unsent=unsent)
+    # Requests end in any order; refusals are listed in the order of the input.
+    refused.sort(key=lambda refusal: (refusal.line is None, refusal.line or 0))
     result = None
     if args.verify and summary.stopped_by is None:
         if not args.json:
@@ -471,10 +543,12 @@ def run_publish(client: Client, args: argparse.Namespace) -> int:
                 else None,
                 "input_error": str(problems[0]) if problems else None,
                 "outcome": outcome.as_dict() if outcome else None,
+                "refused": [refusal.as_dict() for refusal in refused],
+                "refused_total": refused_total,
             }
         )
     elif result is None:
-        print(format_summary(summary, outcome))
+        print(format_summary(summary, outcome, refused, refused_total))
     else:
         print(format_verify(summary, result))
         if outcome is not None:
@@ -524,7 +598,7 @@ class HeldInterrupt:
             raise KeyboardInterrupt
 
 
-def run_tail(client: Client, args: argparse.Namespace) -> int:
+def run_tail(client: Client, args: SimpleNamespace) -> int:
     """Print matching events oldest first; follow unless --no-follow; stop at --limit.
 
     Events come from the streamed export, each with its cursor, so a stop anywhere
@@ -575,7 +649,7 @@ def _resume_from(cursor: str | None) -> int:
     return EXIT_OK
 
 
-def run_stats(client: Client, args: argparse.Namespace) -> int:
+def run_stats(client: Client, args: SimpleNamespace) -> int:
     """Print /stats, or every topic's counters."""
     check_reachable(client)
     if args.topics:
@@ -598,18 +672,7 @@ def run_stats(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_batch(answer: dict[str, Any]) -> str:
-    """Render one batch's answer as a line: id, status, counts."""
-    line = f"{answer['batch_id']}  {answer['status']:<7} received {answer['received']}"
-    if answer["status"] == "stored":
-        line += (
-            f": stored {answer['stored']}, duplicates {answer['duplicates']},"
-            f" failed {answer['failed']} (at {answer['processed_at']})"
-        )
-    return line
-
-
-def run_batch(client: Client, args: argparse.Namespace) -> int:
+def run_batch(client: Client, args: SimpleNamespace) -> int:
     """Print what became of each batch; wait up to --wait for queued ones to be stored."""
     check_reachable(client)
     lookup = wait_for_batches(client, args.ids, args.wait)
@@ -630,7 +693,7 @@ def run_batch(client: Client, args: argparse.Namespace) -> int:
     return EXIT_NOT_FOUND if any(a["status"] == "unknown" for a in answers) else EXIT_OK
 
 
-def run_dead_letters(client: Client, args: argparse.Namespace) -> int:
+def run_dead_letters(client: Client, args: SimpleNamespace) -> int:
     """List dead letters, or replay the given ones."""
     check_reachable(client)
     if args.action == "list":
@@ -665,7 +728,7 @@ def run_dead_letters(client: Client, args: argparse.Namespace) -> int:
     return code
 
 
-COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Client, SimpleNamespace], int]] = {
     "publish": run_publish,
     "batch": run_batch,
     "tail": run_tail,
@@ -674,9 +737,61 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the process exit code."""
-    args = build_parser().parse_args(argv)
+def _parse(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> Invocation | int:
+    # Shell completion (_AGGREGATOR_COMPLETE set) answers and exits inside click.
+    result = cli.main(
+        args=None if argv is None else list(argv),
+        prog_name=PROG,
+        standalone_mode=False,
+        obj=State(os.environ if environ is None else environ),
+    )
+    # Not an Invocation: --help or --version printed, and this is the exit code.
+    return result if isinstance(result, Invocation) else int(result or 0)
+
+
+def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Invocation:
+    """Parse a command line without running it; click.UsageError says what is wrong."""
+    parsed = _parse(argv, environ)
+    if isinstance(parsed, int):
+        raise SystemExit(parsed)
+    return parsed
+
+
+def usage_error(exc: click.ClickException) -> int:
+    """Print a bad command line's message in our form and return its exit code."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        exc.show()  # No command at all: the help, on stderr.
+        return exc.exit_code
+    message = exc.format_message()
+    if type(exc) is click.BadParameter and exc.param is not None:
+        param = exc.param
+        name = (
+            "/".join(param.opts) if isinstance(param, click.Option) else param.human_readable_name
+        )
+        message = f"{name}: {exc.message}"
+    print(f"{PROG}: {message}", file=sys.stderr)
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        print(f"(see {ctx.command_path} --help)", file=sys.stderr)
+    return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line and return the process exit code."""
+    try:
+        parsed = _parse(argv, environ)
+    except click.ClickException as exc:
+        return usage_error(exc)
+    except click.Abort:
+        return EXIT_INTERRUPTED
+    if isinstance(parsed, int):
+        return parsed
+    return run(parsed)
+
+
+def run(invocation: Invocation) -> int:
+    """Carry out a parsed command line and return the exit code."""
+    args = invocation.args
     concurrency = getattr(args, "concurrency", 1)
     try:
         with Client(
@@ -686,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
             max_retries=args.max_retries,
             concurrency=concurrency,
         ) as client:
-            return COMMANDS[args.command](client, args)
+            return COMMANDS[invocation.command](client, args)
     except Fail as exc:
         print(f"aggregator: {exc}", file=sys.stderr)
         return exc.code

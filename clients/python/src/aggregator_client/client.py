@@ -195,6 +195,7 @@ class Client:
         headers = {**self._headers, "Content-Type": "application/json", "Idempotency-Key": key}
         started = time.perf_counter()
         batch_id: str | None = None
+        errors: Any = None
         error: str | None
         try:
             response = self._pool.request(
@@ -218,7 +219,9 @@ class Client:
                 error = f"HTTP {response.status}: {message}{_describe(errors)}"
         latency = time.perf_counter() - started
         ambiguous = sum(1 for attempt in retry.log if is_ambiguous(attempt))
-        return RequestOutcome(events, final, accepted, ambiguous, latency, error, key, batch_id)
+        return RequestOutcome(
+            events, final, accepted, ambiguous, latency, error, key, batch_id, errors
+        )
 
     def publish(
         self,
@@ -259,8 +262,9 @@ class Client:
                 if on_outcome is not None:
                     on_outcome(outcome)
 
-        def send(batch: list[dict[str, Any]]) -> RequestOutcome:
-            return self.publish_batch(batch, as_object=batch_size == 1)
+        def send(batch: list[dict[str, Any]], offset: int) -> RequestOutcome:
+            outcome = self.publish_batch(batch, as_object=batch_size == 1)
+            return replace(outcome, offset=offset)
 
         started = time.perf_counter()
         executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish")
@@ -271,6 +275,7 @@ class Client:
             else:
                 batches = iter_lingering_batches(events, batch_size, linger)
             for batch in batches:
+                offset = read
                 read += len(batch)
                 topics.update(str(event.get("topic")) for event in batch)
                 in_flight.acquire()
@@ -278,7 +283,7 @@ class Client:
                     in_flight.release()
                     stopped_by = "the API refused the token"
                     break
-                executor.submit(send, batch).add_done_callback(finished)
+                executor.submit(send, batch, offset).add_done_callback(finished)
         except KeyboardInterrupt:
             stopped_by = "interrupted"
         finally:
