@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import socket
 import sys
 import threading
@@ -290,3 +291,28 @@ def test_reports_go_to_stderr_by_default(closed_port: int) -> None:
     finally:
         sys.stderr = original
     assert "aggregator_client.logging: 1 log records were not delivered" in stream.getvalue()
+
+
+def test_a_forked_child_sends_its_own_records_with_its_own_thread(closed_port: int) -> None:
+    handler = AggregatorHandler(
+        f"http://127.0.0.1:{closed_port}",
+        topic="t",
+        linger=60,
+        timeout=0.1,
+        max_retries=0,
+        report=lambda _: None,
+    )
+    handler.handle(record())  # the parent's sender thread runs, its record queued
+    pid = os.fork()
+    if pid == 0:  # the child: none of the parent's queue, thread or locks
+        try:
+            handler.handle(record())
+            thread = handler._thread
+            fresh = thread is not None and thread.is_alive() and handler.counts().pending == 1
+            os._exit(0 if fresh else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert handler.counts().pending == 1
+    handler.close()
+    assert os.waitstatus_to_exitcode(status) == 0
