@@ -20,13 +20,16 @@ RUN pip install --require-hashes --only-binary :all: --no-binary psycogreen -r r
 # Only what runs: the packages, the migrations and the two files read from the working
 # directory (gunicorn picks up ./gunicorn.conf.py, alembic reads [tool.alembic] from
 # ./pyproject.toml). Tests, benchmarks, docs and deploy files stay out of the image.
+# The client library is its own distribution (clients/python/): installed from its
+# directory beside the server, which depends on it; the lock holds its dependencies.
 COPY pyproject.toml gunicorn.conf.py celery_config.py LICENSE ./
+COPY clients/python ./clients/python
 COPY app ./app
 COPY tasks ./tasks
 COPY publisher ./publisher
 COPY migrations ./migrations
-RUN pip install --no-deps . \
-    && rm -rf build ./*.egg-info
+RUN pip install --no-deps ./clients/python . \
+    && rm -rf build ./*.egg-info clients
 
 # Nothing in the image runs as root.
 RUN useradd --create-home --uid 10001 --user-group aggregator

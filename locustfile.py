@@ -41,9 +41,9 @@ from locust import task
 from locust.env import Environment
 from locust.runners import MasterRunner
 
-from publisher.client import Client
-from publisher.client import ClientError
-from publisher.outcomes import RequestOutcome
+from aggregator_client.client import Client
+from aggregator_client.client import ClientError
+from aggregator_client.outcomes import RequestOutcome
 
 RUN_ID = os.environ.get("LOCUST_RUN_ID") or f"locust-{uuid.uuid4().hex[:8]}"
 TOPICS = tuple(f"{RUN_ID}.{name}" for name in ("orders", "payments", "auth", "audit"))
@@ -83,7 +83,7 @@ TALLY = Tally()
 
 
 class ApiUser(User):
-    """A user with its own publisher.client.Client: the same client the CLI and tests use."""
+    """A user with its own aggregator_client Client: the same client the CLI and tests use."""
 
     abstract = True
 

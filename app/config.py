@@ -263,7 +263,7 @@ class Settings:
     max_large_bodies: int = 4
     large_body_wait: float = 5.0
     # Topics whose events may come without an event_id: the API derives one from
-    # the event's content (publisher.event_ids, docs/event-ids.md). Exact names,
+    # the event's content (aggregator_client.event_ids, docs/event-ids.md). Exact names,
     # prefixes ending in "*", or "*" for every topic; empty: every event needs one.
     derive_event_id_topics: tuple[str, ...] = ()
     # Lowest level written to the logs (app.logs), for the API and the worker alike.

@@ -1,6 +1,6 @@
 """Event ids the API derives, for the topics in DERIVE_EVENT_ID_TOPICS, from events sent without.
 
-The id is publisher.event_ids.derive_event_id of the event exactly as parsed
+The id is aggregator_client.event_ids.derive_event_id of the event exactly as parsed
 from the body, before the schema normalises anything (timestamps to UTC), so a
 line sent again gets the same id and is stored once.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from publisher.event_ids import derive_event_id
+from aggregator_client.event_ids import derive_event_id
 
 
 class DerivedIds:

@@ -34,6 +34,12 @@ import psycopg2
 from psycopg2.extensions import connection as PgConnection
 from psycopg2.extras import execute_values
 
+from aggregator_client.client import Client
+from aggregator_client.events import plan_events
+from aggregator_client.events import run_prefix
+from aggregator_client.events import run_topics
+from aggregator_client.report import end_to_end_rate
+from aggregator_client.verify import wait_and_verify
 from app.db import make_engine
 from app.store.ledger import store_exactly_once
 from bench.harness import ProcessGroup
@@ -57,12 +63,6 @@ from bench.harness import warn_if_busy
 from bench.harness import write_json
 from bench.profiling import py_spy
 from bench.profiling import summarise
-from publisher.cli import end_to_end_rate
-from publisher.client import Client
-from publisher.events import plan_events
-from publisher.events import run_prefix
-from publisher.events import run_topics
-from publisher.verify import wait_and_verify
 from scripts.services import plain_dsn
 from scripts.services import scratch_dir
 from scripts.stack import Api

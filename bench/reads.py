@@ -28,6 +28,7 @@ import orjson
 import psycopg2
 import urllib3
 
+from aggregator_client.outcomes import percentile
 from app.cursors import encode_cursor
 from bench.harness import ProcessGroup
 from bench.harness import RssSampler
@@ -43,7 +44,6 @@ from bench.harness import median
 from bench.harness import server_versions
 from bench.harness import table
 from bench.harness import warn_if_busy
-from publisher.outcomes import percentile
 from scripts.services import plain_dsn
 from scripts.services import scratch_dir
 from scripts.services import truncate_sql

@@ -1,5 +1,5 @@
-"""Entry point for `python -m publisher`, the same command as `aggregator`."""
+"""`python -m publisher`, the old name of `aggregator` (and of `python -m aggregator_client`)."""
 
-from publisher.cli import main
+from aggregator_client.cli import main
 
 raise SystemExit(main())

@@ -26,12 +26,16 @@ if [ ! -x "$TOOLS/bin/uv" ]; then
   "$TOOLS/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
 fi
 
+# The client library (clients/python/, tool.uv.sources in pyproject.toml) is part of this
+# repository: it is resolved from there, its dependencies are pinned, and it is itself left
+# out of the locks (bootstrap.sh and the Dockerfile install it from its directory).
 compile=(
   "$TOOLS/bin/uv" pip compile pyproject.toml
   --generate-hashes
   --python-version 3.11
   --python-platform x86_64-manylinux_2_28
   --custom-compile-command scripts/lock.sh
+  --no-emit-package log-aggregator-client
   --quiet
 )
 # The dev lock is resolved first; the runtime lock is then held to the same versions

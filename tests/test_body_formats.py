@@ -15,6 +15,7 @@ from werkzeug.exceptions import BadRequest
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.exceptions import UnsupportedMediaType
 
+from aggregator_client.event_ids import derive_event_id
 from app.bodies import parse_body
 from app.bodies import validate_events
 from app.config import SettingsError
@@ -28,7 +29,6 @@ from app.gunzip import Inflater
 from app.gunzip import body_encoding
 from app.schemas import MAX_BATCH
 from app.schemas import MAX_BODY_VALUES
-from publisher.event_ids import derive_event_id
 
 
 def event(event_id: str | None = "e-1", **overrides: Any) -> dict[str, Any]:

@@ -13,6 +13,9 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import requests
 from sqlalchemy import Engine
 from sqlalchemy import text
 
-from publisher.client import Client
+from aggregator_client.client import Client
 from scripts.stack import BIN
 from scripts.stack import Api
 from scripts.stack import Worker
@@ -91,6 +94,32 @@ def test_a_file_with_a_broken_line_is_refused_whole(url: str, tmp_path: Path) ->
     assert "line 3: not JSON" in run.stderr.decode()
     assert "nothing was sent" in run.stderr.decode()
     assert stats(url)["total_received_queued"] == 0
+
+
+def test_a_refused_event_is_named_by_its_line_in_the_file(url: str, tmp_path: Path) -> None:
+    # Two blank lines above it: line 750 holds the 748th event, the 248th (index 247)
+    # of the second batch of 500. The API names the index; the command names the line.
+    events = [make_event(f"line-{n}", topic="lines") for n in range(1000)]
+    events[747] = {**events[747], "timestamp": "yesterday"}
+    text = ndjson(events[:8]) + b"\n\n" + ndjson(events[8:])
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(text)
+    assert text.splitlines()[749] == orjson.dumps(events[747])
+    run = aggregator("publish", str(path), "--url", url, "--no-progress")
+    assert run.returncode == 3, run.stderr.decode()
+    out = run.stdout.decode()
+    assert f"refused     {path} line 750: timestamp: " in out, out
+    assert '"247"' not in out and "first error" not in out
+    document = json_out_code(aggregator("publish", str(path), "--url", url, "--json"), 3)
+    [refusal] = document["refused"]
+    assert (refusal["line"], refusal["where"]) == (750, f"{path} line 750")
+    assert list(refusal["errors"]) == ["timestamp"]
+    assert document["refused_total"] == 1
+
+
+def json_out_code(run: subprocess.CompletedProcess[bytes], code: int) -> Any:
+    assert run.returncode == code, run.stderr.decode()
+    return orjson.loads(run.stdout)
 
 
 def test_publishes_from_stdin_and_stops_at_a_broken_line(url: str, engine: Engine) -> None:
@@ -222,6 +251,54 @@ def test_tail_filters_stops_at_the_end_or_a_limit_and_resumes(url: str) -> None:
 def resume_cursor(run: subprocess.CompletedProcess[bytes]) -> str:
     """Return the cursor a stopped `aggregator tail` said to resume from."""
     return run.stderr.decode().split("resume with --cursor ")[1].split()[0]
+
+
+def test_tail_since_a_relative_time_skips_older_events(url: str) -> None:
+    now = datetime.now(UTC)
+    old = {**make_event("old", topic="since"), "timestamp": (now - timedelta(hours=2)).isoformat()}
+    new = {**make_event("new", topic="since"), "timestamp": now.isoformat()}
+    Client(url).publish([old, new])
+    settled_stats(url, received=2)
+    recent = aggregator("tail", "--url", url, "--topic", "since", "--since", "10m", "--no-follow")
+    assert recent.returncode == 0, recent.stderr.decode()
+    assert [line.split()[3] for line in recent.stdout.decode().splitlines()] == ["new"]
+    older = aggregator("tail", "--topic", "since", "--until", "1h", "--no-follow", "--url", url)
+    assert [line.split()[3] for line in older.stdout.decode().splitlines()] == ["old"]
+
+
+def test_global_options_are_taken_before_the_command(url: str) -> None:
+    # argparse answered "invalid choice" to this order.
+    Client(url).publish([make_event("g-1", topic="global")])
+    settled_stats(url, received=1)
+    before = json_out(aggregator("--url", url, "--json", "stats", "--topics"))
+    after = json_out(aggregator("stats", "--topics", "--url", url, "--json"))
+    mixed = json_out(aggregator("--json", "stats", "--url", url, "--topics"))
+    assert (
+        before == after == mixed == [{"topic": "global", "stored": 1, "duplicates": 0, "failed": 0}]
+    )
+
+
+def test_completion_offers_the_topics_the_api_knows(url: str) -> None:
+    Client(url).publish([make_event("c-1", topic="orders.eu"), make_event("c-2", topic="other")])
+    settled_stats(url, received=2)
+    env = {
+        **os.environ,
+        "COMP_WORDS": f"aggregator tail --url {url} --topic ord",
+        "COMP_CWORD": "5",
+        "_AGGREGATOR_COMPLETE": "bash_complete",
+    }
+    offered = subprocess.run(
+        [str(BIN / "aggregator")], env=env, capture_output=True, timeout=30, check=True
+    )
+    assert offered.stdout.decode().split() == ["plain,orders.eu"]
+    script = subprocess.run(
+        [str(BIN / "aggregator")],
+        env={**os.environ, "_AGGREGATOR_COMPLETE": "bash_source"},
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    assert b"complete -o nosort -F _aggregator_completion aggregator" in script.stdout
 
 
 def test_stats_prints_the_apis_figures(url: str) -> None:

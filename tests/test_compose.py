@@ -248,12 +248,16 @@ def test_publisher_command_runs_the_aggregator_console_script() -> None:
     assert words[words.index("--url") + 1] == "http://proxy:8080"
     assert "--verify" in words
     assert "--json" in words  # `logs publisher` is one JSON document
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["aggregator"] == "publisher.cli:main"
+    # The client's own distribution (clients/python/) installs the script; the server depends on it.
+    client = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())
+    assert client["project"]["scripts"]["aggregator"] == "aggregator_client.cli:main"
+    server = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert client["project"]["name"] in server["project"]["dependencies"]
+    assert "scripts" not in server["project"]
     # The options the service passes are ones the CLI accepts, with valid values.
-    from publisher.cli import build_parser
+    from aggregator_client.cli import parse_args
 
-    args = build_parser({}).parse_args([with_defaults(word) for word in words[1:]])
+    args = parse_args([with_defaults(word) for word in words[1:]], {}).args
     assert args.url == "http://proxy:8080"
     assert args.generate == 20000
     assert args.verify is True
@@ -295,9 +299,15 @@ def test_the_image_gets_what_runs_and_no_tests_benchmarks_or_docs() -> None:
         if keyword == "COPY"
         for word in rest.split()[:-1]
     }
-    assert {"app", "tasks", "publisher", "migrations", "gunicorn.conf.py", "pyproject.toml"} <= (
-        copied
-    )
+    assert {
+        "app",
+        "tasks",
+        "publisher",
+        "clients/python",
+        "migrations",
+        "gunicorn.conf.py",
+        "pyproject.toml",
+    } <= copied
     assert "." not in copied and not {"tests", "bench", "docs", "deploy", "scripts"} & copied
 
 

@@ -1,4 +1,4 @@
-"""The event_id recipe of the client library (publisher.event_ids): fixed vectors that
+"""The event_id recipe of the client library (aggregator_client.event_ids): fixed vectors that
 docs/event-ids.md repeats, so other languages can check their implementation against them."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from publisher.event_ids import canonical_json
-from publisher.event_ids import derive_event_id
+from aggregator_client.event_ids import canonical_json
+from aggregator_client.event_ids import derive_event_id
 from scripts.stack import ROOT
 
 # The docs' example: one fixed vector with non-ASCII text and keys to sort.

@@ -6,7 +6,7 @@ import re
 
 from scripts.stack import ROOT
 
-PACKAGES = ("app", "tasks", "publisher", "scripts", "bench")
+PACKAGES = ("app", "tasks", "publisher", "clients/python/src/aggregator_client", "scripts", "bench")
 TOP_LEVEL = ("celery_config.py", "gunicorn.conf.py", "locustfile.py", "migrations/env.py")
 
 

@@ -14,13 +14,13 @@ from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import text
 
+from aggregator_client.client import Client
+from aggregator_client.events import plan_events
+from aggregator_client.events import run_prefix
+from aggregator_client.events import run_topics
+from aggregator_client.verify import wait_and_verify
 from app.db import batches
 from app.db import events
-from publisher.client import Client
-from publisher.events import plan_events
-from publisher.events import run_prefix
-from publisher.events import run_topics
-from publisher.verify import wait_and_verify
 from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import Worker

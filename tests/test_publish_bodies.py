@@ -14,7 +14,7 @@ import orjson
 import pytest
 import requests
 
-from publisher.event_ids import derive_event_id
+from aggregator_client.event_ids import derive_event_id
 from scripts.stack import Api
 from scripts.stack import Worker
 from tests.helpers import settled_stats

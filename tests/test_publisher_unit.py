@@ -6,6 +6,7 @@ Including the sum of a run's batch outcomes and how the summary words it.
 import io
 import threading
 from collections import Counter
+from datetime import UTC
 from datetime import datetime
 
 import orjson
@@ -17,34 +18,38 @@ from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import RequestHistory
 
-from publisher.cli import EXIT_NOT_FOUND
-from publisher.cli import EXIT_OK
-from publisher.cli import EXIT_PUBLISH_FAILED
-from publisher.cli import EXIT_REFUSED
-from publisher.cli import EXIT_UNREACHABLE
-from publisher.cli import EXIT_USAGE
-from publisher.cli import build_parser
-from publisher.cli import format_batch
-from publisher.cli import format_outcome
-from publisher.cli import format_summary
-from publisher.cli import main
-from publisher.client import encode_body
-from publisher.events import InputError
-from publisher.events import batched
-from publisher.events import event_key
-from publisher.events import iter_batches
-from publisher.events import iter_lingering_batches
-from publisher.events import plan_events
-from publisher.events import read_ndjson
-from publisher.outcomes import RequestOutcome
-from publisher.outcomes import percentile
-from publisher.outcomes import sum_batches
-from publisher.outcomes import summarize
-from publisher.retries import is_ambiguous
-from publisher.retries import make_retry
-from publisher.verify import TopicTotals
-from publisher.verify import compare
-from publisher.verify import sum_topics
+from aggregator_client.cli import EXIT_NOT_FOUND
+from aggregator_client.cli import EXIT_OK
+from aggregator_client.cli import EXIT_PUBLISH_FAILED
+from aggregator_client.cli import EXIT_REFUSED
+from aggregator_client.cli import EXIT_UNREACHABLE
+from aggregator_client.cli import EXIT_USAGE
+from aggregator_client.cli import main
+from aggregator_client.cli import parse_args
+from aggregator_client.client import encode_body
+from aggregator_client.events import InputError
+from aggregator_client.events import LineNumbers
+from aggregator_client.events import batched
+from aggregator_client.events import event_key
+from aggregator_client.events import iter_batches
+from aggregator_client.events import iter_lingering_batches
+from aggregator_client.events import plan_events
+from aggregator_client.events import read_ndjson
+from aggregator_client.options import parse_moment
+from aggregator_client.outcomes import RequestOutcome
+from aggregator_client.outcomes import percentile
+from aggregator_client.outcomes import sum_batches
+from aggregator_client.outcomes import summarize
+from aggregator_client.report import InputPlaces
+from aggregator_client.report import format_batch
+from aggregator_client.report import format_outcome
+from aggregator_client.report import format_summary
+from aggregator_client.report import refusals_of
+from aggregator_client.retries import is_ambiguous
+from aggregator_client.retries import make_retry
+from aggregator_client.verify import TopicTotals
+from aggregator_client.verify import compare
+from aggregator_client.verify import sum_topics
 
 TOPICS = ["t-0", "t-1", "t-2"]
 
@@ -318,7 +323,7 @@ def test_sum_topics_counts_only_the_runs_topics():
 
 
 def test_cli_defaults():
-    args = build_parser({}).parse_args(["publish", "--generate=5"])
+    args = parse_args(["publish", "--generate=5"], {}).args
     assert args.url == "http://127.0.0.1:8080"
     assert (args.generate, args.duplicates, args.batch_size) == (5, 0.1, 500)
     assert (args.concurrency, args.topics, args.max_retries) == (8, 4, 8)
@@ -347,7 +352,7 @@ def test_cli_options_reach_the_arguments():
         "--verify-timeout=5",
         "--json",
     ]
-    args = build_parser({"API_TOKEN": "from-env"}).parse_args(argv)
+    args = parse_args(argv, {"API_TOKEN": "from-env"}).args
     assert (args.url, args.generate, args.duplicates, args.batch_size) == (
         "http://api:9000",
         10,
@@ -362,31 +367,81 @@ def test_cli_options_reach_the_arguments():
 def test_cli_url_and_token_default_to_the_environment():
     environ = {"API_TOKEN": "from-env", "AGGREGATOR_URL": "http://elsewhere:1"}
     for command in (["publish", "-"], ["tail"], ["stats"], ["dead-letters", "list"]):
-        args = build_parser(environ).parse_args(command)
+        args = parse_args(command, environ).args
         assert (args.url, args.token) == ("http://elsewhere:1", "from-env")
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "message"),
     [
-        ["publish", "--duplicates=1.0"],
-        ["publish", "--duplicates=-0.1"],
-        ["publish", "--batch-size=0"],
-        ["publish", "--batch-size=1001"],
-        ["publish", "--concurrency=0"],
-        ["publish", "--generate=-1"],
-        ["publish", "--timeout=0"],
-        ["tail", "--payload=[1]"],
-        ["tail", "--payload=nope"],
-        ["dead-letters", "forget"],
-        [],
+        (["publish", "--duplicates=1.0"], "--duplicates: expected a number in [0, 1), got '1.0'"),
+        (["publish", "--duplicates=-0.1"], "--duplicates: expected a number in [0, 1), got '-0.1'"),
+        (["publish", "--batch-size=0"], "--batch-size: expected a whole number in [1, 1000]"),
+        (["publish", "--batch-size=1001"], "--batch-size: expected a whole number in [1, 1000]"),
+        (["publish", "--concurrency=0"], "--concurrency: expected a whole number >= 1, got '0'"),
+        (["publish", "--generate=-1"], "--generate: expected a whole number >= 0, got '-1'"),
+        (["publish", "--generate=ten"], "--generate: expected a whole number >= 0, got 'ten'"),
+        (["publish", "--timeout=0"], "--timeout: expected a number of seconds > 0, got '0'"),
+        (["--timeout=nan", "stats"], "--timeout: expected a number of seconds > 0, got 'nan'"),
+        (["tail", "--payload=[1]"], "--payload: expected a JSON object, got list: '[1]'"),
+        (["tail", "--payload=nope"], "--payload: expected a JSON object such as"),
+        (["tail", "--since=yesterday"], "--since: expected a time like 10m, 2h, 3d (ago)"),
+        (["dead-letters", "forget"], "ACTION: expected list or replay, got 'forget'"),
+        (["dead-letters", "replay", "x"], "[ID]...: expected a whole number >= 1, got 'x'"),
+        (["stats", "--nope"], "No such option '--nope'"),
+        (["nope"], "No such command 'nope'"),
     ],
 )
-def test_cli_rejects_bad_options(argv, capsys):
-    with pytest.raises(SystemExit) as exited:
-        build_parser({}).parse_args(argv)
-    assert exited.value.code == 2
-    assert "error" in capsys.readouterr().err
+def test_cli_refuses_bad_options_in_its_own_words(argv, message, capsys):
+    # (These were argparse's "invalid _non_negative value: 'ten'" and "invalid choice".)
+    assert main(argv, {}) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"aggregator: {message}"), err
+    assert "(see aggregator" in err and "--help)" in err
+
+
+def test_cli_without_a_command_prints_the_help_and_exits_2(capsys):
+    assert main([], {}) == EXIT_USAGE
+    assert "Commands:" in capsys.readouterr().err
+
+
+def test_global_options_go_before_or_after_the_command():
+    before = parse_args(["--url=http://a:1", "--json", "--max-retries=0", "stats"], {}).args
+    after = parse_args(["stats", "--url=http://a:1", "--json", "--max-retries=0"], {}).args
+    assert (before.url, before.json, before.max_retries) == ("http://a:1", True, 0)
+    assert vars(before) == vars(after)
+    # Given twice, the command's own wins.
+    both = parse_args(["--url=http://a:1", "tail", "--url=http://b:2"], {}).args
+    assert both.url == "http://b:2"
+
+
+def test_version_names_the_distribution(capsys):
+    assert main(["--version"], {}) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("aggregator ") and "(log-aggregator-client)" in out
+
+
+def test_relative_times_become_timestamps_for_the_api():
+    args = parse_args(["tail", "--since=10m", "--until=2026-12-02T10:00:00Z"], {}).args
+    since = datetime.fromisoformat(args.since)
+    assert since.utcoffset() is not None
+    assert abs((datetime.now(UTC) - since).total_seconds() - 600) < 60
+    assert args.until == "2026-12-02T10:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("10m", 600), ("2h", 7200), ("3d", 259200), ("1w", 604800)]
+)
+def test_relative_times_count_back_from_now(text, seconds):
+    now = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    assert (now - parse_moment(text, now)).total_seconds() == seconds
+
+
+def test_a_timestamp_without_offset_is_local_time():
+    moment = parse_moment("2026-12-02T10:00:00")
+    assert moment.utcoffset() == datetime(2026, 12, 2, 10).astimezone().utcoffset()
+    with pytest.raises(ValueError, match="expected a time like 10m"):
+        parse_moment("10 minutes")
 
 
 @pytest.mark.parametrize(
@@ -404,9 +459,7 @@ def test_cli_refuses_impossible_requests_with_exit_2(argv, capsys):
 
 
 def test_help_lists_the_exit_codes(capsys):
-    with pytest.raises(SystemExit) as exited:
-        main(["--help"])
-    assert exited.value.code == 0
+    assert main(["--help"], {}) == EXIT_OK
     text = capsys.readouterr().out
     codes = (EXIT_OK, EXIT_USAGE, EXIT_PUBLISH_FAILED, EXIT_UNREACHABLE, EXIT_REFUSED)
     for code in (*codes, EXIT_NOT_FOUND):
@@ -525,11 +578,10 @@ def test_a_batch_prints_as_one_line():
 
 
 def test_batch_command_and_wait_options():
-    parser = build_parser({})
-    assert parser.parse_args(["publish", "-"]).wait_stored == 5.0
-    assert parser.parse_args(["publish", "-", "--wait-stored", "0"]).wait_stored == 0.0
-    args = parser.parse_args(["batch", "b1", "b2", "--wait", "2.5"])
-    assert (args.ids, args.wait) == (["b1", "b2"], 2.5)
+    assert parse_args(["publish", "-"], {}).args.wait_stored == 5.0
+    assert parse_args(["publish", "-", "--wait-stored", "0"], {}).args.wait_stored == 0.0
+    args = parse_args(["batch", "b1", "b2", "--wait", "2.5"], {}).args
+    assert (args.ids, args.wait) == (("b1", "b2"), 2.5)
 
 
 @pytest.mark.parametrize(
@@ -542,10 +594,8 @@ def test_batch_command_and_wait_options():
     ],
 )
 def test_batch_options_are_checked(argv, capsys):
-    with pytest.raises(SystemExit) as exited:
-        build_parser({}).parse_args(argv)
-    assert exited.value.code == 2
-    assert "error" in capsys.readouterr().err
+    assert main(argv, {}) == EXIT_USAGE
+    assert capsys.readouterr().err.startswith("aggregator: ")
 
 
 def test_summary_counts_events_never_sent():
@@ -607,3 +657,70 @@ def test_lingering_batches_raise_an_input_error_after_the_events_before_it():
     assert next(batches) == [{"n": 0}]
     with pytest.raises(InputError, match="line 2"):
         next(batches)
+
+
+def test_line_numbers_count_the_blank_lines_before_each_event():
+    lines = LineNumbers()
+    stream = io.BytesIO(b'\n{"n": 0}\n\n\n{"n": 1}\n{"n": 2}\n  \n{"n": 3}\n')
+    events = list(read_ndjson(stream, lines))
+    assert [event["n"] for event in events] == [0, 1, 2, 3]
+    assert [lines.line(position) for position in range(4)] == [2, 5, 6, 8]
+
+
+def test_a_file_without_blank_lines_costs_no_memory():
+    lines = LineNumbers()
+    list(read_ndjson(io.BytesIO(b'{"n": 1}\n' * 1000), lines))
+    assert lines.line(749) == 750 and lines._gaps == []
+
+
+def refused(events, errors, offset):
+    return RequestOutcome(
+        events, "422", False, 0, 0.1, "HTTP 422: invalid", errors=errors, offset=offset
+    )
+
+
+def test_a_refused_event_is_named_by_its_file_line_not_its_place_in_the_batch():
+    lines = LineNumbers()
+    # 10 blank lines among the first events: event 749 (position 249 of the second
+    # batch of 500) is on line 760.
+    text = b"\n" * 10 + b'{"n": 1}\n' * 1000
+    list(read_ndjson(io.BytesIO(text), lines))
+    places = InputPlaces("events.ndjson", lines)
+    errors = {
+        "249": {"timestamp": ["Not a valid datetime."]},
+        "3": {"payload": {"a.b": ["too big"]}},
+    }
+    found = refusals_of(refused([{}] * 500, errors, 500), places)
+    assert [(r.where, r.line, r.problems) for r in found] == [
+        ("events.ndjson line 514", 514, "payload.a.b: too big"),
+        ("events.ndjson line 760", 760, "timestamp: Not a valid datetime."),
+    ]
+    rows = format_summary(summarize(1000, [], 1.0, []), None, found, 2)
+    assert "refused     events.ndjson line 514: payload.a.b: too big" in rows
+    assert '"249"' not in rows
+
+
+def test_refusals_of_a_single_object_or_a_whole_batch_name_their_lines():
+    lines = LineNumbers()
+    list(read_ndjson(io.BytesIO(b'{"n": 1}\n' * 20), lines))
+    places = InputPlaces("stdin", lines)
+    # Sent as a bare object (--batch-size 1): the problems are per field.
+    [one] = refusals_of(refused([{}], {"topic": ["Missing data for required field."]}, 7), places)
+    assert (one.where, one.problems) == ("stdin line 8", "topic: Missing data for required field.")
+    # A problem of the whole batch names its range; generated events, their order.
+    [whole] = refusals_of(refused([{}] * 10, {"_schema": ["too many"]}, 10), places)
+    assert (whole.where, whole.problems) == ("stdin line 11 to 20", "too many")
+    [gen] = refusals_of(refused([{}] * 2, {"1": {"source": ["bad"]}}, 4), InputPlaces())
+    assert gen.where == "event 6"
+    # Anything but a 422 is not a refusal of events.
+    assert refusals_of(RequestOutcome([{}], "503", False, 1, 0.1, "busy"), places) == []
+
+
+def test_more_refusals_than_shown_are_counted():
+    lines = LineNumbers()
+    list(read_ndjson(io.BytesIO(b'{"n": 1}\n' * 20), lines))
+    errors = {str(n): {"topic": ["bad"]} for n in range(8)}
+    found = refusals_of(refused([{}] * 8, errors, 0), InputPlaces("f", lines))
+    text = format_summary(summarize(8, [], 1.0, []), None, found, 8)
+    assert "f line 5: topic: bad" in text and "f line 6" not in text
+    assert "... and 3 more (--json lists up to 100)" in text

@@ -39,10 +39,10 @@ from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import text
 
+from aggregator_client.outcomes import percentile
 from app.db import events
 from app.store.ledger import LOG_LOCK
 from app.store.ledger import hold_log
-from publisher.outcomes import percentile
 from scripts.services import RedisServer
 from scripts.services import private_redis
 from scripts.services import truncate_app_tables

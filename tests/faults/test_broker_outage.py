@@ -9,7 +9,7 @@ import pytest
 import requests
 from sqlalchemy import Engine
 
-from publisher.outcomes import percentile
+from aggregator_client.outcomes import percentile
 from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import wait_until

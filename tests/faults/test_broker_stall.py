@@ -19,8 +19,8 @@ import redis
 import requests
 from sqlalchemy import Engine
 
-from publisher.client import Client
-from publisher.outcomes import summarize
+from aggregator_client.client import Client
+from aggregator_client.outcomes import summarize
 from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import wait_until

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
-from publisher.events import event_key
+from aggregator_client.events import event_key
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class RequestOutcome:
     key: str | None = None
     # The batch the API said carries the events (workers log it).
     batch_id: str | None = None
+    # A refusal's problems as the API named them: per field, or per position in the batch.
+    errors: Any = None
+    # Where the batch's first event stood among the events of the run (from 0).
+    offset: int = 0
 
     @property
     def possible_extra_acceptances(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import queue
 import random
@@ -27,15 +28,49 @@ class InputError(ValueError):
         self.line = line
 
 
-def read_ndjson(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+class LineNumbers:
+    """The line of the input each event came from, by its position among the events.
+
+    Only the blank lines (which hold no event) are recorded, so a file of
+    millions of lines costs nothing unless it is full of gaps: an event's line
+    is its position plus one plus the blank lines before it. Safe to read from
+    other threads while the input is being read (an event is looked up only
+    after it was read).
+    """
+
+    def __init__(self) -> None:
+        # (position of the next event, blank lines before it), positions increasing.
+        self._gaps: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def blank_before(self, position: int) -> None:
+        """Record a blank line read before the event at `position`."""
+        with self._lock:
+            if self._gaps and self._gaps[-1][0] == position:
+                self._gaps[-1] = (position, self._gaps[-1][1] + 1)
+            else:
+                self._gaps.append((position, (self._gaps[-1][1] if self._gaps else 0) + 1))
+
+    def line(self, position: int) -> int:
+        """Return the line number (from 1) of the event at `position` (from 0)."""
+        with self._lock:
+            index = bisect.bisect_right(self._gaps, position, key=lambda gap: gap[0])
+            blank = self._gaps[index - 1][1] if index else 0
+        return position + 1 + blank
+
+
+def read_ndjson(stream: IO[bytes], lines: LineNumbers | None = None) -> Iterator[dict[str, Any]]:
     """Yield one event per non-blank line of `stream`, as it is read.
 
     The API validates each event's fields; this only makes sure each line is a
     JSON object, so a broken line is reported with its number before anything
-    after it is sent.
+    after it is sent. `lines`, if given, learns where each event came from.
     """
+    position = 0
     for number, line in enumerate(stream, start=1):
         if not line.strip():
+            if lines is not None:
+                lines.blank_before(position)
             continue
         try:
             event = orjson.loads(line)
@@ -43,6 +78,7 @@ def read_ndjson(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
             raise InputError(number, f"not JSON ({exc})") from None
         if not isinstance(event, dict):
             raise InputError(number, f"expected a JSON object, got {type(event).__name__}")
+        position += 1
         yield event
 
 

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from publisher.client import ApiError
-from publisher.client import Client
-from publisher.client import ClientError
-from publisher.outcomes import ServerOutcome
-from publisher.outcomes import sum_batches
+from aggregator_client.client import ApiError
+from aggregator_client.client import Client
+from aggregator_client.client import ClientError
+from aggregator_client.outcomes import ServerOutcome
+from aggregator_client.outcomes import sum_batches
 
 # The first pause between looks; it doubles up to POLL_MAX.
 POLL_FIRST = 0.05

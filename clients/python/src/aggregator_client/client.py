@@ -11,13 +11,13 @@
             ...
         client.batch(batch_id)                      # what became of a batch: queued or stored
 
-publisher.batches.batch_outcome(client, summary.batches) sums the server's
+aggregator_client.batches.batch_outcome(client, summary.batches) sums the server's
 outcome over a run's batches, waiting a bounded time for them to be stored.
 
 Every publish request carries its own Idempotency-Key and sends it again on
 each retry, so a retry after an ambiguous failure (a timeout, a reset, a
 gateway's 502, a 503 after a stall) is counted once by the API. The summary says how many events the
-API may have accepted beyond the 202s it answered (see publisher.outcomes).
+API may have accepted beyond the 202s it answered (see aggregator_client.outcomes).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
-from publisher.events import iter_batches
-from publisher.events import iter_lingering_batches
-from publisher.outcomes import PublishSummary
-from publisher.outcomes import RequestOutcome
-from publisher.outcomes import summarize
-from publisher.retries import RETRY_STATUSES
-from publisher.retries import is_ambiguous
-from publisher.retries import make_retry
+from aggregator_client.events import iter_batches
+from aggregator_client.events import iter_lingering_batches
+from aggregator_client.outcomes import PublishSummary
+from aggregator_client.outcomes import RequestOutcome
+from aggregator_client.outcomes import summarize
+from aggregator_client.retries import RETRY_STATUSES
+from aggregator_client.retries import is_ambiguous
+from aggregator_client.retries import make_retry
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 NDJSON = "application/x-ndjson"
@@ -195,6 +195,7 @@ class Client:
         headers = {**self._headers, "Content-Type": "application/json", "Idempotency-Key": key}
         started = time.perf_counter()
         batch_id: str | None = None
+        errors: Any = None
         error: str | None
         try:
             response = self._pool.request(
@@ -218,7 +219,9 @@ class Client:
                 error = f"HTTP {response.status}: {message}{_describe(errors)}"
         latency = time.perf_counter() - started
         ambiguous = sum(1 for attempt in retry.log if is_ambiguous(attempt))
-        return RequestOutcome(events, final, accepted, ambiguous, latency, error, key, batch_id)
+        return RequestOutcome(
+            events, final, accepted, ambiguous, latency, error, key, batch_id, errors
+        )
 
     def publish(
         self,
@@ -259,8 +262,9 @@ class Client:
                 if on_outcome is not None:
                     on_outcome(outcome)
 
-        def send(batch: list[dict[str, Any]]) -> RequestOutcome:
-            return self.publish_batch(batch, as_object=batch_size == 1)
+        def send(batch: list[dict[str, Any]], offset: int) -> RequestOutcome:
+            outcome = self.publish_batch(batch, as_object=batch_size == 1)
+            return replace(outcome, offset=offset)
 
         started = time.perf_counter()
         executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish")
@@ -271,6 +275,7 @@ class Client:
             else:
                 batches = iter_lingering_batches(events, batch_size, linger)
             for batch in batches:
+                offset = read
                 read += len(batch)
                 topics.update(str(event.get("topic")) for event in batch)
                 in_flight.acquire()
@@ -278,7 +283,7 @@ class Client:
                     in_flight.release()
                     stopped_by = "the API refused the token"
                     break
-                executor.submit(send, batch).add_done_callback(finished)
+                executor.submit(send, batch, offset).add_done_callback(finished)
         except KeyboardInterrupt:
             stopped_by = "interrupted"
         finally:

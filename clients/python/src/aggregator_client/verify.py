@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from dataclasses import replace
 from typing import Any
 
-from publisher.client import ApiError
-from publisher.client import Client
-from publisher.client import Unreachable
-from publisher.outcomes import PublishSummary
+from aggregator_client.client import ApiError
+from aggregator_client.client import Client
+from aggregator_client.client import Unreachable
+from aggregator_client.outcomes import PublishSummary
 
 
 @dataclass(frozen=True)
