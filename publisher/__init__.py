@@ -9,7 +9,17 @@ name keeps working unchanged (monkeypatching included) until it is updated.
 import importlib
 import sys
 
-_MODULES = ("batches", "cli", "client", "event_ids", "events", "outcomes", "retries", "verify")
+_MODULES = (
+    "batches",
+    "cli",
+    "client",
+    "event_ids",
+    "events",
+    "omprog",
+    "outcomes",
+    "retries",
+    "verify",
+)
 
 for _name in _MODULES:
     _module = importlib.import_module(f"aggregator_client.{_name}")

@@ -1,7 +1,7 @@
 """Shipping real logs with the programs people run: rsyslog (Debian's) into a real API and worker.
 
 deploy/shippers/rsyslog/aggregator.conf, unchanged, follows a file with imfile and
-feeds publisher.omprog, which confirms a batch to rsyslog only once it was
+feeds aggregator_client.omprog, which confirms a batch to rsyslog only once it was
 answered 202. Checked here: every line stored once; an outage of the API loses
 nothing (rsyslog keeps and resends); reading the whole file again (its state
 lost) stores nothing new and counts each line as a duplicate.
@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from publisher.omprog import Bridge
-from publisher.omprog import serve
-from publisher.outcomes import RequestOutcome
+from aggregator_client.omprog import Bridge
+from aggregator_client.omprog import serve
+from aggregator_client.outcomes import RequestOutcome
 from scripts.services import find_rsyslogd
 from scripts.stack import Api
 from scripts.stack import Worker
@@ -132,7 +132,7 @@ def test_rsyslog_ships_each_line_once_through_an_outage_and_a_reread(
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN, encoding="utf-8")
     write_lines(log_file, 1, 600)
-    program = f"{sys.executable} -m publisher.omprog --url {tokened_api.url}"
+    program = f"{sys.executable} -m aggregator_client.omprog --url {tokened_api.url}"
     env = {
         "AGGREGATOR_LOG_FILE": str(log_file),
         "AGGREGATOR_TOPIC": topic,

@@ -13,7 +13,7 @@ Each publish carries an Idempotency-Key made from its lines: a batch sent again
 after an answer that got lost is counted once, as long as rsyslog sends the same
 lines together again (otherwise its events are still stored once, and those sent
 again are counted as duplicates). An event without an `event_id` gets the
-documented content-hash id (publisher.event_ids).
+documented content-hash id (aggregator_client.event_ids).
 
 A line that can never be accepted (not JSON, or refused by the API's
 validation) is written to stderr and confirmed, so it cannot block rsyslog's
@@ -36,10 +36,10 @@ from typing import Any
 
 import orjson
 
-from publisher.client import MAX_BATCH
-from publisher.client import Client
-from publisher.event_ids import derive_event_id
-from publisher.outcomes import RequestOutcome
+from aggregator_client.client import MAX_BATCH
+from aggregator_client.client import Client
+from aggregator_client.event_ids import derive_event_id
+from aggregator_client.outcomes import RequestOutcome
 
 BEGIN = "BEGIN TRANSACTION"
 COMMIT = "COMMIT TRANSACTION"
@@ -167,7 +167,7 @@ def serve(bridge: Bridge, source: IO[str], answers: IO[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m publisher.omprog",
+        prog="python -m aggregator_client.omprog",
         description="rsyslog omprog program: publish what rsyslog sends, confirming it"
         " only once the aggregator accepted it (deploy/shippers/rsyslog/).",
     )
