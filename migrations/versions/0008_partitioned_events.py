@@ -9,10 +9,12 @@ wait (it holds an ACCESS EXCLUSIVE lock on events while it copies every row
 into the partitioned table and every key into event_keys: minutes for tens of
 millions of rows, and twice the table's size on disk until the old table is
 dropped at the end). Rows stored before it land in one partition,
-events_upto_<day after the migration>, dropped whole once all of it is past
-retention. Positions, ids and cursors are kept. The downgrade copies the rows
-back into one table with the old constraints; keys survive only as the rows
-that remain.
+events_upto_<the day after the newest row>, dropped whole once all of it is past
+retention. Positions, ids and cursors are kept. Daily partitions are created
+for the next few days; after that `python -m app.retention` (or the beat task)
+keeps creating them, and events_default holds any row stored meanwhile. The
+downgrade copies the rows back into one table with the old constraints; keys
+survive only as the rows that remain.
 """
 
 from __future__ import annotations
@@ -83,17 +85,22 @@ def _counter_columns(add: bool) -> None:
 def upgrade() -> None:
     _counter_columns(add=True)
     op.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-    today: date = (
-        op.get_bind().execute(sa.text("SELECT (now() AT TIME ZONE 'UTC')::date")).scalar_one()
-    )
-    tomorrow = today + timedelta(days=1)
+    bind = op.get_bind()
+    today: date = bind.execute(sa.text("SELECT (now() AT TIME ZONE 'UTC')::date")).scalar_one()
+    last: date | None = bind.execute(
+        sa.text("SELECT (max(stored_at) AT TIME ZONE 'UTC')::date FROM events")
+    ).scalar_one()
     _create_events("events_partitioned", partitioned=True)
-    op.execute(
-        f"CREATE TABLE events_upto_{tomorrow:%Y%m%d} PARTITION OF events_partitioned"
-        f" FOR VALUES FROM (MINVALUE) TO ('{tomorrow.isoformat()} 00:00:00+00')"
-    )
+    first_day = today
+    if last is not None:
+        upto = last + timedelta(days=1)
+        op.execute(
+            f"CREATE TABLE events_upto_{upto:%Y%m%d} PARTITION OF events_partitioned"
+            f" FOR VALUES FROM (MINVALUE) TO ('{upto.isoformat()} 00:00:00+00')"
+        )
+        first_day = max(today, upto)
     for ahead in range(DAYS_AHEAD):
-        day = tomorrow + timedelta(days=ahead)
+        day = first_day + timedelta(days=ahead)
         op.execute(
             f"CREATE TABLE events_{day:%Y%m%d} PARTITION OF events_partitioned"
             f" FOR VALUES FROM ('{day.isoformat()} 00:00:00+00')"
