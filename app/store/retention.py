@@ -66,7 +66,7 @@ class RetentionReport:
     """What one run did."""
 
     ran: bool = True
-    created: list[str] = field(default_factory=list)
+    partitions_created: list[str] = field(default_factory=list)
     moved_from_default: int = 0
     dropped: list[str] = field(default_factory=list)
     drop_lock_waits: int = 0
@@ -304,7 +304,7 @@ def run_retention(
             return RetentionReport(ran=False)
         report = RetentionReport()
         now = now or database_now(engine)
-        report.created, report.moved_from_default = create_partitions(
+        report.partitions_created, report.moved_from_default = create_partitions(
             engine, now.astimezone(UTC).date(), policy.partitions_ahead
         )
         complete = True
