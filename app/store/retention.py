@@ -112,7 +112,7 @@ def database_now(engine: Engine) -> datetime:
         return conn.execute(select(func.now())).scalar_one()
 
 
-def _attach_day(engine: Engine, day: date) -> int:
+def attach_day(engine: Engine, day: date) -> int:
     """Create and attach the partition of one day; move its rows out of the default first.
 
     Returns how many rows moved. The move holds the log's lock, so no writer
@@ -175,12 +175,12 @@ def create_partitions(engine: Engine, today: date, ahead: int) -> tuple[list[str
         # A day the migration's events_upto_* partition (or an existing one) covers.
         if any((p.start is None or p.start <= start) and start < p.end for p in covered):
             continue
-        moved += _attach_day(engine, day)
+        moved += attach_day(engine, day)
         created.append(partition_name(day))
     return created, moved
 
 
-def _raise_drop_marks(engine: Engine, partition: Partition) -> None:
+def raise_drop_marks(engine: Engine, partition: Partition) -> None:
     """Record that everything in the partition is about to go, before it goes."""
     with engine.begin() as conn:
         highest = conn.execute(
@@ -229,7 +229,7 @@ def drop_partitions(engine: Engine, before: datetime, report: RetentionReport) -
     with engine.connect() as conn:
         expired = [p for p in partitions(conn) if p.end <= before]
     for partition in expired:
-        _raise_drop_marks(engine, partition)
+        raise_drop_marks(engine, partition)
         if not _drop(engine, partition.name, report):
             # The marks stay raised: readers are told of a gap a little early.
             return False
