@@ -64,3 +64,10 @@ worker_hijack_root_logger = True
 # (enable_events) while it watches, so they are only paid for when used.
 worker_send_task_events = False
 task_send_sent_event = False
+
+# Retention (app.retention): `celery -A tasks:celery_app beat` (or a worker started
+# with -B) sends it every RETENTION_INTERVAL; it also keeps daily partitions
+# ready when retention is off. An advisory lock lets only one run act at a time.
+beat_schedule = {
+    "retention": {"task": "tasks.retention.run", "schedule": float(_settings.retention_interval)}
+}

@@ -311,8 +311,17 @@ def list_events(
     if not wait:
         with _engine().connect() as conn:
             page, next_cursor = _events_page(conn, limit, cursor, filters)
-        return {"events": page, "next_cursor": next_cursor}
+            gap = reading.retention_gap(conn, cursor)
+        return _answer(page, next_cursor, gap)
     return _follow(limit, wait, cursor, filters)
+
+
+def _answer(page: list[dict[str, Any]], next_cursor: str | None, gap: bool) -> dict[str, Any]:
+    """A page of events; `retention_gap` only when retention dropped events after the cursor."""
+    answer: dict[str, Any] = {"events": page, "next_cursor": next_cursor}
+    if gap:
+        answer["retention_gap"] = True
+    return answer
 
 
 def _follow(limit: int, wait: int, cursor: str | None, filters: dict[str, Any]) -> dict[str, Any]:
@@ -323,8 +332,12 @@ def _follow(limit: int, wait: int, cursor: str | None, filters: dict[str, Any]) 
     between reads the request waits for the process's one LogHead, not on a timer.
     """
     page, next_cursor, upto = _follow_page(limit, cursor, filters)
+    # Only the first read can skip dropped events: later ones start at a position
+    # read from the log after the first.
+    with current_app.extensions["stream_engine"].connect() as conn:
+        gap = reading.retention_gap(conn, cursor)
     if page:
-        return {"events": page, "next_cursor": next_cursor}
+        return _answer(page, next_cursor, gap)
     followers: threading.BoundedSemaphore = current_app.extensions["followers"]
     if not followers.acquire(blocking=False):
         raise ServiceUnavailable(
@@ -338,7 +351,7 @@ def _follow(limit: int, wait: int, cursor: str | None, filters: dict[str, Any]) 
             page, next_cursor, upto = _follow_page(limit, next_cursor, filters)
     finally:
         followers.release()
-    return {"events": page, "next_cursor": next_cursor}
+    return _answer(page, next_cursor, gap)
 
 
 def _follow_page(

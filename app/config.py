@@ -272,6 +272,17 @@ class Settings:
     # a healthcheck can read the file's age instead of starting a Celery client
     # (`celery inspect ping`); empty: no file.
     liveness_file: str = ""
+    # Events are kept at least this many days (whole UTC days of stored_at are
+    # dropped, so up to one day more); None keeps them for ever.
+    retention_days: int | None = None
+    # Dedup keys are kept this many days after the later of when an event was
+    # stored and its own timestamp (never fewer than retention_days); an event
+    # re-sent after its key is gone is stored and counted stored_after_horizon.
+    dedup_horizon_days: int | None = None
+    # How often the beat schedules a retention run (app.retention), in seconds.
+    retention_interval: int = 3600
+    # Daily partitions of events kept ready ahead of today.
+    partitions_ahead: int = 3
 
     def db_timeouts(self, process: Literal["api", "worker"]) -> DbTimeouts:
         """Return the session limits of the API's or a worker's connections."""
@@ -345,6 +356,34 @@ def _topic_patterns(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def _days(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name, "").strip()
+    if raw in ("", "off"):
+        return None
+    if not raw.isdigit() or int(raw) == 0:
+        raise SettingsError(f"{name} must be a positive number of days or 'off', got {raw!r}")
+    return int(raw)
+
+
+def _retention(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """Return RETENTION_DAYS and DEDUP_HORIZON_DAYS (which defaults to it), checked together."""
+    retention = _days(environ, "RETENTION_DAYS")
+    horizon = _days(environ, "DEDUP_HORIZON_DAYS")
+    if horizon is None:
+        return retention, retention
+    if retention is None:
+        raise SettingsError(
+            "DEDUP_HORIZON_DAYS needs RETENTION_DAYS: keys are only pruned once their events"
+            " are gone, so without retention they are kept for ever"
+        )
+    if horizon < retention:
+        raise SettingsError(
+            f"DEDUP_HORIZON_DAYS ({horizon}) must be at least RETENTION_DAYS ({retention}):"
+            " a stored event's key must outlive it, or a re-send would be stored twice"
+        )
+    return retention, horizon
+
+
 def _url(environ: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     value = environ.get(name) or default
     if not value.startswith(schemes):
@@ -367,6 +406,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(
             f"TASK_TIME_LIMIT ({hard_limit}) must be above TASK_SOFT_TIME_LIMIT ({soft_limit})"
         )
+    retention_days, dedup_horizon_days = _retention(env)
     proxy_hops = _count(env, "PROXY_HOPS", Settings.proxy_hops)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
     if proxy_hops and not trusted_proxies:
@@ -424,6 +464,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         derive_event_id_topics=_topic_patterns(env, "DERIVE_EVENT_ID_TOPICS"),
         log_level=load_log_level(env),
         liveness_file=env.get("WORKER_LIVENESS_FILE", "").strip(),
+        retention_days=retention_days,
+        dedup_horizon_days=dedup_horizon_days,
+        retention_interval=_int(env, "RETENTION_INTERVAL", Settings.retention_interval),
+        partitions_ahead=_int(env, "PARTITIONS_AHEAD", Settings.partitions_ahead),
     )
 
 

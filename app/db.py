@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from sqlalchemy import BigInteger
+from sqlalchemy import Boolean
 from sqlalchemy import CheckConstraint
 from sqlalchemy import Column
 from sqlalchemy import DateTime
@@ -11,6 +14,7 @@ from sqlalchemy import Engine
 from sqlalchemy import Index
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
+from sqlalchemy import PrimaryKeyConstraint
 from sqlalchemy import SmallInteger
 from sqlalchemy import Table
 from sqlalchemy import Text
@@ -37,8 +41,14 @@ metadata = MetaData(
 EVENT_FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
 # What became of each event received, disjoint: received = stored + duplicates + failed.
 OUTCOMES = ("stored", "duplicates", "failed")
+# Of the stored events, those whose timestamp was older than the point the dedup
+# keys had been pruned to (app.store.retention): their key may have been pruned,
+# so they may be re-sends of events stored before. Counted in stored as well.
+AFTER_HORIZON = "stored_after_horizon"
+# What a batch's ledger row records.
+BATCH_COUNTS = (*OUTCOMES, AFTER_HORIZON)
 # The counters every batch, topic and stripe keeps.
-COUNTERS = ("received", *OUTCOMES)
+COUNTERS = ("received", *BATCH_COUNTS)
 
 
 def _counter_columns(
@@ -47,10 +57,14 @@ def _counter_columns(
     return [Column(name, type_, nullable=False, server_default="0") for name in names]
 
 
+# The log, one partition per UTC day of stored_at (app.store.retention creates
+# them ahead and drops them past retention; events_default catches any row no
+# partition covers yet). A unique constraint of a partitioned table must hold
+# the partition key, so the dedup key lives in event_keys instead.
 events = Table(
     "events",
     metadata,
-    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("id", BigInteger, nullable=False, autoincrement=True),
     Column("topic", Text, nullable=False),
     Column("event_id", Text, nullable=False),
     Column("timestamp", DateTime(timezone=True), nullable=False),
@@ -62,18 +76,54 @@ events = Table(
     Column("txid", BigInteger, nullable=False, server_default=text("txid_current()")),
     # The log's order. Writers take positions only while holding LOG_LOCK until
     # they commit, so positions become visible in order and a reader's cursor
-    # can never pass a row that commits later (app.store.ledger).
+    # can never pass a row that commits later (app.store.ledger). Unique by the
+    # sequence; the index cannot say so without holding stored_at.
     Column(
         "position",
         BigInteger,
         nullable=False,
         server_default=text("nextval('events_position_seq')"),
     ),
-    UniqueConstraint("topic", "event_id"),
+    PrimaryKeyConstraint("id", "stored_at"),
     Index(None, "txid", "id"),
     Index(None, "topic", "txid", "id"),
-    Index("ix_events_position", "position", unique=True),
+    Index("ix_events_position", "position"),
     Index("ix_events_topic_position", "topic", "position"),
+    postgresql_partition_by="RANGE (stored_at)",
+)
+
+# The partitions of events: one per UTC day (events_20261206), the one
+# migration 0008 put earlier rows in (events_upto_20261207: before that day), and
+# the default. Migrations and the model check leave them to app.store.retention.
+EVENT_PARTITION = re.compile(r"events_(?:(?P<day>\d{8})|upto_(?P<upto>\d{8})|default)")
+
+# The dedup key of every event stored, kept for the dedup horizon (at least as
+# long as the event itself): the writer inserts keys first and only the events
+# whose key was new (app.store.ledger). horizon_from is the later of when the
+# key was stored and the event's own timestamp; keys are pruned by it, so a
+# pruned key's event always has a timestamp before the point keys were pruned to.
+event_keys = Table(
+    "event_keys",
+    metadata,
+    Column("topic", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("horizon_from", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("topic", "event_id"),
+    Index(None, "horizon_from"),
+)
+
+# One row: how far retention has gone. Events at or below dropped_through (a
+# position) may have been dropped, and every event stored before dropped_before;
+# keys with horizon_from before keys_pruned_before may have been pruned. Each
+# mark is raised before the data goes, so readers and writers never miss a drop.
+retention_marks = Table(
+    "retention_marks",
+    metadata,
+    Column("singleton", Boolean, primary_key=True, server_default=text("true")),
+    Column("dropped_through", BigInteger, nullable=False, server_default="0"),
+    Column("dropped_before", DateTime(timezone=True), nullable=True),
+    Column("keys_pruned_before", DateTime(timezone=True), nullable=True),
+    CheckConstraint("singleton", name="one_row"),
 )
 
 # One row per processed task, claimed before the events are touched and in the
@@ -85,7 +135,7 @@ batches = Table(
     Column("batch_id", Text, primary_key=True),
     # Known when the batch is claimed, so it has no default.
     Column("received", Integer, nullable=False),
-    *_counter_columns(Integer, OUTCOMES),
+    *_counter_columns(Integer, BATCH_COUNTS),
     Column("processed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     # Which acceptance this batch was: the broker's epoch and its sequence number
     # there (tasks.broker_state compares them with the broker to detect lost data).

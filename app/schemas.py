@@ -390,6 +390,12 @@ class EventPageSchema(Schema):
         allow_none=True,
         metadata={"example": "cDky", "description": "null at the end of the log"},
     )
+    retention_gap = fields.Boolean(
+        metadata={
+            "description": "Present (true) when retention dropped events, of any topic, that"
+            " came after the cursor: the page continues at the oldest event kept."
+        },
+    )
 
 
 class AcceptedSchema(Schema):
@@ -622,6 +628,29 @@ class BrokerDataLossSchema(Schema):
     )
 
 
+class RetentionStateSchema(Schema):
+    """How far retention has gone (README, "Retention and the dedup horizon")."""
+
+    oldest_position = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Position of the oldest event kept; null for an empty log."},
+    )
+    oldest_stored_at = fields.AwareDateTime(required=True, allow_none=True)
+    dropped_through = fields.Integer(
+        required=True,
+        metadata={"description": "Events at or below this position may have been dropped."},
+    )
+    keys_pruned_before = fields.AwareDateTime(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "Dedup keys of events older than this may have been pruned: such"
+            " events sent again are stored and counted in stored_after_horizon."
+        },
+    )
+
+
 class StatsSchema(Schema):
     """Counters that add up: received = stored + duplicates + failed + queued."""
 
@@ -632,6 +661,15 @@ class StatsSchema(Schema):
     queued_events = fields.Integer(required=True, metadata={"example": 0})
     uptime_seconds = fields.Float(required=True, metadata={"example": 7.9})
     broker_data_loss = fields.Nested(BrokerDataLossSchema, required=True)
+    stored_after_horizon = fields.Integer(
+        required=True,
+        metadata={
+            "example": 0,
+            "description": "Of unique_processed_db: events stored with a timestamp before"
+            " keys_pruned_before, whose key may have been pruned (possible re-sends).",
+        },
+    )
+    retention = fields.Nested(RetentionStateSchema, required=True)
 
 
 class TopicQuerySchema(Schema):

@@ -8,6 +8,7 @@ from sqlalchemy import create_engine
 
 from app.config import load_log_level
 from app.config import load_settings
+from app.db import EVENT_PARTITION
 from app.db import metadata
 from app.logs import configure_logging
 
@@ -23,6 +24,8 @@ EXPRESSION_INDEXES = frozenset({"ix_topic_stats_topic_c"})
 def _include(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
+    if type_ == "table" and name is not None and EVENT_PARTITION.fullmatch(name):
+        return False  # partitions of events come and go with retention (app.store.retention)
     return not (type_ == "index" and name in EXPRESSION_INDEXES)
 
 

@@ -27,7 +27,7 @@ from app.logs import configure_logging
 from app.redis_client import make_redis
 from tasks.pending import Scripts
 
-celery_app = Celery("tasks", include=["tasks.ingest"])
+celery_app = Celery("tasks", include=["tasks.ingest", "tasks.retention"])
 celery_app.config_from_object("celery_config")
 
 # How often a worker touches WORKER_LIVENESS_FILE; a healthcheck allows several misses.

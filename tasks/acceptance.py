@@ -30,6 +30,7 @@ from app.instruments import TASK_EVENTS
 from app.store.counters import read_totals
 from app.store.ledger import processed_batches
 from app.store.ledger import read_batch
+from app.store.reading import retention_state
 from tasks.broker_state import Watchdog
 from tasks.broker_state import broker_name
 from tasks.messages import build_message
@@ -430,6 +431,7 @@ def collect_stats(engine: Engine, client: redis.Redis, started_at: float) -> dic
             totals = read_totals(conn)
             done = processed_batches(conn, list(accepted))
             losses = loss_summary(conn)
+            retention = retention_state(conn)
     queued = sum(size for batch_id, size in accepted.items() if batch_id not in done)
     return {
         "total_received_queued": totals.received + queued,
@@ -439,6 +441,8 @@ def collect_stats(engine: Engine, client: redis.Redis, started_at: float) -> dic
         "queued_events": queued,
         "uptime_seconds": round(time.monotonic() - started_at, 3),
         "broker_data_loss": losses,
+        "stored_after_horizon": totals.stored_after_horizon,
+        "retention": retention,
     }
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy import text
 
+from app.db import EVENT_PARTITION
 from app.db import make_engine
 from scripts.services import alembic_config
 from scripts.services import migrate
@@ -23,11 +25,14 @@ def empty_database(pg_server_url: str) -> Iterator[str]:
 
 
 def tables_and_constraints(url: str) -> tuple[set[str], list[str]]:
+    """Return the tables (partitions of events left out) and the dedup key's constraints."""
     engine = make_engine(url)
     try:
         inspector = inspect(engine)
-        tables = set(inspector.get_table_names()) - {"alembic_version"}
-        uniques = [u["name"] for u in inspector.get_unique_constraints("events")] if tables else []
+        names = set(inspector.get_table_names()) - {"alembic_version"}
+        tables = {name for name in names if not EVENT_PARTITION.fullmatch(name)}
+        keys = "event_keys" if "event_keys" in tables else "events"
+        uniques = [u["name"] for u in inspector.get_unique_constraints(keys)] if tables else []
         return tables, uniques
     finally:
         engine.dispose()
@@ -54,8 +59,10 @@ def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
         "broker_checkpoints",
         "broker_losses",
         "counter_totals",
+        "event_keys",
+        "retention_marks",
     }
-    assert uniques == ["uq_events_topic_event_id"]
+    assert uniques == ["uq_event_keys_topic_event_id"]
     with make_engine(empty_database).connect() as conn:
         indexes = {i["name"] for i in inspect(conn).get_indexes("topic_stats")}
     assert "ix_topic_stats_topic_c" in indexes
@@ -140,5 +147,61 @@ def test_the_optional_payload_index_applies_to_a_migrated_database(empty_databas
         with engine.connect() as conn:
             indexes = {i["name"] for i in inspect(conn).get_indexes("events")}
         assert "ix_events_payload_gin" in indexes
+    finally:
+        engine.dispose()
+
+
+def test_partitioning_keeps_rows_positions_and_keys_and_goes_back(empty_database: str) -> None:
+    migrate(empty_database, "0007")
+    engine = make_engine(empty_database)
+    insert = text(
+        "INSERT INTO events (topic, event_id, timestamp, source, payload, stored_at)"
+        " VALUES ('t', :e, now() - interval '3 days', 's', '{}', now() - :back)"
+    )
+    try:
+        with engine.begin() as conn:
+            for event_id, days in (("a", 5), ("b", 2), ("c", 0)):
+                conn.execute(insert, {"e": event_id, "back": timedelta(days=days)})
+            before = conn.execute(
+                text("SELECT id, event_id, position FROM events ORDER BY position")
+            ).all()
+        migrate(empty_database, "0008")
+        with engine.begin() as conn:
+            after = conn.execute(
+                text("SELECT id, event_id, position FROM events ORDER BY position")
+            ).all()
+            assert after == before
+            # Every row sits in the partition of rows stored before the migration.
+            holders = conn.execute(
+                text("SELECT DISTINCT tableoid::regclass::text FROM events")
+            ).scalars()
+            assert [name.startswith("events_upto_") for name in holders] == [True]
+            keys = conn.execute(text("SELECT event_id FROM event_keys ORDER BY 1")).scalars()
+            assert list(keys) == ["a", "b", "c"]
+            conn.execute(
+                text(
+                    "INSERT INTO events (topic, event_id, timestamp, source, payload)"
+                    " VALUES ('t', 'd', now(), 's', '{}')"
+                )
+            )
+            last = conn.execute(text("SELECT max(position), max(id) FROM events")).one()
+            assert tuple(last) == (before[-1].position + 1, before[-1].id + 1)
+        migrate_down(empty_database, "0007")
+        with engine.connect() as conn:
+            back = conn.execute(text("SELECT event_id FROM events ORDER BY position")).scalars()
+            assert list(back) == ["a", "b", "c", "d"]
+            uniques = [u["name"] for u in inspect(conn).get_unique_constraints("events")]
+            assert uniques == ["uq_events_topic_event_id"]
+    finally:
+        engine.dispose()
+
+
+def migrate_down(url: str, revision: str) -> None:
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            config = alembic_config(url)
+            config.attributes["connection"] = conn
+            command.downgrade(config, revision)
     finally:
         engine.dispose()

@@ -33,7 +33,15 @@ DOCUMENTED_URL = "http://127.0.0.1:8080"
 TOKEN = "readme-" + secrets.token_hex(20)
 # JSON fields whose values change on every run: compared by type only.
 VOLATILE_FIELDS = frozenset(
-    {"batch_id", "idempotency_key", "stored_at", "uptime_seconds", "next_cursor", "request_id"}
+    {
+        "batch_id",
+        "idempotency_key",
+        "stored_at",
+        "oldest_stored_at",
+        "uptime_seconds",
+        "next_cursor",
+        "request_id",
+    }
 )
 # Commands that run until Ctrl-C: the test sends it after this many seconds.
 FOLLOW_SECONDS = 3

@@ -23,6 +23,8 @@ class Totals:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
+    # Of stored: events whose key may have been pruned (app.db.AFTER_HORIZON).
+    stored_after_horizon: int = 0
 
 
 def read_totals(conn: Connection) -> Totals:

@@ -10,6 +10,7 @@ from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import update
 
+from app.db import AFTER_HORIZON
 from app.db import COUNTERS
 from app.db import batches
 from app.db import dead_letters
@@ -64,12 +65,15 @@ def replay_dead_letter(conn: Connection, letter_id: int) -> str | None:
     hold_log(conn)
     try:
         with conn.begin_nested():
-            stored = bool(insert_events(conn, [event]))
+            inserted = insert_events(conn, [event])
     except Exception as exc:
         if not is_poison(exc):
             raise
         raise ReplayRefused(clean_text(getattr(exc, "orig", None) or exc).strip()) from None
+    stored = bool(inserted)
     moved_to = "stored" if stored else "duplicates"
+    # Moved to stored, and also counted after the horizon when its key may have been pruned.
+    late = {AFTER_HORIZON: 1} if stored and inserted[0][1] else {}
     conn.execute(
         update(dead_letters)
         .where(dead_letters.c.id == letter_id)
@@ -78,14 +82,20 @@ def replay_dead_letter(conn: Connection, letter_id: int) -> str | None:
     conn.execute(
         update(topic_stats)
         .where(topic_stats.c.topic == letter.topic)
-        .values({"failed": topic_stats.c.failed - 1, moved_to: topic_stats.c[moved_to] + 1})
+        .values(
+            {"failed": topic_stats.c.failed - 1, moved_to: topic_stats.c[moved_to] + 1}
+            | {name: topic_stats.c[name] + n for name, n in late.items()}
+        )
     )
     conn.execute(
         update(batches)
         .where(batches.c.batch_id == letter.batch_id)
-        .values({"failed": batches.c.failed - 1, moved_to: batches.c[moved_to] + 1})
+        .values(
+            {"failed": batches.c.failed - 1, moved_to: batches.c[moved_to] + 1}
+            | {name: batches.c[name] + n for name, n in late.items()}
+        )
     )
-    moved = {name: 0 for name in COUNTERS} | {"failed": -1, moved_to: 1}
+    moved = {name: 0 for name in COUNTERS} | {"failed": -1, moved_to: 1} | late
     conn.execute(
         add_to_totals(),
         {"stripe": stripe(letter.batch_id), **{f"total_{k}": v for k, v in moved.items()}},

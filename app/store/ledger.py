@@ -6,7 +6,6 @@ import io
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import TypeVar
 
 import orjson
 import psycopg2
+from sqlalchemy import CTE
 from sqlalchemy import BigInteger
 from sqlalchemy import Connection
 from sqlalchemy import DateTime
@@ -23,9 +23,11 @@ from sqlalchemy import Engine
 from sqlalchemy import Insert
 from sqlalchemy import Select
 from sqlalchemy import Text
+from sqlalchemy import and_
 from sqlalchemy import bindparam
 from sqlalchemy import cast
 from sqlalchemy import column
+from sqlalchemy import false
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import table
@@ -40,17 +42,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import StatementError
 
+from app.db import AFTER_HORIZON
+from app.db import BATCH_COUNTS
 from app.db import COUNTER_STRIPES
 from app.db import COUNTERS
 from app.db import EVENT_FIELDS
-from app.db import OUTCOMES
 from app.db import batches
 from app.db import counter_totals
 from app.db import dead_letters
+from app.db import event_keys
 from app.db import events
+from app.db import retention_marks
 from app.db import topic_stats
 
-DEDUP_CONSTRAINT = "uq_events_topic_event_id"
+DEDUP_CONSTRAINT = "uq_event_keys_topic_event_id"
 DEAD_LETTER_CONSTRAINT = "uq_dead_letters_batch_id_topic_event_id"
 # Batches at least this large are loaded with COPY (see _copy_events).
 COPY_FROM_ROWS = 64
@@ -60,6 +65,8 @@ COPY_FROM_ROWS = 64
 LOG_LOCK = 0x6167_6C6F
 
 Event = Mapping[str, Any]
+# A stored event: its topic, and whether it counts as stored after the horizon.
+Stored = tuple[str, bool]
 T = TypeVar("T")
 
 
@@ -71,8 +78,12 @@ class BatchOutcome:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
+    # Of stored: events whose key may have been pruned (app.db.AFTER_HORIZON).
+    stored_after_horizon: int = 0
     replayed: bool = False
     per_topic: dict[str, dict[str, int]] = field(default_factory=dict)
+    # stored_after_horizon by topic, for the topics that had any.
+    per_topic_after_horizon: dict[str, int] = field(default_factory=dict)
 
 
 def _key(event: Event) -> tuple[str, str]:
@@ -87,6 +98,48 @@ def is_poison(exc: Exception) -> bool:
     return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
 
 
+def _dedup_insert(incoming: CTE, order: Sequence[Any]) -> Insert:
+    """Insert the keys of `incoming` that are new, then the events of only those keys.
+
+    One statement: the keys go into event_keys with ON CONFLICT DO NOTHING on
+    the named constraint, and RETURNING hands the new ones to the insert into
+    events, so the events returned are exactly the ones stored. Each comes back
+    with whether its timestamp is before the point keys were pruned to (the
+    stored_after_horizon outcome: its key may have been pruned, see app.db).
+    """
+    fresh = (
+        insert(event_keys)
+        .from_select(
+            ["topic", "event_id", "horizon_from"],
+            select(
+                incoming.c.topic,
+                incoming.c.event_id,
+                func.greatest(func.now(), incoming.c.timestamp),
+            ),
+        )
+        .on_conflict_do_nothing(constraint=DEDUP_CONSTRAINT)
+        .returning(event_keys.c.topic, event_keys.c.event_id)
+        .cte("fresh")
+    )
+    source = (
+        select(*(incoming.c[name] for name in EVENT_FIELDS))
+        .join_from(
+            incoming,
+            fresh,
+            and_(fresh.c.topic == incoming.c.topic, fresh.c.event_id == incoming.c.event_id),
+        )
+        .order_by(*order)
+    )
+    pruned_before = select(retention_marks.c.keys_pruned_before).scalar_subquery()
+    return (
+        insert(events)
+        .from_select(list(EVENT_FIELDS), source)
+        .returning(events.c.topic, func.coalesce(events.c.timestamp < pruned_before, false()))
+        .add_cte(incoming)
+        .add_cte(fresh)
+    )
+
+
 def _events_statement() -> Insert:
     # One statement shape for any batch size: the rows travel as five arrays
     # and unnest() turns them back into rows, so SQLAlchemy compiles this once
@@ -99,29 +152,28 @@ def _events_statement() -> Insert:
             bindparam("sources", type_=ARRAY(Text)),
             bindparam("payloads", type_=ARRAY(Text)),
         )
-        .table_valued("topic", "event_id", "timestamp", "source", "payload")
-        .render_derived("incoming")
+        .table_valued(
+            "topic", "event_id", "timestamp", "source", "payload", with_ordinality="ordinal"
+        )
+        .render_derived("incoming_rows")
     )
-    source = select(
+    incoming = select(
         rows.c.topic,
         rows.c.event_id,
-        cast(rows.c.timestamp, DateTime(timezone=True)),
+        cast(rows.c.timestamp, DateTime(timezone=True)).label("timestamp"),
         rows.c.source,
-        cast(rows.c.payload, JSONB),
-    )
-    return (
-        insert(events)
-        .from_select(list(EVENT_FIELDS), source)
-        .on_conflict_do_nothing(constraint=DEDUP_CONSTRAINT)
-        .returning(events.c.topic)
-    )
+        cast(rows.c.payload, JSONB).label("payload"),
+        rows.c.ordinal,
+    ).cte("incoming")
+    # Positions in the order the rows were given (sorted by key by store_batch).
+    return _dedup_insert(incoming, [incoming.c.ordinal])
 
 
 _INSERT_EVENTS = _events_statement()
 
 
-def insert_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
-    """Insert rows in order, skipping existing keys; return the topic of every row stored."""
+def insert_events(conn: Connection, rows: Sequence[Event]) -> list[Stored]:
+    """Insert rows in order, skipping known keys; return (topic, after horizon) per row stored."""
     params = {
         "topics": [row["topic"] for row in rows],
         "event_ids": [row["event_id"] for row in rows],
@@ -129,7 +181,7 @@ def insert_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
         "sources": [row["source"] for row in rows],
         "payloads": [orjson.dumps(row["payload"]).decode() for row in rows],
     }
-    return list(conn.execute(_INSERT_EVENTS, params).scalars())
+    return [(topic, bool(late)) for topic, late in conn.execute(_INSERT_EVENTS, params)]
 
 
 # A staging table per transaction: COPY fills it, one INSERT ... SELECT moves
@@ -141,17 +193,8 @@ _CREATE_STAGE = text(
 )
 _COPY_STAGE = 'COPY incoming_events (topic, event_id, "timestamp", source, payload) FROM STDIN'
 _STAGE = table("incoming_events", *(column(name) for name in EVENT_FIELDS))
-_INSERT_STAGED = (
-    insert(events)
-    .from_select(
-        list(EVENT_FIELDS),
-        select(*(_STAGE.c[name] for name in EVENT_FIELDS)).order_by(
-            _STAGE.c.topic, _STAGE.c.event_id
-        ),
-    )
-    .on_conflict_do_nothing(constraint=DEDUP_CONSTRAINT)
-    .returning(events.c.topic)
-)
+_STAGED = select(*(_STAGE.c[name] for name in EVENT_FIELDS)).cte("incoming")
+_INSERT_STAGED = _dedup_insert(_STAGED, [_STAGED.c.topic, _STAGED.c.event_id])
 
 
 def hold_log(conn: Connection) -> None:
@@ -193,7 +236,7 @@ def _copy_text(value: str) -> str:
     )
 
 
-def _copy_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
+def _copy_events(conn: Connection, rows: Sequence[Event]) -> list[Stored]:
     """Insert rows like insert_events, loading them with COPY; for large batches.
 
     psycopg2 adapts every element of insert_events' arrays in Python; COPY
@@ -215,14 +258,14 @@ def _copy_events(conn: Connection, rows: Sequence[Event]) -> list[str]:
     finally:
         cursor.close()
     hold_log(conn)  # only now: loading the staging table needs no order
-    return list(conn.execute(_INSERT_STAGED).scalars())
+    return [(topic, bool(late)) for topic, late in conn.execute(_INSERT_STAGED)]
 
 
 def _insert_one_by_one(
     conn: Connection, batch_id: str, rows: Sequence[Event]
-) -> tuple[list[str], list[Event]]:
+) -> tuple[list[Stored], list[Event]]:
     """Insert rows separately, so one refused row cannot take the others down."""
-    stored: list[str] = []
+    stored: list[Stored] = []
     refused: list[Event] = []
     for row in rows:
         try:
@@ -277,7 +320,7 @@ def _record_statement() -> Select[Any]:
         update(batches)
         # Not named "batch_id": in an UPDATE that name would mean SET batch_id.
         .where(batches.c.batch_id == bindparam("claimed_id"))
-        .values({name: bindparam(name) for name in OUTCOMES})
+        .values({name: bindparam(name) for name in BATCH_COUNTS})
         .returning(batches.c.batch_id)
         .cte("ledger")
     )
@@ -344,11 +387,16 @@ def _record(conn: Connection, batch_id: str, outcome: BatchOutcome) -> None:
     topics = sorted(outcome.per_topic)
     params: dict[str, Any] = {
         "claimed_id": batch_id,
-        **{name: getattr(outcome, name) for name in OUTCOMES},
+        **{name: getattr(outcome, name) for name in BATCH_COUNTS},
         "topics": topics,
     }
     for name in COUNTERS:
-        params[f"topic_{name}"] = [outcome.per_topic[topic][name] for topic in topics]
+        params[f"topic_{name}"] = [
+            outcome.per_topic_after_horizon.get(topic, 0)
+            if name == AFTER_HORIZON
+            else outcome.per_topic[topic][name]
+            for topic in topics
+        ]
         params[f"total_{name}"] = getattr(outcome, name)
     params["stripe"] = stripe(batch_id)
     conn.execute(_RECORD, params).scalar_one()
@@ -389,30 +437,31 @@ def store_batch(
 
     refused: list[Event] = []
     if not guarded and len(unique_rows) >= COPY_FROM_ROWS:
-        stored_topics = _copy_events(conn, unique_rows)
+        stored_rows = _copy_events(conn, unique_rows)
     elif not guarded:
         hold_log(conn)
-        stored_topics = insert_events(conn, unique_rows)
+        stored_rows = insert_events(conn, unique_rows)
     else:
         hold_log(conn)
         try:
             with conn.begin_nested():
-                stored_topics = insert_events(conn, unique_rows)
+                stored_rows = insert_events(conn, unique_rows)
         except Exception as exc:
             if not is_poison(exc):
                 raise
-            stored_topics, refused = _insert_one_by_one(conn, batch_id, unique_rows)
+            stored_rows, refused = _insert_one_by_one(conn, batch_id, unique_rows)
 
-    outcome = _count(rows, stored_topics, refused)
+    outcome = _count(rows, stored_rows, refused)
     _record(conn, batch_id, outcome)
     return outcome
 
 
 def _count(
-    rows: Sequence[Event], stored_topics: Iterable[str], refused: Sequence[Event]
+    rows: Sequence[Event], stored_rows: Sequence[Stored], refused: Sequence[Event]
 ) -> BatchOutcome:
     received = Counter(row["topic"] for row in rows)
-    stored = Counter(stored_topics)
+    stored = Counter(topic for topic, _ in stored_rows)
+    late = Counter(topic for topic, after_horizon in stored_rows if after_horizon)
     failed = Counter(row["topic"] for row in refused)
     per_topic = {
         topic: {
@@ -428,7 +477,9 @@ def _count(
         stored=sum(stored.values()),
         failed=len(refused),
         duplicates=len(rows) - sum(stored.values()) - len(refused),
+        stored_after_horizon=sum(late.values()),
         per_topic=per_topic,
+        per_topic_after_horizon=dict(late),
     )
 
 
@@ -443,7 +494,7 @@ def processed_batches(conn: Connection, batch_ids: Sequence[str]) -> set[str]:
 def read_batch(conn: Connection, batch_id: str) -> dict[str, Any] | None:
     """Return a processed batch's ledger row (counts and processed_at), or None."""
     stmt = select(
-        batches.c.received, *(batches.c[name] for name in OUTCOMES), batches.c.processed_at
+        batches.c.received, *(batches.c[name] for name in BATCH_COUNTS), batches.c.processed_at
     ).where(batches.c.batch_id == batch_id)
     row = conn.execute(stmt).one_or_none()
     return None if row is None else dict(row._mapping)

@@ -19,13 +19,14 @@ from app.cursors import decode_cursor
 from app.cursors import encode_cursor
 from app.db import EVENT_FIELDS
 from app.db import events
+from app.db import retention_marks
 
 
-def _after(cursor: str) -> Any:
-    """The condition for rows after a cursor."""
+def _cursor_position(cursor: str) -> Any:
+    """The position a cursor continues after, as a value or a subquery."""
     position = decode_cursor(cursor)
     if isinstance(position, int):
-        return events.c.position > position
+        return position
     # A cursor issued before positions: the position of the last row at or before
     # it in the old (txid, id) order, in which migration 0005 numbered the rows.
     last = (
@@ -35,7 +36,43 @@ def _after(cursor: str) -> Any:
         .limit(1)
         .scalar_subquery()
     )
-    return events.c.position > func.coalesce(last, 0)
+    return func.coalesce(last, 0)
+
+
+def _after(cursor: str) -> Any:
+    """The condition for rows after a cursor."""
+    return events.c.position > _cursor_position(cursor)
+
+
+def retention_gap(conn: Connection, cursor: str | None) -> bool:
+    """Tell whether retention dropped events (of any topic) that came after the cursor.
+
+    Call it after reading the page: the mark is raised and committed before a
+    partition is dropped (app.store.retention), so a page that misses dropped
+    events is always followed by a mark that shows it. A page read from the
+    start of the log (no cursor) has no gap: it begins at the oldest event kept.
+    """
+    if cursor is None:
+        return False
+    through = select(retention_marks.c.dropped_through).scalar_subquery()
+    gap = conn.execute(select(func.coalesce(_cursor_position(cursor) < through, False)))
+    return bool(gap.scalar_one())
+
+
+def retention_state(conn: Connection) -> dict[str, Any]:
+    """Return the oldest event kept (position, stored_at) and how far retention has gone."""
+    oldest = conn.execute(
+        select(events.c.position, events.c.stored_at).order_by(events.c.position).limit(1)
+    ).one_or_none()
+    marks = conn.execute(
+        select(retention_marks.c.dropped_through, retention_marks.c.keys_pruned_before)
+    ).one_or_none()
+    return {
+        "oldest_position": None if oldest is None else oldest.position,
+        "oldest_stored_at": None if oldest is None else oldest.stored_at,
+        "dropped_through": 0 if marks is None else marks.dropped_through,
+        "keys_pruned_before": None if marks is None else marks.keys_pruned_before,
+    }
 
 
 def _event_conditions(

@@ -4,10 +4,15 @@
 -- each payload: fine while a topic's rows are few or the filter matches often.
 -- With it PostgreSQL can find matching payloads directly, at a cost on every insert
 -- (measured in README, "Reading the log"; `python -m bench.store --payload-gin`).
--- Create it when payload filters on large topics are frequent. It is built
--- without blocking writers; run it outside a transaction:
+-- Create it when payload filters on large topics are frequent:
 --
 --   psql "$DATABASE_URL" -f deploy/sql/payload_gin.sql
 --
--- and drop it with DROP INDEX CONCURRENTLY ix_events_payload_gin.
-CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_events_payload_gin ON events USING gin (payload jsonb_path_ops);
+-- events is partitioned by day (migration 0008), and PostgreSQL cannot build an
+-- index on a partitioned table CONCURRENTLY: this blocks writers (not readers)
+-- while it builds on every partition. On a large table build it a partition at a
+-- time instead: CREATE INDEX ... ON ONLY events (instant, not yet valid), then for
+-- each partition CREATE INDEX CONCURRENTLY on it and ALTER INDEX
+-- ix_events_payload_gin ATTACH PARTITION <its index>. Partitions created later
+-- get the index when they are attached. Drop it with DROP INDEX ix_events_payload_gin.
+CREATE INDEX IF NOT EXISTS ix_events_payload_gin ON events USING gin (payload jsonb_path_ops);

@@ -1,0 +1,65 @@
+"""One retention run with the configured policy, and `python -m app.retention` to run it from cron.
+
+    python -m app.retention          # create partitions ahead, drop past RETENTION_DAYS,
+                                     # prune keys past DEDUP_HORIZON_DAYS; one JSON log line
+
+Two runners never both act (app.store.retention holds an advisory lock); the
+Celery beat task tasks.retention.run calls the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from sqlalchemy import Engine
+
+from app.config import Settings
+from app.config import load_log_level
+from app.config import load_settings
+from app.db import make_engine
+from app.logs import configure_logging
+from app.store.retention import RetentionPolicy
+from app.store.retention import RetentionReport
+from app.store.retention import run_retention
+
+logger = logging.getLogger(__name__)
+
+
+def policy(settings: Settings) -> RetentionPolicy:
+    """Return the retention policy the settings ask for."""
+    return RetentionPolicy(
+        retention_days=settings.retention_days,
+        dedup_horizon_days=settings.dedup_horizon_days,
+        partitions_ahead=settings.partitions_ahead,
+    )
+
+
+def run(engine: Engine, settings: Settings) -> RetentionReport:
+    """Run retention once and log what it did."""
+    report = run_retention(engine, policy(settings))
+    if report.ran:
+        logger.info("retention run", extra=asdict(report))
+    else:
+        logger.info("retention run skipped: another runner holds the lock")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run retention once with the settings of the environment."""
+    parser = argparse.ArgumentParser(prog="python -m app.retention", description=__doc__)
+    parser.parse_args(argv)
+    configure_logging(load_log_level())
+    settings = load_settings()
+    engine = make_engine(settings.database_url, pool_size=2)
+    try:
+        run(engine, settings)
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,333 @@
+"""Retention of the log: daily partitions created ahead and dropped whole, dedup keys pruned.
+
+Every decision uses the database's clock (the one stored_at comes from) unless
+the caller passes `now`. The order of each step is what keeps readers and
+writers exact while it runs:
+
+- A partition is dropped only after `retention_marks.dropped_through` has been
+  raised to its highest position (and committed): a reader that reads its page
+  first and the mark second can never miss a drop (app.store.reading).
+- Keys are pruned only below the point events were dropped to, so a key always
+  outlives its event, and only after `keys_pruned_before` has been raised under
+  the log's lock (and committed): every writer that can miss a pruned key took
+  the log's lock later, so its statement sees the mark and counts the event as
+  stored_after_horizon (app.store.ledger).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import UTC
+from datetime import date
+from datetime import datetime
+from datetime import timedelta
+
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import text
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import OperationalError
+
+from app.db import EVENT_PARTITION
+from app.db import retention_marks
+from app.store.ledger import hold_log
+
+# Any constant, apart from the log's lock: a runner holds this session-level
+# advisory lock for its whole run, so two runners never both act.
+RETENTION_LOCK = 0x7265_7465
+DEFAULT_PARTITION = "events_default"
+# Dropping a partition takes an ACCESS EXCLUSIVE lock on events for a few
+# milliseconds, but waiting for it queues every reader and writer behind the
+# wait: give up quickly and try again rather than stall them.
+DROP_LOCK_TIMEOUT_MS = 500
+DROP_ATTEMPTS = 5
+# Keys deleted per transaction while pruning.
+PRUNE_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A partition of events and the stored_at range it covers (None: unbounded below)."""
+
+    name: str
+    start: datetime | None
+    end: datetime
+
+
+@dataclass
+class RetentionReport:
+    """What one run did."""
+
+    ran: bool = True
+    partitions_created: list[str] = field(default_factory=list)
+    moved_from_default: int = 0
+    dropped: list[str] = field(default_factory=list)
+    drop_lock_waits: int = 0
+    keys_pruned: int = 0
+    seconds: float = 0.0
+
+
+def _midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def partition_name(day: date) -> str:
+    """Return the name of the partition for one UTC day of stored_at."""
+    return f"events_{day:%Y%m%d}"
+
+
+def partitions(conn: Connection) -> list[Partition]:
+    """Return the bounded partitions of events (not the default), oldest first."""
+    names = conn.execute(
+        text(
+            "SELECT child.relname FROM pg_inherits"
+            " JOIN pg_class child ON child.oid = pg_inherits.inhrelid"
+            " WHERE pg_inherits.inhparent = 'events'::regclass"
+        )
+    ).scalars()
+    found = []
+    for name in names:
+        match = EVENT_PARTITION.fullmatch(name)
+        if match is None or name == DEFAULT_PARTITION:
+            continue
+        if match["day"]:
+            start = _midnight(datetime.strptime(match["day"], "%Y%m%d").date())
+            found.append(Partition(name, start, start + timedelta(days=1)))
+        else:
+            end = _midnight(datetime.strptime(match["upto"], "%Y%m%d").date())
+            found.append(Partition(name, None, end))
+    return sorted(found, key=lambda p: p.end)
+
+
+def database_now(engine: Engine) -> datetime:
+    """Return the database's clock."""
+    with engine.connect() as conn:
+        return conn.execute(select(func.now())).scalar_one()
+
+
+def attach_day(engine: Engine, day: date) -> int:
+    """Create and attach the partition of one day; move its rows out of the default first.
+
+    Returns how many rows moved. The move holds the log's lock, so no writer
+    adds a row for that day to the default before the partition covers it.
+    """
+    name, start, end = partition_name(day), _midnight(day), _midnight(day + timedelta(days=1))
+    bounds = {"start": start, "end": end}
+    with engine.begin() as conn:
+        if any(p.name == name for p in partitions(conn)):
+            return 0
+        conn.execute(text(f"CREATE TABLE {name} (LIKE events)"))
+        waiting = conn.execute(
+            text(
+                f"SELECT EXISTS (SELECT FROM {DEFAULT_PARTITION}"
+                " WHERE stored_at >= :start AND stored_at < :end)"
+            ),
+            bounds,
+        ).scalar_one()
+        moved = 0
+        if waiting:
+            hold_log(conn)
+            moved = conn.execute(
+                text(
+                    f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION}"
+                    " WHERE stored_at >= :start AND stored_at < :end RETURNING *)"
+                    f" INSERT INTO {name} SELECT * FROM moved"
+                ),
+                bounds,
+            ).rowcount
+        # ATTACH (unlike CREATE ... PARTITION OF) leaves events itself open to
+        # readers and writers: SHARE UPDATE EXCLUSIVE on it; it scans the
+        # default (empty, normally) to check it holds no row of the new range.
+        conn.execute(
+            text(
+                f"ALTER TABLE events ATTACH PARTITION {name}"
+                f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+            )
+        )
+    return moved
+
+
+def create_partitions(engine: Engine, today: date, ahead: int) -> tuple[list[str], int]:
+    """Make sure today and `ahead` days after have partitions, and the default holds no rows.
+
+    Rows land in the default only when no partition covered their day (no run
+    for `ahead` days); their days get partitions and the rows move there.
+    """
+    with engine.connect() as conn:
+        covered = partitions(conn)
+        stranded = conn.execute(
+            text(
+                "SELECT DISTINCT (stored_at AT TIME ZONE 'UTC')::date"
+                f" FROM {DEFAULT_PARTITION} ORDER BY 1"
+            )
+        ).scalars()
+        days = set(stranded) | {today + timedelta(days=n) for n in range(ahead + 1)}
+    created, moved = [], 0
+    for day in sorted(days):
+        start = _midnight(day)
+        # A day the migration's events_upto_* partition (or an existing one) covers.
+        if any((p.start is None or p.start <= start) and start < p.end for p in covered):
+            continue
+        moved += attach_day(engine, day)
+        created.append(partition_name(day))
+    return created, moved
+
+
+def raise_drop_marks(engine: Engine, partition: Partition) -> None:
+    """Record that everything in the partition is about to go, before it goes."""
+    with engine.begin() as conn:
+        highest = conn.execute(
+            text(f"SELECT coalesce(max(position), 0) FROM {partition.name}")
+        ).scalar_one()
+        add = insert(retention_marks).values(
+            singleton=True, dropped_through=highest, dropped_before=partition.end
+        )
+        conn.execute(
+            add.on_conflict_do_update(
+                index_elements=[retention_marks.c.singleton],
+                set_={
+                    "dropped_through": func.greatest(
+                        retention_marks.c.dropped_through, add.excluded.dropped_through
+                    ),
+                    "dropped_before": func.greatest(
+                        retention_marks.c.dropped_before, add.excluded.dropped_before
+                    ),
+                },
+            )
+        )
+
+
+def _drop(engine: Engine, name: str, report: RetentionReport) -> bool:
+    """Drop a partition, giving up on its lock quickly and trying again a few times."""
+    for attempt in range(DROP_ATTEMPTS):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"SET LOCAL lock_timeout = {DROP_LOCK_TIMEOUT_MS}"))
+                conn.execute(text(f"DROP TABLE {name}"))
+            return True
+        except OperationalError as exc:
+            if getattr(exc.orig, "pgcode", None) != "55P03":  # lock_not_available
+                raise
+            report.drop_lock_waits += 1
+            time.sleep(0.2 * (attempt + 1))
+    return False
+
+
+def drop_partitions(engine: Engine, before: datetime, report: RetentionReport) -> bool:
+    """Drop every partition whose whole range is before `before`, oldest first.
+
+    Returns False when one could not be dropped (its lock stayed taken); the
+    next run tries again.
+    """
+    with engine.connect() as conn:
+        expired = [p for p in partitions(conn) if p.end <= before]
+    for partition in expired:
+        raise_drop_marks(engine, partition)
+        if not _drop(engine, partition.name, report):
+            # The marks stay raised: readers are told of a gap a little early.
+            return False
+        report.dropped.append(partition.name)
+    return True
+
+
+def _raise_prune_mark(engine: Engine, before: datetime) -> datetime | None:
+    """Raise keys_pruned_before to `before` (never past dropped_before) under the log's lock.
+
+    Returns the point keys may now be pruned to, or None while no events were dropped.
+    """
+    with engine.begin() as conn:
+        hold_log(conn)
+        marks = conn.execute(
+            select(retention_marks.c.dropped_before, retention_marks.c.keys_pruned_before)
+        ).one_or_none()
+        if marks is None or marks.dropped_before is None:
+            return None
+        # Keys outlive their events: never prune past what was dropped.
+        upto = min(before, marks.dropped_before)
+        if marks.keys_pruned_before is not None and marks.keys_pruned_before >= upto:
+            return marks.keys_pruned_before
+        conn.execute(
+            update(retention_marks)
+            .where(retention_marks.c.singleton.is_(True))
+            .values(keys_pruned_before=upto)
+        )
+        return upto
+
+
+def prune_keys(engine: Engine, before: datetime, batch: int = PRUNE_BATCH) -> int:
+    """Delete dedup keys whose horizon_from is before `before` (bounded by dropped events)."""
+    upto = _raise_prune_mark(engine, before)
+    if upto is None:
+        return 0
+    pruned = 0
+    while True:
+        with engine.begin() as conn:
+            deleted = conn.execute(
+                text(
+                    "DELETE FROM event_keys WHERE ctid = ANY (ARRAY("
+                    " SELECT ctid FROM event_keys WHERE horizon_from < :upto LIMIT :batch))"
+                ),
+                {"upto": upto, "batch": batch},
+            ).rowcount
+        pruned += deleted
+        if deleted < batch:
+            return pruned
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How long events and their dedup keys are kept; None keeps them for ever."""
+
+    retention_days: int | None = None
+    dedup_horizon_days: int | None = None
+    partitions_ahead: int = 3
+
+
+def run_retention(
+    engine: Engine, policy: RetentionPolicy, *, now: datetime | None = None
+) -> RetentionReport:
+    """Create partitions ahead, drop those past retention, prune keys past the horizon.
+
+    Holds RETENTION_LOCK for the whole run on a connection of its own; a run
+    that finds it taken does nothing and says so (`ran` False).
+    """
+    started = time.monotonic()
+    with retention_lock(engine) as held:
+        if not held:
+            return RetentionReport(ran=False)
+        report = RetentionReport()
+        now = now or database_now(engine)
+        report.partitions_created, report.moved_from_default = create_partitions(
+            engine, now.astimezone(UTC).date(), policy.partitions_ahead
+        )
+        complete = True
+        if policy.retention_days is not None:
+            cutoff = now - timedelta(days=policy.retention_days)
+            complete = drop_partitions(engine, cutoff, report)
+        # Pruning stops at dropped_before, which assumes every partition before
+        # it is gone: not while one whose marks were raised is still there.
+        if policy.dedup_horizon_days is not None and complete:
+            report.keys_pruned = prune_keys(engine, now - timedelta(days=policy.dedup_horizon_days))
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+@contextmanager
+def retention_lock(engine: Engine) -> Iterator[bool]:
+    """Hold RETENTION_LOCK (session level) on a connection of its own; yield whether it was had."""
+    with engine.connect() as conn:
+        held = bool(conn.execute(select(func.pg_try_advisory_lock(RETENTION_LOCK))).scalar_one())
+        conn.commit()
+        try:
+            yield held
+        finally:
+            if held:
+                conn.execute(select(func.pg_advisory_unlock(RETENTION_LOCK)))
+                conn.commit()

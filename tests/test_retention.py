@@ -1,0 +1,319 @@
+"""Retention against real PostgreSQL (and, at the end, real gunicorn and Celery).
+
+Partitions are created ahead and rows stranded in the default move out; days
+past RETENTION_DAYS are dropped whole; keys past DEDUP_HORIZON_DAYS are pruned;
+an event sent again after its key is gone is stored and counted
+stored_after_horizon; a cursor into dropped events continues with a flag; one
+runner acts at a time; and a run while a publisher and a follower are active
+loses nothing inside retention and counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+import requests
+from sqlalchemy import Engine
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import text
+
+from app.config import SettingsError
+from app.config import load_settings
+from app.cursors import encode_cursor
+from app.db import event_keys
+from app.db import events
+from app.db import make_engine
+from app.store.counters import read_totals
+from app.store.ledger import store_exactly_once
+from app.store.reading import list_events
+from app.store.reading import retention_gap
+from app.store.reading import retention_state
+from app.store.retention import RETENTION_LOCK
+from app.store.retention import RetentionPolicy
+from app.store.retention import partitions
+from app.store.retention import run_retention
+from scripts.services import throwaway_database
+from scripts.stack import ROOT
+from scripts.stack import Api
+from scripts.stack import Worker
+from scripts.stack import wait_until
+from tests.helpers import publish
+from tests.helpers import settled_stats
+
+KEEP_3_DAYS = RetentionPolicy(retention_days=3, dedup_horizon_days=3, partitions_ahead=2)
+DAYS_BACK = 10
+
+
+def event(event_id: str, topic: str = "t", timestamp: str | None = None) -> dict[str, Any]:
+    return {
+        "topic": topic,
+        "event_id": event_id,
+        "timestamp": timestamp or datetime.now(UTC).isoformat(),
+        "source": "retention-test",
+        "payload": {"id": event_id},
+    }
+
+
+def old_timestamp() -> str:
+    return (datetime.now(UTC) - timedelta(days=DAYS_BACK)).isoformat()
+
+
+def age(engine: Engine, topic: str, days: int = DAYS_BACK) -> None:
+    """Make a topic's events and keys look stored `days` ago (the rows move partition)."""
+    with engine.begin() as conn:
+        shift = {"topic": topic, "back": timedelta(days=days)}
+        conn.execute(
+            text("UPDATE events SET stored_at = stored_at - :back WHERE topic = :topic"), shift
+        )
+        conn.execute(
+            text(
+                "UPDATE event_keys SET horizon_from = horizon_from - :back"
+                " WHERE topic = :topic AND horizon_from > now() - :back"
+            ),
+            shift,
+        )
+
+
+def count(engine: Engine, table: Any, topic: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(table).where(table.c.topic == topic)
+            ).scalar_one()
+        )
+
+
+@pytest.fixture
+def own_db(pg_server_url: str) -> Iterator[Engine]:
+    """A database of this test's own: retention changes partitions, which others share."""
+    with throwaway_database(pg_server_url, "agg_retention") as url:
+        engine = make_engine(url)
+        yield engine
+        engine.dispose()
+
+
+def test_settings_refuse_a_horizon_shorter_than_retention() -> None:
+    assert load_settings({}).retention_days is None
+    assert load_settings({"RETENTION_DAYS": "30"}).dedup_horizon_days == 30
+    both = load_settings({"RETENTION_DAYS": "30", "DEDUP_HORIZON_DAYS": "300"})
+    assert (both.retention_days, both.dedup_horizon_days) == (30, 300)
+    with pytest.raises(SettingsError, match="at least RETENTION_DAYS"):
+        load_settings({"RETENTION_DAYS": "30", "DEDUP_HORIZON_DAYS": "7"})
+    with pytest.raises(SettingsError, match="needs RETENTION_DAYS"):
+        load_settings({"DEDUP_HORIZON_DAYS": "7"})
+    with pytest.raises(SettingsError, match="positive number of days"):
+        load_settings({"RETENTION_DAYS": "0"})
+
+
+def test_a_run_creates_partitions_ahead_and_moves_rows_out_of_the_default(
+    own_db: Engine,
+) -> None:
+    store_exactly_once(own_db, "b-old", [event("a"), event("b")])
+    age(own_db, "t")  # stored 10 days ago: no partition covers that day, the default holds them
+    with own_db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM events_default")).scalar_one() == 2
+    report = run_retention(own_db, RetentionPolicy(partitions_ahead=5))
+    old_day = f"events_{datetime.now(UTC) - timedelta(days=DAYS_BACK):%Y%m%d}"
+    assert report.moved_from_default == 2
+    assert old_day in report.partitions_created
+    with own_db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM events_default")).scalar_one() == 0
+        assert conn.execute(text(f"SELECT count(*) FROM {old_day}")).scalar_one() == 2
+        names = {p.name for p in partitions(conn)}
+    ahead = {f"events_{datetime.now(UTC) + timedelta(days=n):%Y%m%d}" for n in range(6)}
+    assert ahead <= names
+    # A second run finds everything in place.
+    again = run_retention(own_db, RetentionPolicy(partitions_ahead=5))
+    assert (again.partitions_created, again.moved_from_default, again.dropped) == ([], 0, [])
+
+
+def test_days_past_retention_are_dropped_and_a_cursor_into_them_continues_flagged(
+    own_db: Engine,
+) -> None:
+    store_exactly_once(own_db, "b-old", [event(f"o{n}", "old", old_timestamp()) for n in range(5)])
+    age(own_db, "old")
+    store_exactly_once(own_db, "b-new", [event(f"n{n}", "new") for n in range(3)])
+    with own_db.connect() as conn:
+        before = read_totals(conn)
+    start = encode_cursor(0)
+    with own_db.connect() as conn:
+        first_old = conn.execute(select(func.min(events.c.position))).scalar_one()
+    report = run_retention(own_db, KEEP_3_DAYS)
+    assert len(report.dropped) == 1 and report.keys_pruned == 5
+    assert count(own_db, events, "old") == 0 and count(own_db, event_keys, "old") == 0
+    assert count(own_db, events, "new") == 3 and count(own_db, event_keys, "new") == 3
+    with own_db.connect() as conn:
+        # Counters are totals since the start: retention does not take anything back.
+        assert read_totals(conn) == before
+        page, _ = list_events(conn, limit=10, cursor=encode_cursor(first_old))
+        assert [e["event_id"] for e in page] == ["n0", "n1", "n2"]
+        assert retention_gap(conn, encode_cursor(first_old))
+        assert retention_gap(conn, start)
+        assert not retention_gap(conn, None)
+        state = retention_state(conn)
+        assert not retention_gap(conn, encode_cursor(state["dropped_through"]))
+        assert state["oldest_position"] == state["dropped_through"] + 1
+        assert state["keys_pruned_before"] is not None
+
+
+def test_an_event_sent_again_after_its_key_was_pruned_counts_as_stored_after_horizon(
+    own_db: Engine,
+) -> None:
+    old = [event(f"o{n}", "old", old_timestamp()) for n in range(4)]
+    store_exactly_once(own_db, "b-old", old)
+    age(own_db, "old")
+    run_retention(own_db, KEEP_3_DAYS)
+    again = store_exactly_once(own_db, "b-again", [*old[:2], event("fresh", "old")])
+    assert (again.stored, again.duplicates, again.stored_after_horizon) == (3, 0, 2)
+    # Its key is back: a third copy is a duplicate again.
+    third = store_exactly_once(own_db, "b-third", old[:2])
+    assert (third.stored, third.duplicates, third.stored_after_horizon) == (0, 2, 0)
+    with own_db.connect() as conn:
+        totals = read_totals(conn)
+        row = conn.execute(
+            text("SELECT stored, stored_after_horizon FROM batches WHERE batch_id = 'b-again'")
+        ).one()
+        topic = conn.execute(
+            text("SELECT stored_after_horizon FROM topic_stats WHERE topic = 'old'")
+        ).scalar_one()
+    assert (totals.stored, totals.duplicates, totals.stored_after_horizon) == (4 + 3, 2, 2)
+    assert tuple(row) == (3, 2) and topic == 2
+
+
+def test_keys_outlive_their_events(own_db: Engine) -> None:
+    # Stored 10 days ago with a timestamp of today (a clock ahead, or a late batch):
+    # the key is kept by its timestamp, and never pruned while its event is kept.
+    store_exactly_once(own_db, "b", [event("k", "t")])
+    age(own_db, "t")
+    with own_db.begin() as conn:
+        conn.execute(text("UPDATE event_keys SET horizon_from = now()"))
+    report = run_retention(own_db, KEEP_3_DAYS)
+    assert report.dropped and report.keys_pruned == 0
+    assert count(own_db, event_keys, "t") == 1
+    assert store_exactly_once(own_db, "b2", [event("k", "t")]).duplicates == 1
+
+
+def test_two_runners_never_both_act(own_db: Engine) -> None:
+    with own_db.connect() as holder:
+        holder.execute(select(func.pg_advisory_lock(RETENTION_LOCK)))
+        assert not run_retention(own_db, KEEP_3_DAYS).ran
+        holder.execute(select(func.pg_advisory_unlock(RETENTION_LOCK)))
+    assert run_retention(own_db, KEEP_3_DAYS).ran
+
+
+def test_the_command_runs_once_and_logs_what_it_did(own_db: Engine) -> None:
+    url = own_db.url.render_as_string(hide_password=False)
+    env = {**os.environ, "DATABASE_URL": url, "RETENTION_DAYS": "3", "PARTITIONS_AHEAD": "4"}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.retention"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [orjson.loads(line) for line in (done.stdout + done.stderr).splitlines() if line]
+    run = next(line for line in lines if line["message"] == "retention run")
+    assert run["ran"] is True and run["dropped"] == []
+    refused = subprocess.run(
+        [sys.executable, "-m", "app.retention"],
+        cwd=ROOT,
+        env={**env, "DEDUP_HORIZON_DAYS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0 and "DEDUP_HORIZON_DAYS" in refused.stderr
+
+
+def follow(url: str, cursor: str, stop: threading.Event, seen: list[str], gaps: list[bool]) -> None:
+    """Follow the log from cursor until stopped and the log is drained."""
+    while True:
+        draining = stop.is_set()
+        answer = requests.get(
+            f"{url}/events", params={"cursor": cursor, "wait": 1, "limit": 200}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        seen.extend(f"{e['topic']}/{e['event_id']}" for e in page["events"])
+        gaps.append(page.get("retention_gap", False))
+        cursor = page["next_cursor"]
+        if draining and not page["events"]:
+            return
+
+
+def test_a_run_with_a_publisher_and_a_follower_active_loses_and_double_counts_nothing(
+    api: Api, worker: Worker, clean: None, engine: Engine
+) -> None:
+    url = api.url
+    old = [event(f"o{n}", "old", old_timestamp()) for n in range(50)]
+    publish(url, old)
+    settled_stats(url, received=50)
+    age(engine, "old")
+    with engine.connect() as conn:
+        head = conn.execute(select(func.max(events.c.position))).scalar_one()
+    stop = threading.Event()
+    seen: list[str] = []
+    gaps: list[bool] = []
+    follower = threading.Thread(target=follow, args=(url, encode_cursor(head), stop, seen, gaps))
+    # A reader that left off at the start of the old events.
+    stale = requests.get(f"{url}/events", params={"cursor": encode_cursor(0)}, timeout=10)
+    assert "retention_gap" not in stale.json()
+    follower.start()
+    sent: list[str] = []
+
+    def publisher() -> None:
+        for n in range(0, 3000, 100):
+            batch = [event(f"l{i}", "live") for i in range(n, n + 100)]
+            batch += [event(f"l{n}", "live")]  # one duplicate per batch
+            publish(url, batch)
+            sent.extend(f"live/l{i}" for i in range(n, n + 100))
+
+    writer = threading.Thread(target=publisher)
+    writer.start()
+    reports = []
+    try:
+        while writer.is_alive():
+            reports.append(run_retention(engine, KEEP_3_DAYS))
+            stop.wait(0.05)
+    finally:
+        writer.join()
+    figures = settled_stats(url, received=50 + 3030)
+    stop.set()
+    follower.join(timeout=60)
+    assert not follower.is_alive()
+    assert sum(len(r.dropped) for r in reports) == 1
+    assert sum(r.keys_pruned for r in reports) == 50
+    # The follower saw every live event once, and no gap.
+    assert len(seen) == len(set(seen)) and set(seen) == set(sent) and not any(gaps)
+    assert count(engine, events, "live") == 3000 and count(engine, events, "old") == 0
+    assert figures["unique_processed_db"] == 3050
+    assert figures["estimated_duplicate_dropped"] == 30
+    assert figures["stored_after_horizon"] == 0
+    flagged = requests.get(f"{url}/events", params={"cursor": encode_cursor(0)}, timeout=10)
+    assert flagged.json()["retention_gap"] is True
+    assert flagged.json()["events"][0]["event_id"] == "l0"
+    # The old events sent again: their keys are gone, so they are stored and
+    # counted after the horizon; a third time they are duplicates.
+    publish(url, old)
+    publish(url, old[:10])
+    after = settled_stats(url, received=3080 + 60)
+    assert after["unique_processed_db"] == 3100
+    assert after["stored_after_horizon"] == 50
+    assert after["estimated_duplicate_dropped"] == 40
+    assert after["retention"]["dropped_through"] == head
+    wait_until(lambda: count(engine, events, "old") == 50, timeout=10)
