@@ -40,9 +40,10 @@ from tests.abuse.noisy import Measured
 from tests.abuse.noisy import topic_stored
 
 # A p99 under this passes whatever it was alone: on two shared cores an abuser
-# busy in its own process slows everything (a busy machine: a few hundred ms);
-# the failures this suite exists for are stalls of many seconds and refusals.
-P99_FLOOR = 1.0
+# busy in its own process slows everything (a busy machine: a few hundred ms, and
+# 1.05 s once beside 60 senders at the body limit while another suite ran); the
+# failures this suite exists for are stalls of many seconds and refusals.
+P99_FLOOR = 1.5
 # Half of the API's broker timeout (0.5 s): a command holding Redis longer than this
 # starts to turn other clients' publishes into 503s.
 SLOW_COMMAND_MICROSECONDS = 250_000
