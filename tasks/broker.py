@@ -35,6 +35,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
+from redis import sentinel
 
 from tasks import pending
 
@@ -190,6 +191,49 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport, using the channel above."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above, finding the primary through Sentinel (kombu's SentinelChannel).
+
+    The Sentinels come from the transport option `sentinels` (host, port
+    pairs), not from alternate broker URLs: kombu switches to an alternate
+    URL by its scheme, which would replace this transport with its stock one
+    and drop the fixes above. Every new connection asks the Sentinels for the
+    primary, so after a failover the worker's reconnect finds the promoted
+    replica; a connection that meets a demoted primary (READONLY) is closed
+    and raises ConnectionError, which the worker survives and retries.
+    """
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.SentinelChannel.from_transport_options,
+        "sentinels",
+    )
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_kwargs: dict[str, Any] | None = None
+    master_name: str | None = None
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        params = self._connparams(asynchronous)
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = sentinel.Sentinel(
+            list(self.sentinels), sentinel_kwargs=self.sentinel_kwargs, **params
+        )
+        # Kept, as kombu does, so its connections to the Sentinels are closed with the channel.
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        if not self.master_name:
+            raise ValueError("the transport option master_name is required")
+        return manager.master_for(self.master_name, redis.Redis).connection_pool
+
+
+class SentinelTransport(Transport):
+    """kombu's Redis transport with our fixes, finding the primary through Sentinel."""
+
+    Channel = SentinelChannel
 
 
 def held_tags() -> list[str]:

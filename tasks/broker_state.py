@@ -60,9 +60,15 @@ MIN_ALLOWANCE = 10_000
 IDLE_CHECKS = 10
 
 
-def broker_name(redis_url: str) -> str:
-    """Name a broker by its URL without credentials (the same name after a replacement)."""
+def broker_name(redis_url: str, sentinel_master: str = "") -> str:
+    """Name a broker by its URL without credentials (the same name after a replacement).
+
+    A broker found through Sentinel is named by its service, so it keeps its
+    name (and its checkpoint) across failovers.
+    """
     parts = urlsplit(redis_url)
+    if sentinel_master:
+        return f"sentinel://{sentinel_master}{parts.path or '/0'}"
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path or '/0'}"
 
@@ -101,15 +107,20 @@ def check(
     wanted: int = 0,
     every: float | None = None,
     interval: float = 2.0,
+    min_replicas: int = 0,
+    wait_timeout_ms: int = 0,
 ) -> Loss | None:
     """Compare the broker with its checkpoint; record and return a loss, else checkpoint it.
 
     `wanted` is the number of events an acceptance waits to accept. With
     `every` (the periodic check) it gives way to a check already running and
     skips a broker checked less than every/2 seconds ago. `interval` is
-    BROKER_CHECK_INTERVAL, by which idleness is measured.
+    BROKER_CHECK_INTERVAL, by which idleness is measured. With `min_replicas`
+    the broker's progress counts only once that many replicas hold it (WAIT),
+    so a checkpoint never runs ahead of what a promoted replica will have; the
+    check raises NotReplicated otherwise.
     """
-    scripts = Scripts(client)
+    scripts = Scripts(client, min_replicas=min_replicas, wait_timeout_ms=wait_timeout_ms)
     with engine.begin() as conn:
         if every is None:
             broker_log.lock_checks(conn)
@@ -245,18 +256,35 @@ def _bound(conn: Connection, client: redis.Redis, checkpoint: Checkpoint, loss: 
 class Watchdog:
     """Runs check() every `every` seconds in a daemon thread, and on demand."""
 
-    def __init__(self, engine: Engine, client: redis.Redis, broker: str, every: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        broker: str,
+        every: float,
+        *,
+        min_replicas: int = 0,
+        wait_timeout_ms: int = 0,
+    ) -> None:
         self._engine = engine
         self._client = client
         self._broker = broker
         self._every = every
+        self._replication = {"min_replicas": min_replicas, "wait_timeout_ms": wait_timeout_ms}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def check_now(self, wanted: int = 0) -> None:
         """Check at once (for an acceptance the broker refused until a check)."""
         with self._lock:
-            check(self._engine, self._client, self._broker, wanted=wanted, interval=self._every)
+            check(
+                self._engine,
+                self._client,
+                self._broker,
+                wanted=wanted,
+                interval=self._every,
+                **self._replication,
+            )
 
     def start(self) -> threading.Thread:
         """Start the periodic checks once; return their thread."""
@@ -279,6 +307,7 @@ class Watchdog:
                         self._broker,
                         every=self._every,
                         interval=self._every,
+                        **self._replication,
                     )
             except Exception:  # The broker or database may be away; next round.
                 logger.warning("broker check failed", exc_info=True)
