@@ -20,6 +20,12 @@ Two rules make that judgement sound whether or not a worker runs:
   a real loss, and a broker replaced after it was drained and idle (allowance =
   accepted = stored) is no loss at all.
 
+A replicated broker (BROKER_MIN_REPLICAS) records its progress only once the
+replicas confirm it (WAIT), so a replica promoted after a failover holds at
+least the checkpointed sequence and continues the epoch: no loss. A replica
+promoted that lagged (no WAIT) holds a lower sequence and is a loss, bounded
+like any other.
+
 A check reads PostgreSQL before Redis: whatever the ledger held was accepted
 before Redis is read, so no delay between the two reads looks like the broker
 going back in time. Each loss is recorded once per lost epoch (app.broker_log),

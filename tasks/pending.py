@@ -26,6 +26,11 @@ Keys (values in brackets):
   honoured until they expire.
 
 Times stored in Redis are Redis's own (`TIME`), so no host's clock matters.
+
+With replicas required (BROKER_MIN_REPLICAS), Scripts follows acceptance and
+the broker check with WAIT on the same connection; a replay and the check
+publish on `aggregator:replicated` (a channel nobody reads; the message is
+replicated, so the WAIT after it covers everything written before).
 """
 
 from __future__ import annotations
