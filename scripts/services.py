@@ -540,6 +540,10 @@ class RedisServer:
         if self.replicated:
             # A replica (re)joining is sent the data at once, not after 5 s.
             argv += ["--repl-diskless-sync-delay", "0"]
+            # A primary cut off from its replica stops taking writes (BRPOP and acks
+            # included) after 2 s: when the partition heals, workers still connected
+            # to it cannot take messages that only it held (docs/operations.md).
+            argv += ["--min-replicas-to-write", "1", "--min-replicas-max-lag", "2"]
         if self.debug and redis_major_version(self.binary) >= 7:
             argv += ["--enable-debug-command", "local"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

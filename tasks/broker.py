@@ -21,6 +21,10 @@
    every message it holds restored by the others, again and again. Here the
    delivery time, the lease and the sweep's "now" are all Redis TIME; a host
    clock that disagrees with it is only logged.
+5. A node that cannot take writes now (a replica, a demoted primary, a
+   primary without its replicas under `min-replicas-to-write`) answers BRPOP
+   with an error reply, which Celery treats as fatal; here it is a connection
+   error, and the worker reconnects (through Sentinel, to the primary).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from tasks import pending
 logger = logging.getLogger(__name__)
 
 _CHANNELS: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+# Error replies of a Redis node that cannot take writes for now.
+NOT_SERVING = ("NOREPLICAS", "READONLY", "MASTERDOWN")
 
 
 class QoS(kombu_redis.QoS):
@@ -175,6 +182,28 @@ class Channel(kombu_redis.Channel):
             super()._queue_bind(exchange, routing_key, pattern, queue)
         except redis.exceptions.ResponseError as exc:
             logger.warning("could not bind %s to %s (%s); continuing", queue, exchange, exc)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        # A node that cannot serve writes now (a replica, a demoted primary, a
+        # primary without its replicas: min-replicas-to-write) answers BRPOP with
+        # an error reply, which kombu passes on and Celery treats as fatal. It is
+        # broker trouble like a lost connection: close it and let Celery reconnect,
+        # through Sentinel when configured, to the primary.
+        try:
+            return super()._brpop_read(**options)
+        except redis.exceptions.ReadOnlyError as exc:
+            self._drop_connection()
+            raise redis.exceptions.ConnectionError(f"the broker is a replica: {exc}") from exc
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith(NOT_SERVING):
+                raise
+            self._drop_connection()
+            raise redis.exceptions.ConnectionError(f"the broker cannot serve: {exc}") from exc
+
+    def _drop_connection(self) -> None:
+        client = self.__dict__.get("client")
+        if client is not None and client.connection is not None:
+            client.connection.disconnect()
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # On a lost connection Celery first collects the connection (which

@@ -339,6 +339,14 @@ class NotReplicated(redis.exceptions.ConnectionError):
     """
 
 
+def _refused_without_replicas(error: redis.exceptions.ResponseError) -> bool:
+    """Say whether a primary refused a write for want of replicas (`min-replicas-to-write`).
+
+    Broker trouble, answered 503 like a WAIT not confirmed.
+    """
+    return str(error).startswith("NOREPLICAS")
+
+
 class Scripts:
     """The Lua scripts, registered with one client (redis-py loads them by SHA on first use).
 
@@ -427,7 +435,12 @@ class Scripts:
         (refusals wrote nothing worth waiting for).
         """
         if not self.min_replicas:
-            return script(keys=keys, args=args)
+            try:
+                return script(keys=keys, args=args)
+            except redis.exceptions.ResponseError as exc:
+                if _refused_without_replicas(exc):
+                    raise NotReplicated(f"the broker refuses writes: {exc}") from exc
+                raise
         for _ in range(2):
             # One connection, one round trip: WAIT counts the replicas that
             # hold this connection's writes, the script's included.
@@ -439,6 +452,10 @@ class Scripts:
                 # A promoted replica has no scripts cached: load, then again.
                 self.client.script_load(script.script)
                 continue
+            if isinstance(reply, redis.exceptions.ResponseError) and _refused_without_replicas(
+                reply
+            ):
+                raise NotReplicated(f"the broker refuses writes: {reply}") from reply
             if isinstance(reply, Exception):
                 raise reply
             if isinstance(acks, Exception):

@@ -5,6 +5,7 @@ API and workers that find the primary through the Sentinels."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from scripts.services import private_replicated_redis
 from scripts.services import truncate_app_tables
 from scripts.stack import Api
 from tests.faults.harness import Workers
+from tests.ha.network import SilentPartition
+from tests.ha.network import iptables_usable
 
 
 @pytest.fixture
@@ -52,3 +55,21 @@ def worker(ha_env: dict[str, str], logs: Path) -> Iterator[Workers]:
     crew = Workers(ha_env, logs / "ha-worker.log")
     yield crew
     crew.close()
+
+
+@pytest.fixture
+def partitions() -> Iterator[Callable[[int], SilentPartition]]:
+    """Make silent partitions of loopback ports; every one is healed after the test."""
+    reason = iptables_usable()
+    if reason:
+        pytest.skip(reason)
+    made: list[SilentPartition] = []
+
+    def make(port: int) -> SilentPartition:
+        partition = SilentPartition(port)
+        made.append(partition)
+        return partition
+
+    yield make
+    for partition in made:
+        partition.heal()

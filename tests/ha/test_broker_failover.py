@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sqlalchemy import select
 from app.db import batches
 from app.db import broker_checkpoints
 from app.db import broker_losses
+from scripts.services import RedisServer
 from scripts.services import ReplicatedRedis
 from scripts.stack import Api
 from scripts.stack import wait_until
@@ -30,6 +32,7 @@ from tests.faults.harness import Workers
 from tests.faults.harness import check_invariants
 from tests.faults.harness import report
 from tests.faults.harness import stored_keys
+from tests.ha.network import SilentPartition
 from tests.helpers import make_event
 from tests.helpers import publish
 from tests.helpers import stats
@@ -79,9 +82,20 @@ def first_stored_after(engine: Engine, seq: int) -> float | None:
     return None if moment is None else moment.timestamp()
 
 
-def test_primary_killed_mid_run_fails_over_and_loses_nothing(
-    api: Api, worker: Workers, cluster: ReplicatedRedis, engine: Engine, ha_clean: None
-) -> None:
+def fail_over_under_load(
+    scenario: str,
+    fault: Callable[[RedisServer], Callable[[], None]],
+    *,
+    api: Api,
+    worker: Workers,
+    cluster: ReplicatedRedis,
+    engine: Engine,
+) -> dict[str, float | int]:
+    """Publish throughout a fault of the primary; check every invariant; return the numbers.
+
+    `fault(primary)` injects the fault and returns what to do once Sentinel has promoted
+    another node (restart the killed node as a replica, heal the partition).
+    """
     started = time.monotonic()
     offset = api.log.stat().st_size
     worker.start()
@@ -91,23 +105,21 @@ def test_primary_killed_mid_run_fails_over_and_loses_nothing(
     ) as run:
         wait_until(lambda: run.answered() >= 10, timeout=30)
         with redis.Redis(port=old.port) as client:
-            seq_at_kill = read_state(client).seq
-        killed_at = time.time()
-        killed_mono = time.monotonic()
-        old.kill()
-        # A supervisor starts the node again once Sentinel has moved the primary elsewhere.
+            seq_at_fault = read_state(client).seq
+        fault_at = time.time()
+        fault_mono = time.monotonic()
+        recover = fault(old)
         wait_until(lambda: cluster.primary_port() != old.port, timeout=30)
-        failover_s = time.monotonic() - killed_mono
-        cluster.rejoin(old)
+        failover_s = time.monotonic() - fault_mono
+        recover()
         summary = run.wait(timeout=180)
-    primary = cluster.primary()
     check_invariants(
-        "broker-primary-killed-sentinel-failover",
+        scenario,
         run=run,
         summary=summary,
         api=api,
         engine=engine,
-        broker=primary,
+        broker=cluster.primary(),
         started=started,
         faults=1,
     )
@@ -116,45 +128,99 @@ def test_primary_killed_mid_run_fails_over_and_loses_nothing(
         assert conn.execute(select(broker_losses)).all() == []
     assert stats(api.url)["broker_data_loss"]["detected"] == 0
     # Workers store again what the promoted replica accepted.
-    drained_at = first_stored_after(engine, seq_at_kill)
-    assert drained_at is not None, "nothing accepted after the kill was stored"
+    drained_at = first_stored_after(engine, seq_at_fault)
+    assert drained_at is not None, "nothing accepted after the fault was stored"
     answers = answers_since(api, offset)
     first_refusal = min(
-        (stamp for stamp, status in answers if stamp >= killed_at and status == 503),
-        default=killed_at,
+        (stamp for stamp, status in answers if stamp >= fault_at and status == 503),
+        default=fault_at,
     )
     accepting_again = min(
         (stamp for stamp, status in answers if stamp > first_refusal and status == 202),
-        default=killed_at,
+        default=fault_at,
     )
     stored = stored_keys(engine, summary.topics)
     figures = stats(api.url)
-    numbers = {
+    numbers: dict[str, float | int] = {
         "sent": summary.planned,
         "answered_202": summary.sent,
         "stored": len(stored),
         "counted": figures["unique_processed_db"] + figures["estimated_duplicate_dropped"],
         "lost": len(run.accepted_keys() - set(stored)),
         "double_counted": sum(count - 1 for count in stored.values()),
-        "answers_503": sum(1 for stamp, status in answers if status == 503 and stamp >= killed_at),
-        "seconds_of_503": round(unavailable_seconds(answers, killed_at), 2),
+        "answers_503": sum(1 for stamp, status in answers if status == 503 and stamp >= fault_at),
+        "seconds_of_503": round(unavailable_seconds(answers, fault_at), 2),
         "seconds_to_failover": round(failover_s, 2),
-        "seconds_until_202_again": round(accepting_again - killed_at, 2),
-        "seconds_until_draining": round(drained_at - killed_at, 2),
+        "seconds_until_202_again": round(accepting_again - fault_at, 2),
+        "seconds_until_draining": round(drained_at - fault_at, 2),
     }
-    print("failover:", numbers)
+    print(f"{scenario}:", numbers)
     report(
-        "broker-primary-killed-sentinel-failover",
+        scenario,
         events_sent=summary.planned,
         acknowledged=summary.sent,
-        lost=numbers["lost"],
-        double_counted=numbers["double_counted"],
+        lost=int(numbers["lost"]),
+        double_counted=int(numbers["double_counted"]),
         duration_s=time.monotonic() - started,
         faults=1,
         ambiguous=summary.ambiguous,
         **{key: value for key, value in numbers.items() if key not in ("lost", "double_counted")},
     )
     assert numbers["lost"] == 0 and numbers["double_counted"] == 0
+    return numbers
+
+
+def test_primary_killed_mid_run_fails_over_and_loses_nothing(
+    api: Api, worker: Workers, cluster: ReplicatedRedis, engine: Engine, ha_clean: None
+) -> None:
+    def kill(primary: RedisServer) -> Callable[[], None]:
+        primary.kill()
+        # A supervisor starts the node again once Sentinel has moved the primary elsewhere.
+        return lambda: cluster.rejoin(primary)
+
+    fail_over_under_load(
+        "broker-primary-killed-sentinel-failover",
+        kill,
+        api=api,
+        worker=worker,
+        cluster=cluster,
+        engine=engine,
+    )
+
+
+def test_primary_partitioned_silently_fails_over_and_loses_nothing(
+    api: Api,
+    worker: Workers,
+    cluster: ReplicatedRedis,
+    engine: Engine,
+    partitions: Callable[[int], SilentPartition],
+    ha_clean: None,
+) -> None:
+    """Every packet to and from the primary dropped (no reset): clients must not hang."""
+
+    def partition(primary: RedisServer) -> Callable[[], None]:
+        cut = partitions(primary.port)
+        cut.cut()
+
+        def heal() -> None:
+            # Healed a while after Sentinel promoted the replica: the old primary comes
+            # back with connections its clients may still hold, refusing writes
+            # (min-replicas-to-write) until Sentinel demotes it.
+            time.sleep(5)
+            cut.heal()
+
+        return heal
+
+    numbers = fail_over_under_load(
+        "broker-primary-partitioned-sentinel-failover",
+        partition,
+        api=api,
+        worker=worker,
+        cluster=cluster,
+        engine=engine,
+    )
+    # Keepalive and TCP_USER_TIMEOUT end the workers' hung connections within seconds.
+    assert numbers["seconds_until_draining"] < 30
 
 
 def test_a_replica_that_lagged_is_reported_as_a_loss_when_promoted(
@@ -165,6 +231,10 @@ def test_a_replica_that_lagged_is_reported_as_a_loss_when_promoted(
     try:
         old = cluster.primary()
         [replica] = [node for node in cluster.nodes if node is not old]
+        for node in cluster.nodes:
+            with redis.Redis(port=node.port) as client:
+                # Without WAIT nothing here needs a replica: let a primary write alone.
+                client.config_set("min-replicas-to-write", 0)
         for n in range(10):
             publish(api.url, [make_event(f"a-{n}-{i}", topic="kept") for i in range(50)])
         wait_until(lambda: checkpointed_events(engine) == 500, timeout=15)

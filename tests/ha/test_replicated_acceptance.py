@@ -36,6 +36,9 @@ def test_no_202_until_the_replica_holds_the_batch_and_a_replay_waits_too(
         redis.Redis(port=replica_node.port) as replica,
     ):
         assert post(api.url, "in-sync", "first").status_code == 202
+        # WAIT alone: with min-replicas-to-write the primary would refuse the write
+        # itself (NOREPLICAS, also a 503) as soon as its replica is gone.
+        client.config_set("min-replicas-to-write", 0)
 
         replica.execute_command("REPLICAOF", "127.0.0.1", "1")
         began = time.monotonic()
@@ -62,3 +65,11 @@ def test_no_202_until_the_replica_holds_the_batch_and_a_replay_waits_too(
         assert len(read_pending(client)) == 2
         assert replayed.json()["batch_id"] in read_pending(client)
         assert read_state(client).seq == 2
+
+        client.config_set("min-replicas-to-write", 1)
+        replica.execute_command("REPLICAOF", "127.0.0.1", "1")
+        # With min-replicas-to-write the primary refuses outright: 503, nothing written.
+        refused = post(api.url, "refused", "third")
+        assert refused.status_code == 503, refused.text
+        assert client.hlen(IDEMPOTENCY_KEY) == 2
+        replica.execute_command("REPLICAOF", "127.0.0.1", str(primary.port))
