@@ -1,12 +1,42 @@
 """Celery settings (lowercase, loaded with config_from_object); values come from app.config."""
 
+from typing import Any
+
 from app.config import load_settings
+from app.redis_client import database_number
+from app.redis_client import keepalive_options
 
 _settings = load_settings()
 
 broker_url = _settings.redis_url
 # kombu's Redis transport with fixes for a broker in trouble and leases (tasks/broker.py).
 broker_transport = "tasks.broker:Transport"
+_sentinel_options: dict[str, Any] = {}
+if _settings.broker_sentinels:
+    # The same transport, finding the primary through Sentinel. One URL, no
+    # alternates (kombu would switch to an alternate by its scheme, dropping
+    # our transport): the Sentinels are a transport option. The URL keeps
+    # REDIS_URL's credentials and database; its host is not used.
+    host, port = _settings.broker_sentinels[0]
+    credentials = _settings.redis_url.split("://", 1)[1].rpartition("@")[0]
+    broker_url = (
+        f"sentinel://{credentials + '@' if credentials else ''}{host}:{port}"
+        f"/{database_number(_settings.redis_url)}"
+    )
+    broker_transport = "tasks.broker:SentinelTransport"
+    _sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": _settings.broker_timeout,
+        "socket_connect_timeout": _settings.broker_timeout,
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(),
+    }
+    if _settings.broker_sentinel_password:
+        _sentinel_kwargs["password"] = _settings.broker_sentinel_password
+    _sentinel_options = {
+        "master_name": _settings.broker_sentinel_master,
+        "sentinels": _settings.broker_sentinels,
+        "sentinel_kwargs": _sentinel_kwargs,
+    }
 broker_connection_retry_on_startup = True
 # Workers keep trying to reach the broker for as long as it is away.
 broker_connection_max_retries = None
@@ -22,7 +52,10 @@ broker_transport_options = {
     "unacked_mutex_expire": 5,
     "socket_connect_timeout": _settings.broker_timeout,
     "socket_keepalive": True,
+    # A silent partition (no RST) ends the connection within seconds (app.redis_client).
+    "socket_keepalive_options": keepalive_options(),
     "health_check_interval": 10,
+    **_sentinel_options,
 }
 # The API does not publish through Celery (tasks.acceptance pushes the message
 # itself); for anyone who does, a dead broker must fail fast, not hang in retries.

@@ -195,6 +195,15 @@ class Settings:
     # Connect and read timeout towards Redis (API and workers); a publish whose
     # Redis call takes longer is answered 503.
     broker_timeout: float = 0.5
+    # A replicated broker: Sentinels (host, port) that name the primary of
+    # `broker_sentinel_master`; empty: REDIS_URL is the broker (one Redis).
+    broker_sentinels: tuple[tuple[str, int], ...] = ()
+    broker_sentinel_master: str = ""
+    broker_sentinel_password: str = field(default="", repr=False)
+    # Replicas that must hold an acceptance (Redis WAIT) before the API answers
+    # 202, and how long to wait for them, in milliseconds, before answering 503.
+    broker_min_replicas: int = 0
+    broker_wait_timeout_ms: int = 250
     retry_after: int = 2
     # While the database is away a worker waits before handing a batch back
     # to the queue, doubling the wait up to this many seconds.
@@ -384,6 +393,20 @@ def _retention(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
     return retention, horizon
 
 
+def _addresses(environ: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
+    addresses = []
+    for entry in environ.get(name, "").split(","):
+        if not entry.strip():
+            continue
+        host, _, port = entry.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(
+                f"{name}: {entry.strip()!r} is not host:port (e.g. 10.0.0.5:26379,10.0.0.6:26379)"
+            )
+        addresses.append((host.strip("[]"), int(port)))
+    return tuple(addresses)
+
+
 def _url(environ: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     value = environ.get(name) or default
     if not value.startswith(schemes):
@@ -414,6 +437,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "PROXY_HOPS needs TRUSTED_PROXIES: the proxy's addresses or networks, so that only"
             " the proxy can name a client's address in X-Forwarded-For"
         )
+    sentinels = _addresses(env, "BROKER_SENTINELS")
+    sentinel_master = env.get("BROKER_SENTINEL_MASTER", "").strip()
+    if bool(sentinels) != bool(sentinel_master):
+        raise SettingsError(
+            "BROKER_SENTINELS and BROKER_SENTINEL_MASTER go together: the Sentinels' addresses"
+            " and the name they know the broker's primary by"
+        )
+    # Durable on two nodes by default once the broker is replicated.
+    min_replicas = _count(env, "BROKER_MIN_REPLICAS", 1 if sentinels else 0)
+    broker_timeout = _float(env, "BROKER_TIMEOUT", Settings.broker_timeout)
+    wait_timeout_ms = _int(env, "BROKER_WAIT_TIMEOUT", Settings.broker_wait_timeout_ms)
+    if min_replicas and wait_timeout_ms >= broker_timeout * 1000:
+        # WAIT is answered within its timeout; the client must not give up first.
+        raise SettingsError(
+            f"BROKER_WAIT_TIMEOUT ({wait_timeout_ms} ms) must be below BROKER_TIMEOUT"
+            f" ({broker_timeout} s)"
+        )
     return Settings(
         database_url=database_url,
         redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis://", "rediss://", "unix://")),
@@ -426,7 +466,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         idempotency_max_records=_int(
             env, "IDEMPOTENCY_MAX_RECORDS", Settings.idempotency_max_records
         ),
-        broker_timeout=_float(env, "BROKER_TIMEOUT", Settings.broker_timeout),
+        broker_timeout=broker_timeout,
+        broker_sentinels=sentinels,
+        broker_sentinel_master=sentinel_master,
+        broker_sentinel_password=env.get("BROKER_SENTINEL_PASSWORD", ""),
+        broker_min_replicas=min_replicas,
+        broker_wait_timeout_ms=wait_timeout_ms,
         retry_after=_int(env, "RETRY_AFTER", Settings.retry_after),
         retry_backoff_max=_int(env, "TASK_RETRY_BACKOFF_MAX", Settings.retry_backoff_max),
         task_soft_time_limit=soft_limit,

@@ -3,6 +3,7 @@
     python -m bench.api                          # 10 s, 50 connections, 2 gunicorn processes
     python -m bench.api --events 500 --connections 8   # batches of 500 events
     python -m bench.api --duration 20 --connections 50 --worker-class gthread
+    python -m bench.api --replicas 1             # broker: primary + replica + 3 Sentinels, WAIT 1
 
 wrk (Debian package `wrk`; a C load generator, so the client costs little of the
 two cores) sends each request with a bearer token, its own Idempotency-Key and a
@@ -95,6 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--rate-limit", default=None, help="RATE_LIMIT for the API (default: the production one)")
     add("--worker-class", default="gevent", help="gunicorn worker class (default gevent)")
     add("--repeat", type=int, default=1, help="runs; the table shows each")
+    add(
+        "--replicas",
+        type=int,
+        default=0,
+        help="a replicated broker: this many replicas and 3 Sentinels, WAIT for 1 (default 0)",
+    )
     add("--profile", type=Path, default=None, help="record py-spy profiles into this directory")
     add("--json", type=Path, default=None, help="default bench/results/api-<timestamp>.json")
     return parser.parse_args(argv)
@@ -170,6 +177,8 @@ def render(document: dict[str, Any]) -> str:
         f"POST /publish, {args.get('events', 1)} event(s) each: {args['connections']} connections, "
         f"{args['api_workers']} x {args['worker_class']}"
     )
+    if args.get("replicas"):
+        title += f", broker with {args['replicas']} replica(s), WAIT for 1"
     headers = ["run", "req/s", "p50 ms", "p99 ms", "errors", "API CPU µs/req", "Redis CPU µs/req"]
     out = [describe(document), table(title, headers, rows)]
     for run in document["runs"][:1]:
@@ -196,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(scratch_dir("agg-bench-api-"))
-        services = stack.enter_context(bench_services(base, durable=True, redis_aof=True))
+        services = stack.enter_context(
+            bench_services(base, durable=True, redis_aof=True, replicas=args.replicas)
+        )
         document["services"] = server_versions(services)
         env = {
             **services.env,

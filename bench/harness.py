@@ -33,6 +33,7 @@ from scripts.services import ROOT
 from scripts.services import plain_dsn
 from scripts.services import postgres_server_url
 from scripts.services import private_redis
+from scripts.services import private_replicated_redis
 from scripts.services import throwaway_database
 from scripts.services import truncate_app_tables
 from tasks.pending import forget_everything
@@ -54,11 +55,13 @@ class Services:
     redis_url: str
     private_postgres: bool
     private_redis: bool
+    # A replicated broker: BROKER_SENTINELS and BROKER_SENTINEL_MASTER (redis_url is its primary).
+    broker_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
         """Return the environment for API and worker processes."""
-        return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url}
+        return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url, **self.broker_env}
 
 
 @contextlib.contextmanager
@@ -69,16 +72,27 @@ def bench_services(
     redis_aof: bool,
     redis_fsync: str = "always",
     prefix: str = "agg_bench",
+    replicas: int = 0,
 ) -> Iterator[Services]:
     """Yield a fresh, migrated database and a Redis: DATABASE_URL/REDIS_URL when set, else private.
 
     The benchmark truncates and fills tables, so it always works in a database
     of its own (created here, dropped on the way out), even on a given server.
+    With `replicas`, the private Redis is a primary with that many replicas and
+    three Sentinels, found through them (BROKER_MIN_REPLICAS defaults to 1).
     """
     with contextlib.ExitStack() as stack:
         server_url = stack.enter_context(postgres_server_url(base / "pg", durable=durable))
         database_url = stack.enter_context(throwaway_database(server_url, prefix))
         redis_url = os.environ.get("REDIS_URL")
+        broker_env: dict[str, str] = {}
+        if replicas and not redis_url:
+            cluster = stack.enter_context(
+                private_replicated_redis(base / "redis", replicas=replicas)
+            )
+            redis_url = cluster.primary().url
+            broker_env = {k: v for k, v in cluster.env().items() if k != "REDIS_URL"}
+            log(f"started Redis on {redis_url} with {replicas} replica(s) and 3 Sentinels")
         if not redis_url:
             options = {"appendonly": redis_aof, "appendfsync": redis_fsync}
             redis_url = stack.enter_context(private_redis(base / "redis", **options)).url
@@ -88,6 +102,7 @@ def bench_services(
             redis_url,
             private_postgres=not os.environ.get("DATABASE_URL"),
             private_redis=not os.environ.get("REDIS_URL"),
+            broker_env=broker_env,
         )
 
 

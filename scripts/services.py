@@ -491,8 +491,13 @@ class RedisServer:
         debug: bool = False,
         maxmemory: str | None = None,
         maxmemory_policy: str = "noeviction",
+        replicaof: int | None = None,
     ) -> None:
         self.datadir = datadir
+        # The port of a primary on 127.0.0.1 to replicate, for a replica.
+        self.replicaof = replicaof
+        # One of the nodes of a replicated broker (ReplicatedRedis).
+        self.replicated = replicaof is not None
         self.port = port
         self.binary = binary
         self.appendonly = appendonly
@@ -539,6 +544,15 @@ class RedisServer:
         ]
         if self.maxmemory:
             argv += ["--maxmemory", self.maxmemory]
+        if self.replicaof:
+            argv += ["--replicaof", "127.0.0.1", str(self.replicaof)]
+        if self.replicated:
+            # A replica (re)joining is sent the data at once, not after 5 s.
+            argv += ["--repl-diskless-sync-delay", "0"]
+            # A primary cut off from its replica stops taking writes (BRPOP and acks
+            # included) after 2 s: when the partition heals, workers still connected
+            # to it cannot take messages that only it held (docs/operations.md).
+            argv += ["--min-replicas-to-write", "1", "--min-replicas-max-lag", "2"]
         if self.debug and redis_major_version(self.binary) >= 7:
             argv += ["--enable-debug-command", "local"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -588,6 +602,176 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class SentinelServer:
+    """A `redis-server --sentinel` of our own, watching one primary on 127.0.0.1.
+
+    Fast to decide, for tests: the primary is down after `down_after_ms`
+    without an answer, and two of three Sentinels must agree.
+    """
+
+    def __init__(
+        self,
+        datadir: Path,
+        port: int,
+        binary: Path,
+        master: str,
+        primary_port: int,
+        *,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.datadir = datadir
+        self.port = port
+        self.binary = binary
+        self.master = master
+        self.primary_port = primary_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Write a config (Sentinel rewrites it as it learns) and start; wait until it answers."""
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        if not port_is_free(self.port):
+            raise ServiceError(f"port {self.port} is taken; Sentinel cannot listen there")
+        config = self.datadir / "sentinel.conf"
+        if not config.exists():
+            config.write_text(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {self.datadir}\n"
+                f"logfile {self.datadir / 'sentinel.log'}\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.primary_port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master} 10000\n"
+                f"sentinel parallel-syncs {self.master} 1\n"
+            )
+        self.process = subprocess.Popen(
+            [str(self.binary), str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServiceError(f"sentinel exited; see {self.datadir / 'sentinel.log'}")
+            with contextlib.suppress(redis.RedisError):
+                if client.info("server")["process_id"] == self.process.pid:
+                    return
+            time.sleep(0.05)
+        raise ServiceError("sentinel did not start within 20 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class ReplicatedRedis:
+    """A primary, its replicas and three Sentinels, all private, on loopback ports."""
+
+    def __init__(
+        self, base: Path, *, replicas: int = 1, sentinels: int = 3, master: str = "aggregator"
+    ) -> None:
+        binary = find_redis_server()
+        self.master = master
+        self.nodes = [RedisServer(base / "redis-0", free_port(), binary)]
+        self.nodes[0].replicated = True
+        primary = self.nodes[0].port
+        for index in range(1, replicas + 1):
+            self.nodes.append(
+                RedisServer(base / f"redis-{index}", free_port(), binary, replicaof=primary)
+            )
+        self.sentinels = [
+            SentinelServer(base / f"sentinel-{index}", free_port(), binary, master, primary)
+            for index in range(sentinels)
+        ]
+
+    @property
+    def sentinel_addresses(self) -> str:
+        """Return BROKER_SENTINELS: the Sentinels as comma-separated host:port."""
+        return ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+
+    def env(self) -> dict[str, str]:
+        """Return the settings that point a process at this broker through its Sentinels."""
+        return {
+            # Only its database number (and credentials) count once Sentinels are set.
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "BROKER_SENTINELS": self.sentinel_addresses,
+            "BROKER_SENTINEL_MASTER": self.master,
+        }
+
+    def primary_port(self) -> int:
+        """Return the port of the primary the Sentinels name now."""
+        for sentinel in self.sentinels:
+            with contextlib.suppress(redis.RedisError):
+                client = redis.Redis(port=sentinel.port, socket_timeout=0.5)
+                _, port = client.sentinel_get_master_addr_by_name(self.master)
+                return int(port)
+        raise ServiceError("no Sentinel answers")
+
+    def node(self, port: int) -> RedisServer:
+        """Return the node listening on a port."""
+        return next(node for node in self.nodes if node.port == port)
+
+    def primary(self) -> RedisServer:
+        """Return the node the Sentinels name the primary now."""
+        return self.node(self.primary_port())
+
+    def rejoin(self, node: RedisServer) -> None:
+        """Start a stopped node again as a replica of the current primary, as a supervisor would.
+
+        Sentinel would turn a node that comes back as a primary into a replica
+        by itself, but only after watching it for 8 s or more.
+        """
+        node.replicaof = self.primary_port()
+        node.start()
+
+    def start(self) -> None:
+        """Start the nodes, wait until every replica is in sync, then start the Sentinels."""
+        for node in self.nodes:
+            node.start()
+        primary = redis.Redis(port=self.nodes[0].port)
+        deadline = time.monotonic() + 20
+        while True:
+            info = primary.info("replication")
+            online = [
+                value
+                for key, value in info.items()
+                if key.startswith("slave") and isinstance(value, dict)
+                if value.get("state") == "online"
+            ]
+            if len(online) == len(self.nodes) - 1:
+                break
+            if time.monotonic() > deadline:
+                raise ServiceError(f"replicas not in sync after 20 s: {info}")
+            time.sleep(0.05)
+        for sentinel in self.sentinels:
+            sentinel.start()
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        for node in self.nodes:
+            node.stop()
+
+
+@contextlib.contextmanager
+def private_replicated_redis(base: Path, **options: Any) -> Iterator[ReplicatedRedis]:
+    """Start a replicated Redis with Sentinels under base (options as ReplicatedRedis's)."""
+    cluster = ReplicatedRedis(base, **options)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @contextlib.contextmanager

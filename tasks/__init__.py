@@ -130,7 +130,12 @@ def _start_main_process_threads(**_: object) -> None:
     start_leases(get_redis(), settings.visibility_timeout / 3)
     start_sweeper(get_engine(), get_redis(), settings.resend_after, settings.restore_interval)
     Watchdog(
-        get_engine(), get_redis(), broker_name(settings.redis_url), settings.broker_check_interval
+        get_engine(),
+        get_redis(),
+        broker_name(settings.redis_url, settings.broker_sentinel_master),
+        settings.broker_check_interval,
+        min_replicas=settings.broker_min_replicas,
+        wait_timeout_ms=settings.broker_wait_timeout_ms,
     ).start()
 
 

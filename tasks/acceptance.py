@@ -110,8 +110,12 @@ class Acceptor:
         max_backlog_bytes: int,
         idempotency_ttl: int,
         max_idempotency_records: int,
+        min_replicas: int = 0,
+        wait_timeout_ms: int = 0,
     ) -> None:
-        self._scripts = Scripts(client)
+        # With min_replicas, an acceptance (or the replay of one) is answered
+        # only once that many replicas hold it: one WAIT per group (Scripts).
+        self._scripts = Scripts(client, min_replicas=min_replicas, wait_timeout_ms=wait_timeout_ms)
         self._watchdog = watchdog
         self._max_backlog_bytes = max_backlog_bytes
         self._idempotency_ttl = idempotency_ttl
@@ -356,8 +360,16 @@ class Intake:
     def __init__(self, client: redis.Redis, engine: Engine, settings: Settings) -> None:
         # The watchdog checks the broker every few seconds and whenever it refuses
         # to accept until checked (see Acceptor.accept).
+        replication = {
+            "min_replicas": settings.broker_min_replicas,
+            "wait_timeout_ms": settings.broker_wait_timeout_ms,
+        }
         watchdog = Watchdog(
-            engine, client, broker_name(settings.redis_url), settings.broker_check_interval
+            engine,
+            client,
+            broker_name(settings.redis_url, settings.broker_sentinel_master),
+            settings.broker_check_interval,
+            **replication,
         )
         self._client = client
         self._watchdog = watchdog
@@ -367,6 +379,7 @@ class Intake:
             max_backlog_bytes=settings.max_backlog_bytes,
             idempotency_ttl=settings.idempotency_ttl,
             max_idempotency_records=settings.idempotency_max_records,
+            **replication,
         )
         self._group_commit = GroupCommit(
             self._acceptor,

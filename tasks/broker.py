@@ -21,6 +21,10 @@
    every message it holds restored by the others, again and again. Here the
    delivery time, the lease and the sweep's "now" are all Redis TIME; a host
    clock that disagrees with it is only logged.
+5. A node that cannot take writes now (a replica, a demoted primary, a
+   primary without its replicas under `min-replicas-to-write`) answers BRPOP
+   with an error reply, which Celery treats as fatal; here it is a connection
+   error, and the worker reconnects (through Sentinel, to the primary).
 """
 
 from __future__ import annotations
@@ -35,12 +39,16 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
+from redis import sentinel
 
 from tasks import pending
 
 logger = logging.getLogger(__name__)
 
 _CHANNELS: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+# Error replies of a Redis node that cannot take writes for now.
+NOT_SERVING = ("NOREPLICAS", "READONLY", "MASTERDOWN")
 
 
 class QoS(kombu_redis.QoS):
@@ -175,6 +183,28 @@ class Channel(kombu_redis.Channel):
         except redis.exceptions.ResponseError as exc:
             logger.warning("could not bind %s to %s (%s); continuing", queue, exchange, exc)
 
+    def _brpop_read(self, **options: Any) -> Any:
+        # A node that cannot serve writes now (a replica, a demoted primary, a
+        # primary without its replicas: min-replicas-to-write) answers BRPOP with
+        # an error reply, which kombu passes on and Celery treats as fatal. It is
+        # broker trouble like a lost connection: close it and let Celery reconnect,
+        # through Sentinel when configured, to the primary.
+        try:
+            return super()._brpop_read(**options)
+        except redis.exceptions.ReadOnlyError as exc:
+            self._drop_connection()
+            raise redis.exceptions.ConnectionError(f"the broker is a replica: {exc}") from exc
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith(NOT_SERVING):
+                raise
+            self._drop_connection()
+            raise redis.exceptions.ConnectionError(f"the broker cannot serve: {exc}") from exc
+
+    def _drop_connection(self) -> None:
+        client = self.__dict__.get("client")
+        if client is not None and client.connection is not None:
+            client.connection.disconnect()
+
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # On a lost connection Celery first collects the connection (which
         # detaches the transport from it) and then closes it; closing hands
@@ -190,6 +220,49 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport, using the channel above."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above, finding the primary through Sentinel (kombu's SentinelChannel).
+
+    The Sentinels come from the transport option `sentinels` (host, port
+    pairs), not from alternate broker URLs: kombu switches to an alternate
+    URL by its scheme, which would replace this transport with its stock one
+    and drop the fixes above. Every new connection asks the Sentinels for the
+    primary, so after a failover the worker's reconnect finds the promoted
+    replica; a connection that meets a demoted primary (READONLY) is closed
+    and raises ConnectionError, which the worker survives and retries.
+    """
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.SentinelChannel.from_transport_options,
+        "sentinels",
+    )
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_kwargs: dict[str, Any] | None = None
+    master_name: str | None = None
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        params = self._connparams(asynchronous)
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = sentinel.Sentinel(
+            list(self.sentinels), sentinel_kwargs=self.sentinel_kwargs, **params
+        )
+        # Kept, as kombu does, so its connections to the Sentinels are closed with the channel.
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        if not self.master_name:
+            raise ValueError("the transport option master_name is required")
+        return manager.master_for(self.master_name, redis.Redis).connection_pool
+
+
+class SentinelTransport(Transport):
+    """kombu's Redis transport with our fixes, finding the primary through Sentinel."""
+
+    Channel = SentinelChannel
 
 
 def held_tags() -> list[str]:

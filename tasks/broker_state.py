@@ -20,6 +20,12 @@ Two rules make that judgement sound whether or not a worker runs:
   a real loss, and a broker replaced after it was drained and idle (allowance =
   accepted = stored) is no loss at all.
 
+A replicated broker (BROKER_MIN_REPLICAS) records its progress only once the
+replicas confirm it (WAIT), so a replica promoted after a failover holds at
+least the checkpointed sequence and continues the epoch: no loss. A replica
+promoted that lagged (no WAIT) holds a lower sequence and is a loss, bounded
+like any other.
+
 A check reads PostgreSQL before Redis: whatever the ledger held was accepted
 before Redis is read, so no delay between the two reads looks like the broker
 going back in time. Each loss is recorded once per lost epoch (app.broker_log),
@@ -60,9 +66,15 @@ MIN_ALLOWANCE = 10_000
 IDLE_CHECKS = 10
 
 
-def broker_name(redis_url: str) -> str:
-    """Name a broker by its URL without credentials (the same name after a replacement)."""
+def broker_name(redis_url: str, sentinel_master: str = "") -> str:
+    """Name a broker by its URL without credentials (the same name after a replacement).
+
+    A broker found through Sentinel is named by its service, so it keeps its
+    name (and its checkpoint) across failovers.
+    """
     parts = urlsplit(redis_url)
+    if sentinel_master:
+        return f"sentinel://{sentinel_master}{parts.path or '/0'}"
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path or '/0'}"
 
@@ -101,15 +113,20 @@ def check(
     wanted: int = 0,
     every: float | None = None,
     interval: float = 2.0,
+    min_replicas: int = 0,
+    wait_timeout_ms: int = 0,
 ) -> Loss | None:
     """Compare the broker with its checkpoint; record and return a loss, else checkpoint it.
 
     `wanted` is the number of events an acceptance waits to accept. With
     `every` (the periodic check) it gives way to a check already running and
     skips a broker checked less than every/2 seconds ago. `interval` is
-    BROKER_CHECK_INTERVAL, by which idleness is measured.
+    BROKER_CHECK_INTERVAL, by which idleness is measured. With `min_replicas`
+    the broker's progress counts only once that many replicas hold it (WAIT),
+    so a checkpoint never runs ahead of what a promoted replica will have; the
+    check raises NotReplicated otherwise.
     """
-    scripts = Scripts(client)
+    scripts = Scripts(client, min_replicas=min_replicas, wait_timeout_ms=wait_timeout_ms)
     with engine.begin() as conn:
         if every is None:
             broker_log.lock_checks(conn)
@@ -245,18 +262,35 @@ def _bound(conn: Connection, client: redis.Redis, checkpoint: Checkpoint, loss: 
 class Watchdog:
     """Runs check() every `every` seconds in a daemon thread, and on demand."""
 
-    def __init__(self, engine: Engine, client: redis.Redis, broker: str, every: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        broker: str,
+        every: float,
+        *,
+        min_replicas: int = 0,
+        wait_timeout_ms: int = 0,
+    ) -> None:
         self._engine = engine
         self._client = client
         self._broker = broker
         self._every = every
+        self._replication = {"min_replicas": min_replicas, "wait_timeout_ms": wait_timeout_ms}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def check_now(self, wanted: int = 0) -> None:
         """Check at once (for an acceptance the broker refused until a check)."""
         with self._lock:
-            check(self._engine, self._client, self._broker, wanted=wanted, interval=self._every)
+            check(
+                self._engine,
+                self._client,
+                self._broker,
+                wanted=wanted,
+                interval=self._every,
+                **self._replication,
+            )
 
     def start(self) -> threading.Thread:
         """Start the periodic checks once; return their thread."""
@@ -279,6 +313,7 @@ class Watchdog:
                         self._broker,
                         every=self._every,
                         interval=self._every,
+                        **self._replication,
                     )
             except Exception:  # The broker or database may be away; next round.
                 logger.warning("broker check failed", exc_info=True)

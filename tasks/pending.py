@@ -26,10 +26,16 @@ Keys (values in brackets):
   honoured until they expire.
 
 Times stored in Redis are Redis's own (`TIME`), so no host's clock matters.
+
+With replicas required (BROKER_MIN_REPLICAS), Scripts follows acceptance and
+the broker check with WAIT on the same connection; a replay and the check
+publish on `aggregator:replicated` (a channel nobody reads; the message is
+replicated, so the WAIT after it covers everything written before).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 QUEUE_KEY = "celery"  # Celery's default queue; kombu's Redis transport names the list after it.
 UNACKED_KEY = "unacked"  # kombu: delivery tag -> message held by a worker
@@ -54,6 +61,11 @@ LEGACY_IDEMPOTENCY_PREFIX = "aggregator:idem:"
 # which acceptance its message was (tasks.messages puts it in a header).
 STAMP_PLACEHOLDER = "~aggregator-stamp~"
 STAMP_HEADER = "aggregator_stamp"
+
+# A channel nobody subscribes to: a message published on it inside a script is
+# replicated, so a WAIT after a script that otherwise only read (a replay, the
+# broker check) waits for everything the primary held when the script ran.
+REPLICATION_MARK_CHANNEL = "aggregator:replicated"
 
 # The id of the Redis process running a script: it changes with every start,
 # so a broker restarted (or restored, or replaced, or failed over) is known.
@@ -94,6 +106,10 @@ for i = 1, records do
   end
 end
 if #known > 0 then
+  -- A replay is answered only once its record is on the replicas too: a write
+  -- of this call (a message on a channel nobody reads; allowed at maxmemory)
+  -- makes the caller's WAIT cover everything written before it.
+  if ARGV[9 + 2 * records] ~= '' then redis.call('PUBLISH', ARGV[9 + 2 * records], '') end
   table.insert(known, 1, 'KNOWN')
   return known
 end
@@ -189,6 +205,8 @@ local state = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'accepted_events',
 state[6] = """
     + _RUN_ID
     + """
+-- As in _ACCEPT: a write of this call, so a WAIT after it covers what was read.
+if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], '') end
 return state
 """
 )
@@ -312,11 +330,38 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Scripts:
-    """The Lua scripts, registered with one client (redis-py loads them by SHA on first use)."""
+class NotReplicated(redis.exceptions.ConnectionError):
+    """Fewer replicas than required confirmed a write in time (WAIT).
 
-    def __init__(self, client: redis.Redis) -> None:
+    The primary holds the write, but it would not survive a failover: answer
+    as when the broker is away (503, retry). A ConnectionError, so every
+    caller already treats it so.
+    """
+
+
+def _refused_without_replicas(error: redis.exceptions.ResponseError) -> bool:
+    """Say whether a primary refused a write for want of replicas (`min-replicas-to-write`).
+
+    Broker trouble, answered 503 like a WAIT not confirmed.
+    """
+    return str(error).startswith("NOREPLICAS")
+
+
+class Scripts:
+    """The Lua scripts, registered with one client (redis-py loads them by SHA on first use).
+
+    With `min_replicas`, the scripts whose answer a caller relies on (accept,
+    read_state) are followed, on the same connection and in the same round
+    trip, by `WAIT min_replicas wait_timeout_ms`, and raise NotReplicated when
+    fewer replicas confirm.
+    """
+
+    def __init__(
+        self, client: redis.Redis, *, min_replicas: int = 0, wait_timeout_ms: int = 0
+    ) -> None:
         self.client = client
+        self.min_replicas = min_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._accept = client.register_script(_ACCEPT)
         self._forget = client.register_script(_FORGET)
         self._resend = client.register_script(_RESEND)
@@ -361,7 +406,10 @@ class Scripts:
         ]
         for field, record in records:
             args += [field, record.encode()]
-        reply = self._accept(keys=keys, args=args)
+        args.append(REPLICATION_MARK_CHANNEL if self.min_replicas else "")
+        reply = self._replicated(
+            self._accept, keys, args, lambda reply: reply[0] in (b"OK", b"KNOWN")
+        )
         status = reply[0].decode()
         if status == "OK":
             return AcceptReply(status, epoch=reply[1].decode(), seq=int(reply[2]))
@@ -377,6 +425,50 @@ class Scripts:
         if status == "NOROOM":
             return AcceptReply(status, held=int(reply[1]))
         return AcceptReply(status)
+
+    def _replicated(
+        self, script: Script, keys: list[str], args: list[Any], relied_on: Callable[[Any], bool]
+    ) -> Any:
+        """Run a script; with min_replicas WAIT after it, raising NotReplicated if too few confirm.
+
+        `relied_on(reply)` says whether the reply is one the caller acts on
+        (refusals wrote nothing worth waiting for).
+        """
+        if not self.min_replicas:
+            try:
+                return script(keys=keys, args=args)
+            except redis.exceptions.ResponseError as exc:
+                if _refused_without_replicas(exc):
+                    raise NotReplicated(f"the broker refuses writes: {exc}") from exc
+                raise
+        for _ in range(2):
+            # One connection, one round trip: WAIT counts the replicas that
+            # hold this connection's writes, the script's included.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
+            reply, acks = pipe.execute(raise_on_error=False)
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # A promoted replica has no scripts cached: load, then again.
+                self.client.script_load(script.script)
+                continue
+            if isinstance(reply, redis.exceptions.ResponseError) and _refused_without_replicas(
+                reply
+            ):
+                raise NotReplicated(f"the broker refuses writes: {reply}") from reply
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acks, Exception):
+                # WAIT refused: this connection reached a replica (a demoted primary).
+                self.client.connection_pool.disconnect()
+                raise NotReplicated(f"the broker refused WAIT: {acks}")
+            if relied_on(reply) and int(acks) < self.min_replicas:
+                raise NotReplicated(
+                    f"{int(acks)} of {self.min_replicas} replica(s) confirmed the write within"
+                    f" {self.wait_timeout_ms} ms"
+                )
+            return reply
+        raise redis.exceptions.NoScriptError("the broker lost the script again")
 
     def forget(self, batch_ids: Iterable[str]) -> int:
         """Drop committed batches and their copies; return the backlog bytes freed."""
@@ -404,7 +496,9 @@ class Scripts:
 
     def read_state(self) -> BrokerState:
         """Read the broker's identity, progress and allowance in one step."""
-        epoch, seq, accepted, allowed, run_id, running = self._read_state(keys=[STATE_KEY])
+        args = [REPLICATION_MARK_CHANNEL if self.min_replicas else ""]
+        reply = self._replicated(self._read_state, [STATE_KEY], args, lambda _: True)
+        epoch, seq, accepted, allowed, run_id, running = reply
         return BrokerState(
             _text(epoch) if epoch is not None else None,
             int(seq or 0),

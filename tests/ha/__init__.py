@@ -1,0 +1,1 @@
+"""A replicated broker (primary, replica, three Sentinels) failing under load (see conftest.py)."""

@@ -1,0 +1,75 @@
+"""Fixtures of the replicated-broker suite: each test has its own Redis primary, replica and
+three Sentinels (real processes on loopback ports, private directories, stopped after), and an
+API and workers that find the primary through the Sentinels."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from scripts.services import ReplicatedRedis
+from scripts.services import private_replicated_redis
+from scripts.services import truncate_app_tables
+from scripts.stack import Api
+from tests.faults.harness import Workers
+from tests.ha.network import SilentPartition
+from tests.ha.network import iptables_usable
+
+
+@pytest.fixture
+def cluster(scratch_dir: Path) -> Iterator[ReplicatedRedis]:
+    """A Redis primary, one replica and three Sentinels of this test's own."""
+    with private_replicated_redis(scratch_dir / f"ha-{uuid.uuid4().hex[:6]}") as replicated:
+        yield replicated
+
+
+@pytest.fixture
+def ha_env(stack_env: dict[str, str], cluster: ReplicatedRedis) -> dict[str, str]:
+    """The session's settings, the broker found through the Sentinels (BROKER_MIN_REPLICAS 1)."""
+    return {**stack_env, **cluster.env()}
+
+
+@pytest.fixture
+def ha_clean(engine: Engine) -> None:
+    """Empty the tables (the broker is this test's own, and new)."""
+    with engine.begin() as connection:
+        truncate_app_tables(connection)
+
+
+@pytest.fixture
+def api(ha_env: dict[str, str], logs: Path) -> Iterator[Api]:
+    """This test's gunicorn, with its access log (each answer's status and time)."""
+    server = Api(ha_env, logs / "ha-api.log", access_log=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def worker(ha_env: dict[str, str], logs: Path) -> Iterator[Workers]:
+    """Workers started on demand. Named like the session's, so a failure shows their log."""
+    crew = Workers(ha_env, logs / "ha-worker.log")
+    yield crew
+    crew.close()
+
+
+@pytest.fixture
+def partitions() -> Iterator[Callable[[int], SilentPartition]]:
+    """Make silent partitions of loopback ports; every one is healed after the test."""
+    reason = iptables_usable()
+    if reason:
+        pytest.skip(reason)
+    made: list[SilentPartition] = []
+
+    def make(port: int) -> SilentPartition:
+        partition = SilentPartition(port)
+        made.append(partition)
+        return partition
+
+    yield make
+    for partition in made:
+        partition.heal()
