@@ -127,6 +127,23 @@ def find_redis_server() -> Path:
     return binary
 
 
+def wait_for_redis_process(
+    process: subprocess.Popen[bytes], port: int, name: str, log: Path
+) -> None:
+    """Wait until `process` answers on `port` (a redis-server or a Sentinel), within 20 s."""
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServiceError(f"{name} exited; see {log}")
+        with contextlib.suppress(redis.RedisError):
+            # The port could belong to someone else: check that it is our process.
+            if client.info("server")["process_id"] == process.pid:
+                return
+        time.sleep(0.05)
+    raise ServiceError(f"{name} did not start within 20 s")
+
+
 def _apt_install(package: str) -> None:
     """Install a Debian package as root, keeping its services from starting (policy-rc.d)."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -556,17 +573,7 @@ class RedisServer:
         if self.debug and redis_major_version(self.binary) >= 7:
             argv += ["--enable-debug-command", "local"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServiceError(f"redis-server exited; see {self.datadir / 'redis.log'}")
-            with contextlib.suppress(redis.RedisError):
-                # The port could belong to someone else: check that it is our process.
-                if client.info("server")["process_id"] == self.process.pid:
-                    return
-            time.sleep(0.05)
-        raise ServiceError("redis-server did not start within 20 s")
+        wait_for_redis_process(self.process, self.port, "redis-server", self.datadir / "redis.log")
 
     def _stop_leftover(self, pidfile: Path) -> None:
         # A server from an earlier run that was killed before it could stop ours.
@@ -653,16 +660,7 @@ class SentinelServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServiceError(f"sentinel exited; see {self.datadir / 'sentinel.log'}")
-            with contextlib.suppress(redis.RedisError):
-                if client.info("server")["process_id"] == self.process.pid:
-                    return
-            time.sleep(0.05)
-        raise ServiceError("sentinel did not start within 20 s")
+        wait_for_redis_process(self.process, self.port, "sentinel", self.datadir / "sentinel.log")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
