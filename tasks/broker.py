@@ -41,6 +41,7 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps
 from redis import sentinel
 
+from app.failure_log import FailureLog
 from tasks import pending
 
 logger = logging.getLogger(__name__)
@@ -324,13 +325,16 @@ def start_leases(client: redis.Redis, every: float) -> threading.Thread:
     def loop() -> None:
         stop = threading.Event()
         clock = ClockCheck()
+        failures = FailureLog(logger, "refreshing message leases")
         while not stop.wait(every):
             try:
                 before = time.time()
                 broker_now = pending.refresh_leases(client, held_tags())
                 clock.observe(before, broker_now, time.time())
-            except Exception:  # The broker may be away; the next round tries again.
-                logger.warning("could not refresh message leases", exc_info=True)
+            except Exception as exc:  # The broker may be away; the next round tries again.
+                failures.failed(exc)
+            else:
+                failures.succeeded()
 
     thread = threading.Thread(target=loop, name="message-leases", daemon=True)
     thread.start()

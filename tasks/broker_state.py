@@ -47,6 +47,7 @@ from sqlalchemy import Engine
 
 from app import broker_log
 from app.broker_log import Checkpoint
+from app.failure_log import FailureLog
 from app.store.ledger import processed_batches
 from tasks.pending import BrokerState
 from tasks.pending import Scripts
@@ -304,6 +305,7 @@ class Watchdog:
 
     def _loop(self) -> None:
         stop = threading.Event()
+        failures = FailureLog(logger, "broker check")
         while not stop.wait(self._every):
             try:
                 with self._lock:
@@ -315,5 +317,7 @@ class Watchdog:
                         interval=self._every,
                         **self._replication,
                     )
-            except Exception:  # The broker or database may be away; next round.
-                logger.warning("broker check failed", exc_info=True)
+            except Exception as exc:  # The broker or database may be away; next round.
+                failures.failed(exc)
+            else:
+                failures.succeeded()

@@ -21,6 +21,7 @@ import threading
 import redis
 from sqlalchemy import Engine
 
+from app.failure_log import FailureLog
 from app.store.ledger import processed_batches
 from tasks.pending import Scripts
 from tasks.pending import overdue
@@ -70,11 +71,14 @@ def start_sweeper(
 
     def loop() -> None:
         stop = threading.Event()
+        failures = FailureLog(logger, "resend sweep")
         while not stop.wait(every):
             try:
                 sweep(engine, client, older_than, confirm_after=every * 0.9)
-            except Exception:  # The broker or database may be away; try again next round.
-                logger.warning("resend sweep failed", exc_info=True)
+            except Exception as exc:  # The broker or database may be away; try again next round.
+                failures.failed(exc)
+            else:
+                failures.succeeded()
 
     thread = threading.Thread(target=loop, name="resend-sweeper", daemon=True)
     thread.start()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from typing import Self
 
+import orjson
 import redis
 import requests
 from mirakuru.exceptions import ProcessFinishedWithError
@@ -231,6 +232,21 @@ class Workers:
         with open(self.log, "rb") as handle:
             handle.seek(self._offset)
             return handle.read().decode(errors="replace")
+
+    def recent(self, lines: int = 30) -> str:
+        """The last lines these workers logged, one short line each (for a failure message)."""
+        shown = []
+        for line in self.output().splitlines()[-lines:]:
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                shown.append(line[:160])
+                continue
+            shown.append(
+                f"{record.get('time', '')[11:23]} {record.get('level', '')} "
+                f"{record.get('logger', '')}: {str(record.get('message', ''))[:140]}"
+            )
+        return "\n".join(shown)
 
     def close(self) -> None:
         for worker in self.started:
