@@ -121,6 +121,12 @@ def test_the_monitoring_profile_brings_up_prometheus_healthy_on_loopback(
 ) -> None:
     if not (stack.directory / ".env").exists():  # this module alone
         stack.readme("cp .env.example .env && $EDITOR .env")
+    # The Compose section left PROMETHEUS_TOKEN empty (plain `up` needs none): Prometheus's
+    # container refuses to start without it, naming it, instead of scraping with no token.
+    refused = stack.shell("docker compose --profile monitoring run --rm --no-deps prometheus")
+    assert refused.returncode == 78, refused.stdout + refused.stderr
+    assert "PROMETHEUS_TOKEN is empty" in refused.stdout + refused.stderr, refused.stderr
+    stack.fill_monitoring_secrets()  # what the Monitoring section asks before its `up`
     command = line("docker compose --profile monitoring up -d --wait")
     if not grafana_here:
         # The README's line, less the one service whose image cannot be had here: every
