@@ -36,9 +36,9 @@ class Engine:
     env: dict[str, str]
 
 
-def readme_lines(section: str = "Compose") -> list[str]:
-    """Return the lines of the first `sh` block of README's section of that title."""
-    text = (ROOT / "README.md").read_text()
+def readme_lines(section: str = "Compose", document: str = "README.md") -> list[str]:
+    """Return the lines of the first `sh` block of the document's section of that title."""
+    text = (ROOT / document).read_text()
     part = text[text.index(f"\n## {section}\n") :]
     block = part[part.index("```sh\n") + len("```sh\n") :]
     return [line for line in block[: block.index("```")].splitlines() if line.strip()]

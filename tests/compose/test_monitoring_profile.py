@@ -1,4 +1,4 @@
-"""README's Monitoring section against a real Docker engine: the `monitoring` profile.
+"""docs/monitoring.md's Monitoring section against a real Docker engine: the `monitoring` profile.
 
 Runs after test_compose_stack.py (pytest takes a directory's modules in name order), on
 the stack it leaves running and empty; alone, it brings the stack up itself. The
@@ -38,7 +38,7 @@ from tests.compose.harness import record
 
 pytestmark = pytest.mark.incremental
 
-LINES = readme_lines("Monitoring")
+LINES = readme_lines("Monitoring", "docs/monitoring.md")
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 GRAFANA_IMAGE = COMPOSE["services"]["grafana"]["image"]
 ALERTS = {
@@ -129,7 +129,7 @@ def test_the_monitoring_profile_brings_up_prometheus_healthy_on_loopback(
     stack.fill_monitoring_secrets()  # what the Monitoring section asks before its `up`
     command = line("docker compose --profile monitoring up -d --wait")
     if not grafana_here:
-        # The README's line, less the one service whose image cannot be had here: every
+        # The documented line, less the one service whose image cannot be had here: every
         # other service of the profile named (compose pulls even for `--scale grafana=0`).
         services = stack.compose("--profile", "monitoring", "config", "--services").split()
         command = command.split(" #", 1)[0].rstrip()  # before the line's comment
@@ -250,4 +250,4 @@ def test_down_with_the_profile_removes_every_container_and_keeps_the_data(stack:
     assert set(LINES) == {
         line("docker compose --profile monitoring up -d --wait"),
         line("docker compose --profile monitoring down"),
-    }, "README lines this test never ran"
+    }, "docs/monitoring.md lines this test never ran"
