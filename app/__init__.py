@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                         "type": "http",
                         "scheme": "bearer",
                         "description": "A token from API_TOKENS; its scopes decide what it"
-                        " may do (README, Who may do what).",
+                        " may do (docs/api.md, Who may do what).",
                     }
                 }
             },

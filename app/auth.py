@@ -173,7 +173,7 @@ def init_auth(app: Flask, client: redis.Redis, settings: Settings) -> None:
         logger.warning("AUTH_DISABLED=1: every endpoint is open to anyone who can reach it")
     else:
         raise SettingsError(
-            "no API_TOKENS configured: set API_TOKENS (see README, Who may do what)"
+            "no API_TOKENS configured: set API_TOKENS (see docs/api.md, Who may do what)"
             " or AUTH_DISABLED=1 to run open"
         )
     if settings.rate_limit:

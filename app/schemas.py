@@ -629,7 +629,7 @@ class BrokerDataLossSchema(Schema):
 
 
 class RetentionStateSchema(Schema):
-    """How far retention has gone (README, "Retention and the dedup horizon")."""
+    """How far retention has gone (docs/retention.md)."""
 
     oldest_position = fields.Integer(
         required=True,

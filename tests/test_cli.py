@@ -470,3 +470,55 @@ def test_an_idempotency_key_makes_a_resent_batch_count_once(url: str, engine: En
     assert figures["total_received_queued"] == 20  # the resend was not received twice
     assert figures["topics"]["keyed"] == {"stored": 20, "duplicates": 0, "failed": 0}
     assert_adds_up(figures, engine, sent=20)
+
+
+def test_gzip_and_ndjson_bodies_are_stored_exactly_and_compressed_on_the_wire(
+    url: str, engine: Engine
+) -> None:
+    batch = [make_event(f"z-{n}", topic="zipped") for n in range(50)]
+    with Client(url, compress=True, ndjson=True) as client:
+        first = client.publish_batch(batch, idempotency_key="cli-gzip-key-0001")
+        # The same key again: the same bytes (gzip without a timestamp), so a replay.
+        again = client.publish_batch(batch, idempotency_key="cli-gzip-key-0001")
+        # The same events as a plain JSON array: other bytes on the wire than the
+        # compressed ones, which the API's digest of the raw body tells apart.
+        plain = client.publish_batch(
+            batch, idempotency_key="cli-gzip-key-0001", compress=False, ndjson=False
+        )
+    assert first.accepted and again.accepted, (first.error, again.error)
+    assert again.batch_id == first.batch_id
+    assert plain.final == "422" and "Idempotency-Key" in str(plain.error), plain.error
+    figures = settled_stats(url, received=50)
+    assert figures["topics"]["zipped"] == {"stored": 50, "duplicates": 0, "failed": 0}
+    assert_adds_up(figures, engine, sent=50)
+
+
+def test_an_ndjson_body_is_refused_naming_the_line(url: str) -> None:
+    batch = [make_event(f"y-{n}", topic="lined") for n in range(5)]
+    batch[3] = {**batch[3], "timestamp": "yesterday"}
+    with Client(url, compress=True, ndjson=True) as client:
+        refused = client.publish_batch(batch)
+    # The API names NDJSON lines from 1: the fourth event is line 4.
+    assert refused.final == "422" and list(refused.errors) == ["line 4"], refused.errors
+
+
+def test_publish_gzip_ndjson_counts_a_file_exactly_and_names_a_refused_line(
+    url: str, engine: Engine, tmp_path: Path
+) -> None:
+    events = [make_event(f"g-{n}", topic="gzipped") for n in range(700)]
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(ndjson(events + [events[9]]))
+    for flags in (["--gzip"], ["--gzip", "--ndjson"]):
+        summary = json_out(aggregator("publish", str(path), *flags, "--url", url, "--json"))
+        assert (summary["summary"]["sent"], summary["summary"]["errors"]) == (701, 0)
+    figures = settled_stats(url, received=1402)
+    assert figures["topics"]["gzipped"] == {"stored": 700, "duplicates": 702, "failed": 0}
+    assert_adds_up(figures, engine, sent=1402)
+    # A refused event in the second request (of 500) is named by its line in the file,
+    # from the API's "line N" of that NDJSON body.
+    events[620] = {**events[620], "timestamp": "yesterday"}
+    path.write_bytes(ndjson(events))
+    run = aggregator("publish", str(path), "--gzip", "--ndjson", "--url", url, "--json")
+    document = json_out_code(run, 3)
+    [refusal] = document["refused"]
+    assert (refusal["line"], list(refusal["errors"])) == (621, ["timestamp"]), refusal

@@ -163,6 +163,15 @@ def test_single_event_is_encoded_as_an_object_and_batches_as_arrays():
         encode_body(events, as_object=True)
 
 
+def test_ndjson_bodies_are_one_event_per_line_without_blank_lines():
+    events = plan_events(3, 0.0, TOPICS, "src", seed=9)
+    body = encode_body(events, as_object=False, ndjson=True)
+    lines = body.split(b"\n")
+    # Line N of the body is event N - 1: the API's "line N" maps back without counting blanks.
+    assert lines[-1] == b"" and [orjson.loads(line) for line in lines[:-1]] == events
+    assert encode_body(events[:1], as_object=False, ndjson=True).count(b"\n") == 1
+
+
 def attempt(error=None, status=None):
     return RequestHistory("POST", "/publish", error, status, None)
 
@@ -714,6 +723,21 @@ def test_refusals_of_a_single_object_or_a_whole_batch_name_their_lines():
     assert gen.where == "event 6"
     # Anything but a 422 is not a refusal of events.
     assert refusals_of(RequestOutcome([{}], "503", False, 1, 0.1, "busy"), places) == []
+
+
+def test_refusals_of_an_ndjson_body_are_named_by_the_inputs_line():
+    lines = LineNumbers()
+    # 10 blank lines first: the event on line 121 of the second body of 500 (event 620)
+    # is on line 631 of the file.
+    list(read_ndjson(io.BytesIO(b"\n" * 10 + b'{"n": 1}\n' * 1000), lines))
+    places = InputPlaces("events.ndjson", lines)
+    errors = {"line 121": {"timestamp": ["bad"]}, "line 0": {"x": ["?"]}, "line x": ["?"]}
+    found = refusals_of(refused([{}] * 500, errors, 500), places)
+    assert [(r.where, r.line, r.problems) for r in found] == [
+        ("events.ndjson line 631", 631, "timestamp: bad"),
+        # Keys that name no line of the body are the batch's, named by its range.
+        ("events.ndjson line 511 to 1010", 511, "line 0.x: ?; line x: ?"),
+    ]
 
 
 def test_more_refusals_than_shown_are_counted():

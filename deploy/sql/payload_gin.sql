@@ -3,7 +3,7 @@
 -- Without it the filter reads the topic's rows through (topic, position) and checks
 -- each payload: fine while a topic's rows are few or the filter matches often.
 -- With it PostgreSQL can find matching payloads directly, at a cost on every insert
--- (measured in README, "Reading the log"; `python -m bench.store --payload-gin`).
+-- (measured in docs/api.md, beside following and the GIN index; `python -m bench.store --payload-gin`).
 -- Create it when payload filters on large topics are frequent:
 --
 --   psql "$DATABASE_URL" -f deploy/sql/payload_gin.sql

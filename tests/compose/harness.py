@@ -36,9 +36,9 @@ class Engine:
     env: dict[str, str]
 
 
-def readme_lines(section: str = "Compose") -> list[str]:
-    """Return the lines of the first `sh` block of README's section of that title."""
-    text = (ROOT / "README.md").read_text()
+def readme_lines(section: str = "Compose", document: str = "README.md") -> list[str]:
+    """Return the lines of the first `sh` block of the document's section of that title."""
+    text = (ROOT / document).read_text()
     part = text[text.index(f"\n## {section}\n") :]
     block = part[part.index("```sh\n") + len("```sh\n") :]
     return [line for line in block[: block.index("```")].splitlines() if line.strip()]
@@ -59,7 +59,9 @@ class Stack:
         self.password = secrets.token_hex(16)
         self.grafana_password = secrets.token_hex(16)
         tokens = f"{self.token}:publish+read+admin,{self.read_token}:read"
-        # The README's `$EDITOR .env`: fills in each empty secret, and free ports.
+        # The README's `$EDITOR .env`: fills in each empty secret, and free ports; the
+        # monitoring profile's two stay empty, as plain `up` must work without them
+        # (test_monitoring_profile.py fills them in: fill_monitoring_secrets).
         editor = " ".join(
             [
                 "sed -i",
@@ -67,8 +69,6 @@ class Stack:
                 f"-e s/^API_TOKENS=$/API_TOKENS={tokens}/",
                 f"-e s/^API_TOKEN=$/API_TOKEN={self.token}/",
                 f"-e s/^FLOWER_BASIC_AUTH=$/FLOWER_BASIC_AUTH=admin:{secrets.token_hex(16)}/",
-                f"-e s/^PROMETHEUS_TOKEN=$/PROMETHEUS_TOKEN={self.read_token}/",
-                f"-e s/^GRAFANA_ADMIN_PASSWORD=$/GRAFANA_ADMIN_PASSWORD={self.grafana_password}/",
                 f"-e s/^PROXY_PORT=.*/PROXY_PORT={port}/",
                 f"-e s/^PROMETHEUS_PORT=.*/PROMETHEUS_PORT={prometheus_port}/",
                 f"-e s/^GRAFANA_PORT=.*/GRAFANA_PORT={grafana_port}/",
@@ -77,6 +77,16 @@ class Stack:
         self.env = {**engine.env, "COMPOSE_PROJECT_NAME": PROJECT_NAME, "EDITOR": editor}
         self.lines = readme_lines()
         self.ran: set[str] = set()
+
+    def fill_monitoring_secrets(self) -> None:
+        """Give .env's empty PROMETHEUS_TOKEN and GRAFANA_ADMIN_PASSWORD a value each."""
+        env_file = self.directory / ".env"
+        text = env_file.read_text()
+        text = text.replace("\nPROMETHEUS_TOKEN=\n", f"\nPROMETHEUS_TOKEN={self.read_token}\n")
+        text = text.replace(
+            "\nGRAFANA_ADMIN_PASSWORD=\n", f"\nGRAFANA_ADMIN_PASSWORD={self.grafana_password}\n"
+        )
+        env_file.write_text(text)
 
     def readme(self, command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run README's line that starts with command, exactly as written there."""

@@ -1,4 +1,4 @@
-"""README's Monitoring section against a real Docker engine: the `monitoring` profile.
+"""docs/monitoring.md's Monitoring section against a real Docker engine: the `monitoring` profile.
 
 Runs after test_compose_stack.py (pytest takes a directory's modules in name order), on
 the stack it leaves running and empty; alone, it brings the stack up itself. The
@@ -38,7 +38,7 @@ from tests.compose.harness import record
 
 pytestmark = pytest.mark.incremental
 
-LINES = readme_lines("Monitoring")
+LINES = readme_lines("Monitoring", "docs/monitoring.md")
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 GRAFANA_IMAGE = COMPOSE["services"]["grafana"]["image"]
 ALERTS = {
@@ -121,9 +121,15 @@ def test_the_monitoring_profile_brings_up_prometheus_healthy_on_loopback(
 ) -> None:
     if not (stack.directory / ".env").exists():  # this module alone
         stack.readme("cp .env.example .env && $EDITOR .env")
+    # The Compose section left PROMETHEUS_TOKEN empty (plain `up` needs none): Prometheus's
+    # container refuses to start without it, naming it, instead of scraping with no token.
+    refused = stack.shell("docker compose --profile monitoring run --rm --no-deps prometheus")
+    assert refused.returncode == 78, refused.stdout + refused.stderr
+    assert "PROMETHEUS_TOKEN is empty" in refused.stdout + refused.stderr, refused.stderr
+    stack.fill_monitoring_secrets()  # what the Monitoring section asks before its `up`
     command = line("docker compose --profile monitoring up -d --wait")
     if not grafana_here:
-        # The README's line, less the one service whose image cannot be had here: every
+        # The documented line, less the one service whose image cannot be had here: every
         # other service of the profile named (compose pulls even for `--scale grafana=0`).
         services = stack.compose("--profile", "monitoring", "config", "--services").split()
         command = command.split(" #", 1)[0].rstrip()  # before the line's comment
@@ -244,4 +250,4 @@ def test_down_with_the_profile_removes_every_container_and_keeps_the_data(stack:
     assert set(LINES) == {
         line("docker compose --profile monitoring up -d --wait"),
         line("docker compose --profile monitoring down"),
-    }, "README lines this test never ran"
+    }, "docs/monitoring.md lines this test never ran"

@@ -105,6 +105,7 @@ EXAMPLES = """\b
 examples:
 aggregator publish events.ndjson                 # one JSON event per line
 some-program | aggregator publish -              # from stdin, as it arrives
+aggregator publish --gzip --ndjson app.ndjson    # NDJSON bodies, gzip-compressed
 aggregator publish --generate 20000 --duplicates 0.1 --verify
 aggregator batch 8ba58774272c486180a68d6196e9a079 # queued, or stored N / duplicates N
 aggregator --url http://host:8080 stats          # global options before or after the command
@@ -291,6 +292,17 @@ publish_options = _options(
         show_default=True,
         metavar="SECONDS",
         help="stdin: send a batch that is not full after this long",
+    ),
+    click.option(
+        "--gzip",
+        "compress",
+        is_flag=True,
+        help="gzip each request body (Content-Encoding: gzip)",
+    ),
+    click.option(
+        "--ndjson",
+        is_flag=True,
+        help="send each batch as NDJSON lines (application/x-ndjson), not a JSON array",
     ),
     click.option("--no-progress", is_flag=True, help="hide the progress bar"),
     click.option("--verify", is_flag=True, help="--generate: wait for /stats, check counts"),
@@ -800,6 +812,8 @@ def run(invocation: Invocation) -> int:
             timeout=args.timeout,
             max_retries=args.max_retries,
             concurrency=concurrency,
+            compress=getattr(args, "compress", False),
+            ndjson=getattr(args, "ndjson", False),
         ) as client:
             return COMMANDS[invocation.command](client, args)
     except Fail as exc:

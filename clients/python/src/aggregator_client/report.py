@@ -201,26 +201,39 @@ def _flatten(errors: Any, prefix: str = "") -> list[str]:
     return [f"{label}: {text}" if label else text]
 
 
+def _event_index(key: Any) -> int | None:
+    """The batch position an error key names: "249" (JSON array) or "line 250" (NDJSON)."""
+    if not isinstance(key, str):
+        return None
+    if key.isdigit():
+        return int(key)
+    number = key.removeprefix("line ")
+    if number != key and number.isdigit() and int(number) >= 1:
+        return int(number) - 1
+    return None
+
+
 def refusals_of(outcome: RequestOutcome, places: InputPlaces) -> list[Refusal]:
     """Name each event a 422 refused by its place in the input instead of in the batch.
 
     The API keys a batch's problems by the event's position in the array
-    (`"249"`), or by field when the batch was a single object; problems of the
-    whole batch (`_schema`) are named by the range of its events.
+    (`"249"`), by its line in an NDJSON body (`"line 250"`, from 1; the client
+    writes no blank lines, so line N is event N - 1), or by field when the batch
+    was a single object; problems of the whole batch (`_schema`) are named by the
+    range of its events.
     """
     if outcome.final != "422" or not isinstance(outcome.errors, Mapping):
         return []
     count = len(outcome.events)
-    per_event = {
-        int(key): value
-        for key, value in outcome.errors.items()
+    per_event: dict[int, Any] = {}
+    keys: set[str] = set()
+    for key, value in outcome.errors.items():
+        index = _event_index(key)
         # An event's problems are per field; a list under a digit is a field named so.
-        if isinstance(key, str)
-        and key.isdigit()
-        and int(key) < count
-        and isinstance(value, Mapping)
-    }
-    rest = {key: value for key, value in outcome.errors.items() if key not in map(str, per_event)}
+        if index is not None and index < count and isinstance(value, Mapping):
+            per_event[index] = value
+            keys.add(key)
+    rest = {key: value for key, value in outcome.errors.items() if key not in keys}
     found = [
         Refusal(places.where(outcome.offset + index), places.line(outcome.offset + index), value)
         for index, value in sorted(per_event.items())
