@@ -303,6 +303,13 @@ class PostgresServer:
         """Return the SQLAlchemy URL of a database on this server."""
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
+    def socket_url(self, database: str = "postgres") -> str:
+        """Return the URL of a database on this server through its unix socket.
+
+        Packet filters on the TCP port (the partition tests) leave this path open.
+        """
+        return f"postgresql+psycopg2://postgres@/{database}?host={self.sockdir}&port={self.port}"
+
     def is_running(self) -> bool:
         """Tell whether this data directory has a live postmaster."""
         if not (self.datadir / "PG_VERSION").exists():

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from scripts.services import PostgresServer
+from scripts.services import RedisServer
 from scripts.services import ReplicatedRedis
+from scripts.services import migrate
+from scripts.services import private_postgres
+from scripts.services import private_redis
 from scripts.services import private_replicated_redis
 from scripts.services import truncate_app_tables
 from scripts.stack import Api
@@ -73,3 +78,19 @@ def partitions() -> Iterator[Callable[[int], SilentPartition]]:
     yield make
     for partition in made:
         partition.heal()
+
+
+@pytest.fixture
+def own_broker(scratch_dir: Path) -> Iterator[RedisServer]:
+    """One redis-server of this test's own (the database suites fault PostgreSQL, not Redis)."""
+    with private_redis(scratch_dir / f"ha-redis-{uuid.uuid4().hex[:6]}") as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres(scratch_dir: Path) -> Iterator[PostgresServer]:
+    """One PostgreSQL of this test's own, migrated, so the test can cut it off."""
+    with private_postgres(scratch_dir / f"ha-pg-{uuid.uuid4().hex[:6]}", durable=False) as server:
+        server.create_database("aggregator")
+        migrate(server.url("aggregator"))
+        yield server
