@@ -187,13 +187,18 @@ class DbNetwork:
 
     def connect_args(self) -> dict[str, int]:
         """Return the libpq connection parameters that apply these limits."""
-        return {
-            "connect_timeout": self.connect_timeout,
-            "keepalives": 1,
+        limits = {
             "keepalives_idle": self.keepalives_idle,
             "keepalives_interval": self.keepalives_interval,
             "keepalives_count": self.keepalives_count,
             "tcp_user_timeout": self.tcp_user_timeout_ms,
+        }
+        # A 0 is left out, not passed: libpq hands it to setsockopt, and Linux
+        # refuses TCP_KEEPIDLE 0 (the connection fails: "Invalid argument").
+        return {
+            "connect_timeout": self.connect_timeout,
+            "keepalives": 1,
+            **{name: value for name, value in limits.items() if value},
         }
 
 

@@ -34,9 +34,11 @@ import psycopg2
 import redis
 from alembic import command
 from alembic.config import Config
+from psycopg2.extensions import make_dsn
 from sqlalchemy import Connection
 from sqlalchemy import make_url
 from sqlalchemy import text
+from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 
 from app.db import make_engine
 from app.db import metadata
@@ -390,8 +392,15 @@ class PostgresServer:
 
 
 def plain_dsn(url: str) -> str:
-    """Turn a SQLAlchemy URL into a libpq DSN for psycopg2 (password kept)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """Turn a SQLAlchemy URL into a libpq DSN for psycopg2 (password kept).
+
+    Through the psycopg2 dialect's own translation, so a multi-host URL
+    (`?host=a:5432&host=b:5432&target_session_attrs=read-write`) becomes libpq's
+    `host=a,b port=5432,5432 ...` rather than a URI whose repeated host libpq misreads.
+    """
+    parsed = make_url(url).set(drivername="postgresql+psycopg2")
+    _, params = PGDialect_psycopg2().create_connect_args(parsed)
+    return make_dsn(**{name: str(value) for name, value in params.items()})
 
 
 def with_database(url: str, database: str) -> str:
