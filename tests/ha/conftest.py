@@ -4,6 +4,9 @@ API and workers that find the primary through the Sentinels."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -12,14 +15,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from scripts.services import ROOT
+from scripts.services import AutoFailoverCluster
 from scripts.services import PostgresServer
 from scripts.services import RedisServer
 from scripts.services import ReplicatedRedis
+from scripts.services import create_database
 from scripts.services import migrate
+from scripts.services import private_auto_failover
 from scripts.services import private_postgres
 from scripts.services import private_redis
 from scripts.services import private_replicated_redis
 from scripts.services import truncate_app_tables
+from scripts.services import with_database
 from scripts.stack import Api
 from tests.faults.harness import Workers
 from tests.ha.network import SilentPartition
@@ -94,3 +102,23 @@ def own_postgres(scratch_dir: Path) -> Iterator[PostgresServer]:
         server.create_database("aggregator")
         migrate(server.url("aggregator"))
         yield server
+
+
+@pytest.fixture
+def pg_cluster(scratch_dir: Path) -> Iterator[AutoFailoverCluster]:
+    """pg_auto_failover of this test's own: monitor, primary, synchronous standby; migrated.
+
+    The database is created and migrated through the multi-host URL, the way a deploy's
+    one-shot `alembic upgrade head` step would (DATABASE_URL read by migrations/env.py).
+    """
+    with private_auto_failover(scratch_dir / f"ha-paf-{uuid.uuid4().hex[:6]}") as cluster:
+        url = cluster.url("aggregator")
+        create_database(with_database(url, "postgres"), "aggregator")
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": url},
+            check=True,
+            capture_output=True,
+        )
+        yield cluster
