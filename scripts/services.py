@@ -443,6 +443,13 @@ class AutoFailoverNode:
                 start_new_session=True,
             )
 
+    @property
+    def process_group(self) -> int:
+        """Return the process group of every process of the node (pg_autoctl's session)."""
+        if self.process is None:
+            raise ServiceError(f"{self.name} is not running")
+        return self.process.pid
+
     def run(self) -> None:
         """Start the node again from its data directory (rejoining as a standby if it must)."""
         self.spawn("run", "--pgdata", str(self.pgdata))

@@ -71,15 +71,15 @@ def worker(ha_env: dict[str, str], logs: Path) -> Iterator[Workers]:
 
 
 @pytest.fixture
-def partitions() -> Iterator[Callable[[int], SilentPartition]]:
-    """Make silent partitions of loopback ports; every one is healed after the test."""
+def partitions() -> Iterator[Callable[..., SilentPartition]]:
+    """Make silent partitions of loopback ports (and process groups); all healed after the test."""
     reason = iptables_usable()
     if reason:
         pytest.skip(reason)
     made: list[SilentPartition] = []
 
-    def make(port: int) -> SilentPartition:
-        partition = SilentPartition(port)
+    def make(port: int, process_group: int | None = None) -> SilentPartition:
+        partition = SilentPartition(port, process_group)
         made.append(partition)
         return partition
 

@@ -178,18 +178,22 @@ def test_database_primary_partitioned_fails_over_and_loses_nothing(
     pg_cluster: AutoFailoverCluster,
     own_broker: RedisServer,
     db_engine: Engine,
-    partitions: Callable[[int], SilentPartition],
+    partitions: Callable[..., SilentPartition],
 ) -> None:
     """Every packet to and from the primary's port dropped (no reset): nobody may hang."""
 
     def partition(primary: AutoFailoverNode) -> Callable[[], None]:
-        cut = partitions(primary.port)
+        # The whole host goes silent: its port, and its keeper's link to the monitor.
+        cut = partitions(primary.port, primary.process_group)
         cut.cut()
+        cut_at = time.time()
 
         def heal() -> None:
-            # The monitor has told the old primary's keeper (which still reaches it) to
-            # demote; once healed the node rejoins as the new primary's standby.
-            pg_cluster.wait_for(primary.port, "demoted", "catchingup", "secondary", timeout=60)
+            # Healed once the promoted standby stores again, so the clients' way past the
+            # silent old primary is shown, not just its return. Cut off from the monitor and
+            # its standby, its keeper has demoted it (network_partition_timeout); healed, it
+            # rejoins as the new primary's standby.
+            wait_until(lambda: any(moment > cut_at for moment in batch_times(db_engine)), 60)
             cut.heal()
 
         return heal
