@@ -684,7 +684,9 @@ def drop_database(server_url: str, name: str) -> None:
 def alembic_config(database_url: str) -> Config:
     """Return an Alembic config for the repository's migrations on database_url."""
     config = Config(toml_file=str(ROOT / "pyproject.toml"))
-    config.set_main_option("sqlalchemy.url", database_url)
+    # The ini layer interpolates "%": a URL's escapes (%3A in a multi-host URL's host=,
+    # a password's %40) would be refused or altered unless doubled.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
 
 

@@ -11,6 +11,7 @@ from app.config import DbNetwork
 from app.config import SettingsError
 from app.config import load_settings
 from app.db import make_engine
+from scripts.services import alembic_config
 from scripts.services import plain_dsn
 from scripts.services import with_database
 
@@ -97,6 +98,12 @@ def test_a_multi_host_url_is_read_and_translated_for_libpq() -> None:
     assert "host=10.0.0.5,10.0.0.6" in dsn and "port=5432,5433" in dsn
     assert "dbname=postgres" in dsn and "target_session_attrs=read-write" in dsn
     assert "password=pw" in dsn
+
+
+def test_migrations_take_a_multi_host_url() -> None:
+    # The ini layer under Alembic's config interpolates "%" (host=10.0.0.5%3A5432).
+    url = with_database(MULTI_HOST, "aggregator")
+    assert alembic_config(url).get_main_option("sqlalchemy.url") == url
 
 
 def dsn_parameters(engine: Engine) -> dict[str, str]:
