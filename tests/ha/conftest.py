@@ -1,6 +1,7 @@
-"""Fixtures of the replicated-broker suite: each test has its own Redis primary, replica and
-three Sentinels (real processes on loopback ports, private directories, stopped after), and an
-API and workers that find the primary through the Sentinels."""
+"""Fixtures of the HA suites: each test has its own Redis primary, replica and three Sentinels
+(or one Redis), its own PostgreSQL (one, or a pg_auto_failover monitor, primary and synchronous
+standby), real processes on loopback ports, private directories, stopped after; and an API and
+workers on them (the broker found through the Sentinels, the database through a multi-host URL)."""
 
 from __future__ import annotations
 
