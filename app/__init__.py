@@ -85,7 +85,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     # process gets its own pools; nothing connects until the first request.
     timeouts = settings.db_timeouts("api")
     app.extensions["engine"] = make_engine(
-        settings.database_url, pool_size=settings.pool_size, timeouts=timeouts
+        settings.database_url,
+        pool_size=settings.pool_size,
+        timeouts=timeouts,
+        network=settings.db_network,
     )
     # Exports and waiting followers read on a few connections of their own, so
     # however many there are, pages, /stats and publishes keep theirs.
@@ -94,11 +97,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         pool_size=settings.stream_pool_size,
         max_overflow=0,
         timeouts=timeouts,
+        network=settings.db_network,
     )
     # /ready, /metrics and the followers' LogHead: one more, so a process whose
     # pools are busy reading still answers that the database is up.
     app.extensions["probe_engine"] = make_engine(
-        settings.database_url, pool_size=1, max_overflow=1, timeouts=timeouts
+        settings.database_url,
+        pool_size=1,
+        max_overflow=1,
+        timeouts=timeouts,
+        network=settings.db_network,
     )
     # No quiet retries: redis-py's default would stretch a stall into seconds;
     # the client retries instead, with its idempotency key.

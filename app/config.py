@@ -167,6 +167,42 @@ class DbTimeouts:
 
 
 @dataclass(frozen=True)
+class DbNetwork:
+    """libpq's limits on each connection's network, so a silent partition becomes an error.
+
+    A peer that vanishes without a reset (a cut link, a dead host, packets
+    dropped) otherwise leaves a COMMIT or a read waiting for the kernel's
+    retransmissions, about 15 minutes. With these a connection is given up
+    within about tcp_user_timeout_ms (unacknowledged data) or keepalives_idle +
+    interval * count seconds (waiting for a reply), and the caller retries.
+    0 leaves a keepalive or tcp_user_timeout at the system's default.
+    """
+
+    # Per host tried (libpq multi-host URLs try each in turn).
+    connect_timeout: int = 5
+    keepalives_idle: int = 5
+    keepalives_interval: int = 2
+    keepalives_count: int = 3
+    tcp_user_timeout_ms: int = 8000
+
+    def connect_args(self) -> dict[str, int]:
+        """Return the libpq connection parameters that apply these limits."""
+        limits = {
+            "keepalives_idle": self.keepalives_idle,
+            "keepalives_interval": self.keepalives_interval,
+            "keepalives_count": self.keepalives_count,
+            "tcp_user_timeout": self.tcp_user_timeout_ms,
+        }
+        # A 0 is left out, not passed: libpq hands it to setsockopt, and Linux
+        # refuses TCP_KEEPIDLE 0 (the connection fails: "Invalid argument").
+        return {
+            "connect_timeout": self.connect_timeout,
+            "keepalives": 1,
+            **{name: value for name, value in limits.items() if value},
+        }
+
+
+@dataclass(frozen=True)
 class Settings:
     """Typed configuration shared by the API, the worker and migrations."""
 
@@ -240,6 +276,8 @@ class Settings:
     worker_statement_timeout: float = 30.0
     lock_timeout: float = 10.0
     idle_in_transaction_timeout: float = 5.0
+    # Connect, keepalive and TCP_USER_TIMEOUT limits of every connection (DbNetwork).
+    db_network: DbNetwork = DbNetwork()
     # A page of GET /events stops after this many bytes of payloads (the cursor
     # continues), so one request cannot make the server hold 64 MB.
     events_page_max_bytes: int = 4 * 1024 * 1024
@@ -407,6 +445,22 @@ def _addresses(environ: Mapping[str, str], name: str) -> tuple[tuple[str, int], 
     return tuple(addresses)
 
 
+def _db_network(environ: Mapping[str, str]) -> DbNetwork:
+    connect_timeout = _int(environ, "DB_CONNECT_TIMEOUT", DbNetwork.connect_timeout)
+    if connect_timeout < 2:
+        # libpq treats a connect_timeout of 1 as 2 anyway; say so rather than surprise.
+        raise SettingsError(f"DB_CONNECT_TIMEOUT must be at least 2 seconds, got {connect_timeout}")
+    return DbNetwork(
+        connect_timeout=connect_timeout,
+        keepalives_idle=_count(environ, "DB_KEEPALIVES_IDLE", DbNetwork.keepalives_idle),
+        keepalives_interval=_count(
+            environ, "DB_KEEPALIVES_INTERVAL", DbNetwork.keepalives_interval
+        ),
+        keepalives_count=_count(environ, "DB_KEEPALIVES_COUNT", DbNetwork.keepalives_count),
+        tcp_user_timeout_ms=_count(environ, "DB_TCP_USER_TIMEOUT", DbNetwork.tcp_user_timeout_ms),
+    )
+
+
 def _url(environ: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     value = environ.get(name) or default
     if not value.startswith(schemes):
@@ -489,6 +543,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         idle_in_transaction_timeout=_float(
             env, "DB_IDLE_IN_TRANSACTION_TIMEOUT", Settings.idle_in_transaction_timeout
         ),
+        db_network=_db_network(env),
         max_followers=_int(env, "MAX_FOLLOWERS", Settings.max_followers),
         events_page_max_bytes=_int(env, "EVENTS_PAGE_MAX_BYTES", Settings.events_page_max_bytes),
         group_commit_below=_int(env, "GROUP_COMMIT_BELOW", Settings.group_commit_below),

@@ -24,6 +24,7 @@ from sqlalchemy import make_url
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import JSONB
 
+from app.config import DbNetwork
 from app.config import DbTimeouts
 
 # Every constraint gets a predictable name, so ON CONFLICT and migrations can refer to it.
@@ -229,6 +230,10 @@ broker_losses = Table(
 )
 
 
+# The limits of processes that have no Settings at hand (tests, benches, scripts).
+DEFAULT_NETWORK = DbNetwork()
+
+
 def _json_serializer(value: object) -> str:
     return orjson.dumps(value).decode()
 
@@ -249,15 +254,22 @@ def make_engine(
     *,
     max_overflow: int | None = None,
     timeouts: DbTimeouts | None = None,
+    network: DbNetwork = DEFAULT_NETWORK,
 ) -> Engine:
     """Create an engine; call it in each process after fork, never before.
 
     `timeouts` are set by the server when each connection starts (no extra round
     trip), after any `options` the URL gives; without them the server's own apply.
+    `network` (connect, keepalive and TCP_USER_TIMEOUT limits) applies to every
+    connection, except for a parameter the URL's query names itself.
     """
-    connect_args: dict[str, object] = {"connect_timeout": 3, "application_name": "log-aggregator"}
+    query = make_url(url).query
+    connect_args: dict[str, object] = {"application_name": "log-aggregator"}
+    connect_args.update(
+        (name, value) for name, value in network.connect_args().items() if name not in query
+    )
     if timeouts is not None:
-        given = make_url(url).query.get("options")
+        given = query.get("options")
         ours = session_options(timeouts)
         connect_args["options"] = f"{given} {ours}" if isinstance(given, str) else ours
     return create_engine(

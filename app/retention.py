@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.parse_args(argv)
     configure_logging(load_log_level())
     settings = load_settings()
-    engine = make_engine(settings.database_url, pool_size=2)
+    engine = make_engine(settings.database_url, pool_size=2, network=settings.db_network)
     try:
         run(engine, settings)
     finally:

@@ -32,6 +32,7 @@ from app.db import make_engine
 from scripts.services import ROOT
 from scripts.services import plain_dsn
 from scripts.services import postgres_server_url
+from scripts.services import private_auto_failover
 from scripts.services import private_redis
 from scripts.services import private_replicated_redis
 from scripts.services import throwaway_database
@@ -73,6 +74,7 @@ def bench_services(
     redis_fsync: str = "always",
     prefix: str = "agg_bench",
     replicas: int = 0,
+    standby: str | None = None,
 ) -> Iterator[Services]:
     """Yield a fresh, migrated database and a Redis: DATABASE_URL/REDIS_URL when set, else private.
 
@@ -80,9 +82,20 @@ def bench_services(
     of its own (created here, dropped on the way out), even on a given server.
     With `replicas`, the private Redis is a primary with that many replicas and
     three Sentinels, found through them (BROKER_MIN_REPLICAS defaults to 1).
+    With `standby` ("sync" or "async"), the private PostgreSQL is a pg_auto_failover primary
+    with a synchronous standby, reached by its multi-host URL; "async" sets
+    synchronous_commit=local on the bench's sessions, so the same pair commits without
+    waiting for the standby.
     """
     with contextlib.ExitStack() as stack:
-        server_url = stack.enter_context(postgres_server_url(base / "pg", durable=durable))
+        if standby and not os.environ.get("DATABASE_URL"):
+            cluster = stack.enter_context(private_auto_failover(base / "pg-ha"))
+            server_url = cluster.url("postgres")
+            if standby == "async":
+                server_url += "&options=-c%20synchronous_commit%3Dlocal"
+            log(f"started pg_auto_failover: primary and standby, commits {standby}")
+        else:
+            server_url = stack.enter_context(postgres_server_url(base / "pg", durable=durable))
         database_url = stack.enter_context(throwaway_database(server_url, prefix))
         redis_url = os.environ.get("REDIS_URL")
         broker_env: dict[str, str] = {}

@@ -4,6 +4,8 @@
     python -m bench.store --sizes 1,10 --batches 2000
     python -m bench.store --payload-gin        # with the optional GIN index on payload
     python -m bench.store --sizes 1000 --payload-bytes 8000   # the largest batch the API takes
+    python -m bench.store --standby sync       # primary + synchronous standby (pg_auto_failover)
+    python -m bench.store --standby async      # the same pair, synchronous_commit=local
 
 For each batch size: batches per second, and per batch the wall time and this
 process's CPU (SQLAlchemy and psycopg2) and PostgreSQL's CPU (its backend). One
@@ -112,9 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="create the optional GIN index of deploy/sql/payload_gin.sql first",
     )
+    parser.add_argument(
+        "--standby",
+        choices=("sync", "async"),
+        help="store on a pg_auto_failover primary with a standby, commits waiting for it (sync)"
+        " or not (async: synchronous_commit=local)",
+    )
     args = parser.parse_args(argv)
     with scratch_dir("agg-bench-store-") as base:
-        with bench_services(Path(base), durable=True, redis_aof=False) as services:
+        with bench_services(
+            Path(base), durable=True, redis_aof=False, standby=args.standby
+        ) as services:
             if args.payload_gin:
                 create_payload_gin(services.database_url)
                 log("with the optional GIN index on events.payload")

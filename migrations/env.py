@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
-from sqlalchemy import create_engine
 
 from app.config import load_log_level
 from app.config import load_settings
 from app.db import EVENT_PARTITION
+from app.db import make_engine
 from app.db import metadata
 from app.logs import configure_logging
 
@@ -58,7 +58,10 @@ def run_migrations_online() -> None:
     # does (each revision applied) as JSON lines, like every other process. A caller
     # that passes its own connection keeps its own logging.
     configure_logging(load_log_level())
-    engine = create_engine(load_settings().database_url)
+    # make_engine: the same connect/keepalive limits as every other process, so
+    # a migration against a partitioned server fails instead of hanging.
+    settings = load_settings()
+    engine = make_engine(settings.database_url, pool_size=1, network=settings.db_network)
     try:
         with engine.connect() as conn:
             _run(conn)

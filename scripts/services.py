@@ -34,9 +34,11 @@ import psycopg2
 import redis
 from alembic import command
 from alembic.config import Config
+from psycopg2.extensions import make_dsn
 from sqlalchemy import Connection
 from sqlalchemy import make_url
 from sqlalchemy import text
+from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 
 from app.db import make_engine
 from app.db import metadata
@@ -303,6 +305,13 @@ class PostgresServer:
         """Return the SQLAlchemy URL of a database on this server."""
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
+    def socket_url(self, database: str = "postgres") -> str:
+        """Return the URL of a database on this server through its unix socket.
+
+        Packet filters on the TCP port (the partition tests) leave this path open.
+        """
+        return f"postgresql+psycopg2://postgres@/{database}?host={self.sockdir}&port={self.port}"
+
     def is_running(self) -> bool:
         """Tell whether this data directory has a live postmaster."""
         if not (self.datadir / "PG_VERSION").exists():
@@ -382,9 +391,264 @@ class PostgresServer:
             raise ServiceError(f"pg_resetwal failed:\n{done.stdout}\n{done.stderr}")
 
 
+def find_pg_autoctl() -> Path:
+    """Locate pg_autoctl (pg_auto_failover): $PG_AUTOCTL, PATH, else install Debian's packages."""
+    found = _debian_tool("PG_AUTOCTL", "pg-auto-failover-cli", "/usr/bin/pg_autoctl", "pg_autoctl")
+    bindir = find_pg_bindir()
+    # The monitor's extension is packaged per server version (postgresql-15-auto-failover).
+    extension = bindir.parent / "lib" / "pgautofailover.so"
+    if not extension.exists():
+        _apt_install(f"postgresql-{bindir.parent.name}-auto-failover")
+    return found
+
+
+# The monitor's timers (milliseconds; pg_auto_failover's defaults in brackets): it checks each
+# node every second [5 s] for one second [5 s], retries once [2] half a second later [2 s],
+# calls it unhealthy after 2 s [20 s], and waits 5 s [30 s] for a primary it cannot reach to
+# have demoted itself before promoting the standby. The keepers give up on a monitor and
+# standby they cannot reach, and demote themselves, after 3 s [20 s]: within the 5 s.
+MONITOR_TIMERS = {
+    "pgautofailover.health_check_period": 1000,
+    "pgautofailover.health_check_timeout": 1000,
+    "pgautofailover.health_check_max_retries": 1,
+    "pgautofailover.health_check_retry_delay": 500,
+    "pgautofailover.node_considered_unhealthy_timeout": 2000,
+    "pgautofailover.primary_demote_timeout": 5000,
+}
+KEEPER_NETWORK_PARTITION_TIMEOUT = 3
+# States in which a node takes writes (its goal and what it reported agree).
+WRITABLE_STATES = ("single", "wait_primary", "primary")
+
+
+class AutoFailoverNode:
+    """One pg_autoctl process (monitor or keeper) and the PostgreSQL it runs, in its own session."""
+
+    def __init__(self, cluster: AutoFailoverCluster, name: str, port: int) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.port = port
+        self.pgdata = cluster.base / name
+        self.log = cluster.base / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, *argv: str) -> None:
+        """Run `pg_autoctl argv` in the background as this node's supervisor."""
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.cluster.command(*argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                # Its own process group: kill() takes pg_autoctl, postgres and backends at once.
+                start_new_session=True,
+            )
+
+    @property
+    def process_group(self) -> int:
+        """Return the process group of every process of the node (pg_autoctl's session)."""
+        if self.process is None:
+            raise ServiceError(f"{self.name} is not running")
+        return self.process.pid
+
+    def run(self) -> None:
+        """Start the node again from its data directory (rejoining as a standby if it must)."""
+        self.spawn("run", "--pgdata", str(self.pgdata))
+
+    def kill(self) -> None:
+        """SIGKILL every process of the node, as when its machine dies."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        """Stop pg_autoctl (it stops PostgreSQL, fast mode); kill what is left after 30 s."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+
+class AutoFailoverCluster:
+    """pg_auto_failover on loopback ports: a monitor and two PostgreSQL nodes, one primary and
+    one synchronous standby (`synchronous_commit = on`, `synchronous_standby_names` kept by the
+    monitor), private directories, every process stopped after.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.user = _unprivileged_user()
+        self.base = reachable_base(base, self.user)
+        self.bindir = find_pg_bindir()
+        self.pg_autoctl = find_pg_autoctl()
+        self.monitor = AutoFailoverNode(self, "monitor", free_port())
+        self.nodes = [AutoFailoverNode(self, f"node{n}", free_port()) for n in (1, 2)]
+
+    def command(self, *argv: str) -> list[str]:
+        """Return the command line of `pg_autoctl argv` as the cluster's account."""
+        # pg_autoctl keeps its configuration and state under XDG directories, keyed by PGDATA.
+        env = [
+            "LC_ALL=C.UTF-8",
+            "LANG=C.UTF-8",
+            f"PATH={self.bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            f"HOME={self.base}",
+            f"XDG_CONFIG_HOME={self.base / 'config'}",
+            f"XDG_DATA_HOME={self.base / 'state'}",
+        ]
+        return _as_user(self.user, ["env", *env, str(self.pg_autoctl), *argv])
+
+    def monitor_uri(self) -> str:
+        return f"postgres://autoctl_node@127.0.0.1:{self.monitor.port}/pg_auto_failover?sslmode=disable"
+
+    def url(self, database: str = "postgres") -> str:
+        """Return the libpq multi-host URL clients use: whichever node takes writes."""
+        hosts = "&".join(f"host=127.0.0.1:{node.port}" for node in self.nodes)
+        return f"postgresql+psycopg2://postgres@/{database}?{hosts}&target_session_attrs=read-write"
+
+    def _monitor_sql(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = psycopg2.connect(
+            host="127.0.0.1",
+            port=self.monitor.port,
+            user="postgres",
+            dbname="pg_auto_failover",
+            connect_timeout=2,
+        )
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def states(self) -> dict[int, tuple[str, str]]:
+        """Return each node's (reported, assigned) state by port, as the monitor knows them."""
+        rows = self._monitor_sql(
+            "SELECT nodeport, reportedstate::text, goalstate::text FROM pgautofailover.node"
+        )
+        return {int(port): (reported, goal) for port, reported, goal in rows}
+
+    def primary_port(self) -> int | None:
+        """Return the port of the node taking writes, or None while there is none."""
+        for port, (reported, goal) in self.states().items():
+            if reported == goal and reported in WRITABLE_STATES:
+                return port
+        return None
+
+    def node(self, port: int) -> AutoFailoverNode:
+        return next(node for node in self.nodes if node.port == port)
+
+    def primary(self) -> AutoFailoverNode:
+        port = self.primary_port()
+        if port is None:
+            raise ServiceError(f"no primary: {self.states()}")
+        return self.node(port)
+
+    def wait_for(self, port: int, *states: str, timeout: float = 120) -> None:
+        """Wait until the node on port reports, and is assigned, one of states."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(psycopg2.Error):
+                reported, goal = self.states().get(port, ("", ""))
+                if reported == goal and reported in states:
+                    return
+            time.sleep(0.2)
+        raise ServiceError(f"node on port {port} not {states} after {timeout} s: {self.states()}")
+
+    def _node_options(self, node: AutoFailoverNode) -> list[str]:
+        return [
+            "--pgdata",
+            str(node.pgdata),
+            "--pgport",
+            str(node.port),
+            "--pgctl",
+            str(self.bindir / "pg_ctl"),
+            "--hostname",
+            "127.0.0.1",
+            "--listen",
+            "127.0.0.1",
+            "--auth",
+            "trust",
+            "--no-ssl",
+        ]
+
+    def start(self) -> None:
+        """Start the monitor, then the primary, then the standby; wait until it is in sync."""
+        for node in (self.monitor, *self.nodes):
+            if not port_is_free(node.port):
+                raise ServiceError(f"port {node.port} is taken")
+        self.monitor.spawn("create", "monitor", *self._node_options(self.monitor), "--run")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                for name, value in MONITOR_TIMERS.items():
+                    self._monitor_sql(f"ALTER SYSTEM SET {name} = {value}")
+                self._monitor_sql("SELECT pg_reload_conf()")
+                break
+            except psycopg2.Error:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"monitor did not start; see {self.monitor.log}") from None
+                time.sleep(0.2)
+        for node, states in zip(self.nodes, (("single",), ("secondary",)), strict=True):
+            node.spawn(
+                "create",
+                "postgres",
+                *self._node_options(node),
+                "--name",
+                node.name,
+                "--monitor",
+                self.monitor_uri(),
+                "--run",
+            )
+            self.wait_for(node.port, *states)
+            done = subprocess.run(
+                self.command(
+                    "config",
+                    "set",
+                    "--pgdata",
+                    str(node.pgdata),
+                    "timeout.network_partition_timeout",
+                    str(KEEPER_NETWORK_PARTITION_TIMEOUT),
+                ),
+                capture_output=True,
+                text=True,
+                cwd="/",
+            )
+            if done.returncode != 0:
+                raise ServiceError(f"pg_autoctl config set failed: {done.stderr}")
+        self.wait_for(self.nodes[0].port, "primary")
+
+    def stop(self) -> None:
+        """Stop the data nodes, then the monitor."""
+        for node in (*self.nodes, self.monitor):
+            node.stop()
+
+
+@contextlib.contextmanager
+def private_auto_failover(base: Path) -> Iterator[AutoFailoverCluster]:
+    """Start a pg_auto_failover monitor, primary and synchronous standby under base; stop after."""
+    cluster = AutoFailoverCluster(base)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def plain_dsn(url: str) -> str:
-    """Turn a SQLAlchemy URL into a libpq DSN for psycopg2 (password kept)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """Turn a SQLAlchemy URL into a libpq DSN for psycopg2 (password kept).
+
+    Through the psycopg2 dialect's own translation, so a multi-host URL
+    (`?host=a:5432&host=b:5432&target_session_attrs=read-write`) becomes libpq's
+    `host=a,b port=5432,5432 ...` rather than a URI whose repeated host libpq misreads.
+    """
+    parsed = make_url(url).set(drivername="postgresql+psycopg2")
+    _, params = PGDialect_psycopg2().create_connect_args(parsed)
+    return make_dsn(**{name: str(value) for name, value in params.items()})
 
 
 def with_database(url: str, database: str) -> str:
@@ -420,7 +684,9 @@ def drop_database(server_url: str, name: str) -> None:
 def alembic_config(database_url: str) -> Config:
     """Return an Alembic config for the repository's migrations on database_url."""
     config = Config(toml_file=str(ROOT / "pyproject.toml"))
-    config.set_main_option("sqlalchemy.url", database_url)
+    # The ini layer interpolates "%": a URL's escapes (%3A in a multi-host URL's host=,
+    # a password's %40) would be refused or altered unless doubled.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
 
 

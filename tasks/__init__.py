@@ -97,7 +97,10 @@ def get_engine() -> Engine:
     if _engine is None:
         settings = load_settings()
         _engine = make_engine(
-            settings.database_url, pool_size=2, timeouts=settings.db_timeouts("worker")
+            settings.database_url,
+            pool_size=2,
+            timeouts=settings.db_timeouts("worker"),
+            network=settings.db_network,
         )
     return _engine
 

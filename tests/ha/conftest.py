@@ -1,9 +1,13 @@
-"""Fixtures of the replicated-broker suite: each test has its own Redis primary, replica and
-three Sentinels (real processes on loopback ports, private directories, stopped after), and an
-API and workers that find the primary through the Sentinels."""
+"""Fixtures of the HA suites: each test has its own Redis primary, replica and three Sentinels
+(or one Redis), its own PostgreSQL (one, or a pg_auto_failover monitor, primary and synchronous
+standby), real processes on loopback ports, private directories, stopped after; and an API and
+workers on them (the broker found through the Sentinels, the database through a multi-host URL)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -12,9 +16,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from scripts.services import ROOT
+from scripts.services import AutoFailoverCluster
+from scripts.services import PostgresServer
+from scripts.services import RedisServer
 from scripts.services import ReplicatedRedis
+from scripts.services import create_database
+from scripts.services import migrate
+from scripts.services import private_auto_failover
+from scripts.services import private_postgres
+from scripts.services import private_redis
 from scripts.services import private_replicated_redis
 from scripts.services import truncate_app_tables
+from scripts.services import with_database
 from scripts.stack import Api
 from tests.faults.harness import Workers
 from tests.ha.network import SilentPartition
@@ -58,18 +72,54 @@ def worker(ha_env: dict[str, str], logs: Path) -> Iterator[Workers]:
 
 
 @pytest.fixture
-def partitions() -> Iterator[Callable[[int], SilentPartition]]:
-    """Make silent partitions of loopback ports; every one is healed after the test."""
+def partitions() -> Iterator[Callable[..., SilentPartition]]:
+    """Make silent partitions of loopback ports (and process groups); all healed after the test."""
     reason = iptables_usable()
     if reason:
         pytest.skip(reason)
     made: list[SilentPartition] = []
 
-    def make(port: int) -> SilentPartition:
-        partition = SilentPartition(port)
+    def make(port: int, process_group: int | None = None) -> SilentPartition:
+        partition = SilentPartition(port, process_group)
         made.append(partition)
         return partition
 
     yield make
     for partition in made:
         partition.heal()
+
+
+@pytest.fixture
+def own_broker(scratch_dir: Path) -> Iterator[RedisServer]:
+    """One redis-server of this test's own (the database suites fault PostgreSQL, not Redis)."""
+    with private_redis(scratch_dir / f"ha-redis-{uuid.uuid4().hex[:6]}") as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres(scratch_dir: Path) -> Iterator[PostgresServer]:
+    """One PostgreSQL of this test's own, migrated, so the test can cut it off."""
+    with private_postgres(scratch_dir / f"ha-pg-{uuid.uuid4().hex[:6]}", durable=False) as server:
+        server.create_database("aggregator")
+        migrate(server.url("aggregator"))
+        yield server
+
+
+@pytest.fixture
+def pg_cluster(scratch_dir: Path) -> Iterator[AutoFailoverCluster]:
+    """pg_auto_failover of this test's own: monitor, primary, synchronous standby; migrated.
+
+    The database is created and migrated through the multi-host URL, the way a deploy's
+    one-shot `alembic upgrade head` step would (DATABASE_URL read by migrations/env.py).
+    """
+    with private_auto_failover(scratch_dir / f"ha-paf-{uuid.uuid4().hex[:6]}") as cluster:
+        url = cluster.url("aggregator")
+        create_database(with_database(url, "postgres"), "aggregator")
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": url},
+            check=True,
+            capture_output=True,
+        )
+        yield cluster

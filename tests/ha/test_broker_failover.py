@@ -7,10 +7,8 @@ replica); PostgreSQL. A publisher with idempotency keys and retries runs through
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -32,32 +30,12 @@ from tests.faults.harness import Workers
 from tests.faults.harness import check_invariants
 from tests.faults.harness import report
 from tests.faults.harness import stored_keys
+from tests.ha.answers import answers_since
+from tests.ha.answers import unavailable_seconds
 from tests.ha.network import SilentPartition
 from tests.helpers import make_event
 from tests.helpers import publish
 from tests.helpers import stats
-
-
-def answers_since(api: Api, offset: int) -> list[tuple[float, int]]:
-    """Return (time, status) of every POST /publish the API answered after `offset` in its log."""
-    answers = []
-    with open(api.log, "rb") as handle:
-        handle.seek(offset)
-        for raw in handle:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue
-            if line.get("path") == "/publish" and "status" in line:
-                stamp = datetime.fromisoformat(line["time"].replace("Z", "+00:00")).timestamp()
-                answers.append((stamp, int(line["status"])))
-    return sorted(answers)
-
-
-def unavailable_seconds(answers: list[tuple[float, int]], since: float) -> float:
-    """Return the time from the first 503 after `since` to the last one (0 if none)."""
-    refused = [stamp for stamp, status in answers if stamp >= since and status == 503]
-    return max(refused) - min(refused) if refused else 0.0
 
 
 def losses_detected(url: str) -> int:
