@@ -22,7 +22,7 @@ WAIT_GROWTH = 0.4
 LONGEST_WAIT = 5.0
 
 
-class QuickReconnectConsumer(Consumer):  # type: ignore[misc]
+class QuickReconnectConsumer(Consumer):
     """Celery's consumer with shorter waits between broker connection attempts."""
 
     def ensure_connected(self, conn: Any) -> Any:
