@@ -135,6 +135,9 @@ def test_worker_survives_losing_the_broker_with_a_task_in_flight(
             ),
             timeout=30,
         )
+        # It waits 0.2, 0.6, 1.0 s... between tries (tasks.consumer), where Celery's own
+        # waits are 2, 4, 6 s. Celery words the waits under a second as "now".
+        wait_until(lambda: "Trying again in 1.00 second..." in worker.output(), timeout=10)
     finally:
         lock.release()
     broker.start()
