@@ -12,6 +12,6 @@ fi
 # The whole suite: first tests/compose (images built, containers run; minutes on a fresh
 # machine) as its own run with its own timings, then the rest, whose summary closes the output.
 status=0
-.venv/bin/python -m pytest -rs tests/compose || status=$?
-.venv/bin/python -m pytest --ignore=tests/compose || status=$?
+.venv/bin/python -m pytest -rs --durations=10 tests/compose || status=$?
+.venv/bin/python -m pytest --durations=30 --ignore=tests/compose || status=$?
 exit "$status"
