@@ -8,10 +8,15 @@ to `aggregator publish` (e.g. `--events 2000 --batch-size 1 --concurrency 50`;
                        URLs and credentials printed, until Ctrl-C (or SIGTERM)
   --port N             the API's port (env DEMO_PORT, default 8080; 0: any free one)
   --flower-port N      Flower's port (env DEMO_FLOWER_PORT, default 5555; 0: any free one)
-  --state-dir DIR      data and logs (default .local/)
+  --state-dir DIR      data and logs (default .local/; kept for the next run)
+  -h, --help           this text (`aggregator publish --help` for the rest)
 
-A port that is taken stops the demo before it starts anything, naming the port:
-the URLs it prints, and the README's, must be the ones that answer. SIGINT and
+API_TOKENS=<token>:publish+read+admin keeps the token across runs (otherwise each
+run makes a new one and prints it).
+
+A port that is taken, or a state directory another demo is running from, stops
+the demo before it starts anything, naming it: the URLs it prints, and the
+README's, must be the ones that answer, and two demos never share one database. SIGINT and
 SIGTERM stop everything started here, also when the demo runs as a background
 job of a script (which starts it with SIGINT ignored); data stays in the state
 directory for the next run.
@@ -20,6 +25,7 @@ directory for the next run.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import secrets
@@ -31,6 +37,7 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from scripts.services import ROOT
 from scripts.services import local_services
@@ -42,6 +49,7 @@ from scripts.stack import Worker
 from scripts.stack import chosen_port
 
 EXIT_PORT_TAKEN = 2
+EXIT_STATE_IN_USE = 2
 API_PORT = 8080
 FLOWER_PORT = 5555
 
@@ -109,7 +117,37 @@ def parse_args(argv: list[str], environ: dict[str, str]) -> tuple[argparse.Names
         "--flower-port", type=_port, default=environ.get("DEMO_FLOWER_PORT", str(FLOWER_PORT))
     )
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".local")
+    parser.add_argument("-h", "--help", action="store_true")
     return parser.parse_known_args(argv)
+
+
+def claim_state_dir(state: Path) -> IO[str] | None:
+    """Lock the state directory for this run; None when another demo holds it.
+
+    Two demos on one state directory would share (and stop) one PostgreSQL and write
+    one Redis file. The lock is the open file's: it goes when this process ends,
+    however it ends, and the services started here do not inherit it.
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    handle = (state / "demo.lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def state_in_use_message(state: Path) -> str:
+    holder = (state / "demo.lock").read_text(encoding="utf-8").strip() or "?"
+    return (
+        f"demo: another demo (pid {holder}) is running from {state}; nothing was started."
+        f" Stop it (Ctrl-C where it runs, or kill -INT {holder}), or run this one apart:"
+        f" --state-dir DIR --port 0 --flower-port 0."
+    )
 
 
 def taken_port_message(args: argparse.Namespace) -> str | None:
@@ -122,7 +160,8 @@ def taken_port_message(args: argparse.Namespace) -> str | None:
             return (
                 f"demo: port {port} on 127.0.0.1 is taken, so {what} cannot listen there;"
                 f" nothing was started. Stop what listens there, or choose another port:"
-                f" {option} N or {variable}=N (0 picks a free one)."
+                f" {option} N or {variable}=N (0 picks a free one). A second demo"
+                f" needs its own --state-dir DIR too."
             )
     return None
 
@@ -137,16 +176,25 @@ def main(argv: list[str]) -> int:
     """Run the demo and return the publisher's exit code (128 + signal if stopped before)."""
     stop_on_signals()
     args, publish_args = parse_args(argv, dict(os.environ))
+    if args.help:
+        print(__doc__)
+        return 0
+    state: Path = args.state_dir
+    claim = claim_state_dir(state)
+    if claim is None:
+        print(state_in_use_message(state), file=sys.stderr)
+        return EXIT_STATE_IN_USE
     taken = taken_port_message(args)
     if taken:
+        claim.close()
         print(taken, file=sys.stderr)
         return EXIT_PORT_TAKEN
-    state: Path = args.state_dir
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     code: int | None = None
     try:
-        with ExitStack() as stack:
+        # The claim is released last, once everything started here is stopped.
+        with claim, ExitStack() as stack:
             code = run(stack, args, publish_args, state, logs)
             hold_stop_signals()
             banner("stopping what this run started")
@@ -222,7 +270,12 @@ def run(
         print(f"API     {api.url}   docs {api.url}/docs")
         print(f"Token   {token}   (every scope)")
         print(f"Flower  {flower.url}   user admin, password {flower_password}")
-        print(f"Logs    {logs}", flush=True)
+        print(f"Logs    {logs}")
+        print(
+            f"Env     export DATABASE_URL={env['DATABASE_URL']} REDIS_URL={env['REDIS_URL']}"
+            f" API_TOKEN={token}  (for alembic, python -m app.retention, aggregator)",
+            flush=True,
+        )
         try:
             wait_for_stop()
         except Stopped as stop:

@@ -94,6 +94,18 @@ def test_a_taken_port_stops_the_demo_before_it_starts_anything(
     assert not (tmp_path / "logs").exists()
 
 
+def test_help_lists_the_demos_own_options_and_starts_nothing(tmp_path: Path) -> None:
+    argv = ["bash", "scripts/demo.sh", "--help", "--state-dir", str(tmp_path / "state")]
+    run = subprocess.run(
+        argv, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    for option in ("--keep-running", "--port", "--flower-port", "--state-dir", "API_TOKENS"):
+        assert option in run.stdout
+    assert "aggregator publish --help" in run.stdout
+    assert not (tmp_path / "state").exists()
+
+
 def test_sigint_stops_a_background_demo_and_everything_it_started(
     demo_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -122,6 +134,26 @@ echo "demo exited $?"
             line.split()[1] for line in _text(log).splitlines() if line.startswith("API ")
         )
         assert requests.get(f"{api_url}/health", timeout=5).status_code == 200
+        # A second demo on the same state directory, on other ports, is refused before
+        # it starts anything: it would stop this one's PostgreSQL and share its Redis file.
+        second = subprocess.run(
+            ["bash", "scripts/demo.sh", "--port", "0", "--flower-port", "0", "--state-dir"]
+            + [str(tmp_path / "state")],
+            cwd=ROOT,
+            env=demo_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stderr.startswith(
+            f"demo: another demo (pid {demo.pid}) is running from {tmp_path / 'state'};"
+            " nothing was started."
+        ), second.stderr
+        assert "--state-dir DIR" in second.stderr
+        assert second.stdout == ""
+        ready = requests.get(f"{api_url}/ready", timeout=5)
+        assert ready.status_code == 200, ready.text
         go.touch()
         out, _ = shell.communicate(timeout=60)
     finally:
