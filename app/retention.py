@@ -3,6 +3,10 @@
     python -m app.retention          # create partitions ahead, drop past RETENTION_DAYS,
                                      # prune keys past DEDUP_HORIZON_DAYS; one JSON log line
 
+It reads DATABASE_URL and the retention settings (RETENTION_DAYS, DEDUP_HORIZON_DAYS,
+PARTITIONS_AHEAD; docs/configuration.md) from the environment. Exit 0 when it ran or
+another runner held the lock, 69 when the database cannot be reached (one log line).
+
 Two runners never both act (app.store.retention holds an advisory lock); the
 Celery beat task tasks.retention.run calls the same function.
 """
@@ -15,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from sqlalchemy import Engine
+from sqlalchemy import make_url
+from sqlalchemy.exc import OperationalError
 
 from app.config import Settings
 from app.config import load_log_level
@@ -26,6 +32,9 @@ from app.store.retention import RetentionReport
 from app.store.retention import run_retention
 
 logger = logging.getLogger(__name__)
+
+# sysexits' EX_UNAVAILABLE: cron and systemd tell "try later" from a bad invocation.
+EXIT_DATABASE_UNAVAILABLE = 69
 
 
 def policy(settings: Settings) -> RetentionPolicy:
@@ -49,13 +58,26 @@ def run(engine: Engine, settings: Settings) -> RetentionReport:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run retention once with the settings of the environment."""
-    parser = argparse.ArgumentParser(prog="python -m app.retention", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m app.retention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.parse_args(argv)
     configure_logging(load_log_level())
     settings = load_settings()
     engine = make_engine(settings.database_url, pool_size=2, network=settings.db_network)
     try:
         run(engine, settings)
+    except OperationalError as error:
+        # The usual cause is an unset or wrong DATABASE_URL: name the URL, not a traceback.
+        where = make_url(settings.database_url).render_as_string(hide_password=True)
+        logger.error(
+            "retention run failed: cannot reach the database at %s (DATABASE_URL): %s",
+            where,
+            str(error.orig).strip().splitlines()[0] if error.orig else error,
+        )
+        return EXIT_DATABASE_UNAVAILABLE
     finally:
         engine.dispose()
     return 0

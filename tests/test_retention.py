@@ -47,6 +47,7 @@ from scripts.services import throwaway_database
 from scripts.stack import ROOT
 from scripts.stack import Api
 from scripts.stack import Worker
+from scripts.stack import free_port
 from scripts.stack import wait_until
 from tests.helpers import publish
 from tests.helpers import settled_stats
@@ -238,6 +239,28 @@ def test_the_command_runs_once_and_logs_what_it_did(own_db: Engine) -> None:
         check=False,
     )
     assert refused.returncode != 0 and "DEDUP_HORIZON_DAYS" in refused.stderr
+
+
+def test_the_command_names_an_unreachable_database_in_one_line() -> None:
+    url = f"postgresql+psycopg2://postgres:secret@127.0.0.1:{free_port()}/aggregator"
+    done = subprocess.run(
+        [sys.executable, "-m", "app.retention"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 69, output
+    [line] = [orjson.loads(text) for text in output.splitlines() if text]
+    assert line["level"] == "ERROR"
+    assert (
+        "cannot reach the database at postgresql+psycopg2://postgres:***@127.0.0.1"
+        in (line["message"])
+    )
+    assert "DATABASE_URL" in line["message"] and "secret" not in output
 
 
 def follow(url: str, cursor: str, stop: threading.Event, seen: list[str], gaps: list[bool]) -> None:
