@@ -86,6 +86,56 @@ def test_publishes_an_ndjson_file_and_counts_it_exactly(
     assert_adds_up(figures, engine, sent=1201)
 
 
+def test_raw_log_lines_are_published_once_however_often_the_file_is_sent(
+    url: str, engine: Engine, tmp_path: Path
+) -> None:
+    # An nginx-style access log as it is: no JSON, a repeated line (two requests that
+    # looked alike), a blank line and a CRLF ending.
+    lines = [
+        f'10.0.0.{n % 7} - - [05/Dec/2026:09:13:{n % 60:02d} +0000] "GET /orders/{n} HTTP/1.1" 200'
+        for n in range(300)
+    ]
+    lines[120] = lines[119]
+    path = tmp_path / "access.log"
+    path.write_bytes(("\n".join(lines[:200]) + "\n\n" + "\n".join(lines[200:]) + "\r\n").encode())
+    first = json_out(
+        aggregator("publish", str(path), "--lines", "--topic", "nginx", "--url", url, "--json")
+    )
+    assert first["outcome"]["stored"] == 300 and first["outcome"]["duplicates"] == 0
+    again = json_out(
+        aggregator("publish", str(path), "--lines", "--topic", "nginx", "--url", url, "--json")
+    )
+    assert (again["outcome"]["stored"], again["outcome"]["duplicates"]) == (0, 300)
+    figures = settled_stats(url, received=600)
+    assert figures["topics"]["nginx"] == {"stored": 300, "duplicates": 300, "failed": 0}
+    assert_adds_up(figures, engine, sent=600)
+    page = requests.get(
+        f"{url}/events", params={"topic": "nginx", "limit": 500}, timeout=10
+    ).json()["events"]
+    by_line = {event["payload"]["line"]: event for event in page}
+    # Line 202 is the 201st event: the blank line 201 holds none.
+    assert by_line[202]["payload"] == {
+        "message": lines[200],
+        "origin": str(path.resolve()),
+        "line": 202,
+    }
+    assert by_line[121]["payload"]["message"] == by_line[120]["payload"]["message"]
+    assert by_line[301]["payload"]["message"] == lines[299]  # the CRLF is not part of it
+    assert all(event["event_id"].startswith("l:") for event in page)
+
+
+def test_lines_need_a_topic_and_a_topic_needs_lines(url: str, tmp_path: Path) -> None:
+    path = tmp_path / "app.log"
+    path.write_text("started\n", encoding="utf-8")
+    missing = aggregator("publish", str(path), "--lines", "--url", url)
+    assert missing.returncode == 2
+    assert "--lines needs --topic" in missing.stderr.decode()
+    stray = aggregator("publish", str(path), "--topic", "t", "--url", url)
+    assert stray.returncode == 2
+    assert "--topic goes with --lines" in stray.stderr.decode()
+    assert stats(url)["total_received_queued"] == 0
+
+
 def test_a_file_with_a_broken_line_is_refused_whole(url: str, tmp_path: Path) -> None:
     path = tmp_path / "broken.ndjson"
     path.write_bytes(ndjson([make_event("b-1"), make_event("b-2")]) + b'{"topic": \n')

@@ -4,13 +4,20 @@ docs/event-ids.md repeats, so other languages can check their implementation aga
 from __future__ import annotations
 
 import hashlib
+import io
 import re
+from datetime import UTC
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from aggregator_client.event_ids import canonical_json
 from aggregator_client.event_ids import derive_event_id
+from aggregator_client.event_ids import line_event_id
+from aggregator_client.events import InputError
+from aggregator_client.events import LineNumbers
+from aggregator_client.events import read_lines
 from scripts.stack import ROOT
 
 # The docs' example: one fixed vector with non-ASCII text and keys to sort.
@@ -77,3 +84,42 @@ def test_the_id_ignores_the_event_id_and_key_order_but_not_content() -> None:
 
 def test_a_derived_id_is_a_valid_event_id() -> None:
     assert re.fullmatch(r"h:[0-9a-f]{32}", derive_event_id(VECTOR))
+
+
+LINE_CANONICAL = '["nginx","web-1","/var/log/nginx/access.log",3,"GET /café 200"]'
+LINE_ID = "l:" + hashlib.sha256(LINE_CANONICAL.encode()).hexdigest()[:32]
+
+
+def test_a_raw_lines_id_is_its_place_and_text_hashed() -> None:
+    assert line_event_id("nginx", "web-1", "/var/log/nginx/access.log", 3, "GET /café 200") == (
+        LINE_ID
+    )
+    doc = (ROOT / "docs/event-ids.md").read_text()
+    assert LINE_CANONICAL in doc and LINE_ID in doc
+
+
+def test_raw_lines_become_events_named_by_place_and_text() -> None:
+    when = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+    text = b"same\n\nsame\r\nother\n"
+    numbers = LineNumbers()
+    events = list(
+        read_lines(io.BytesIO(text), topic="t", source="s", origin="o", lines=numbers, now=when)
+    )
+    assert [event["payload"] for event in events] == [
+        {"message": "same", "origin": "o", "line": 1},
+        {"message": "same", "origin": "o", "line": 3},
+        {"message": "other", "origin": "o", "line": 4},
+    ]
+    # Equal lines at two places are two events; reading again gives the same ids.
+    assert len({event["event_id"] for event in events}) == 3
+    again = read_lines(io.BytesIO(text), topic="t", source="s", origin="o", now=when)
+    assert [event["event_id"] for event in again] == [event["event_id"] for event in events]
+    assert {event["timestamp"] for event in events} == {"2026-12-05T09:00:00+00:00"}
+    assert [numbers.line(position) for position in range(3)] == [1, 3, 4]
+
+
+def test_a_raw_line_that_is_not_utf8_is_refused_by_number_not_changed() -> None:
+    lines = read_lines(io.BytesIO(b"fine\nbad \xff byte\n"), topic="t", source="s", origin="o")
+    assert next(lines)["payload"]["message"] == "fine"
+    with pytest.raises(InputError, match="line 2: not UTF-8 text"):
+        next(lines)

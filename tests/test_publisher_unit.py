@@ -497,7 +497,15 @@ def test_summary_records_each_batch_with_this_runs_events():
     ]
     summary = summarize(5, outcomes, 1.0, ["a"])
     assert summary.batches == {"b1": 2, "b2": 2}
-    assert "4 events answered 202, in 2 batches" in format_summary(summary)
+    assert "4 events answered 202, in 2 batches: b1 b2\n" in format_summary(summary)
+
+
+def test_the_summary_names_the_first_batches_and_says_how_to_see_all():
+    outcomes = [
+        RequestOutcome([ev("a", str(n))], "202", True, 0, 0.1, batch_id=f"b{n}") for n in range(5)
+    ]
+    text = format_summary(summarize(5, outcomes, 1.0, ["a"]))
+    assert "in 5 batches: b0 b1 ... (3 more: --json lists every one)" in text
 
 
 def stored(batch_id, received, stored_, duplicates, failed=0):

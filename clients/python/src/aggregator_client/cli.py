@@ -10,9 +10,11 @@ click supplies --version and shell completion (`_AGGREGATOR_COMPLETE`, see
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ from aggregator_client.client import Unreachable
 from aggregator_client.events import InputError
 from aggregator_client.events import LineNumbers
 from aggregator_client.events import plan_events
+from aggregator_client.events import read_lines
 from aggregator_client.events import read_ndjson
 from aggregator_client.events import run_prefix
 from aggregator_client.events import run_topics
@@ -268,8 +271,16 @@ publish_options = _options(
     ),
     click.option("--topic-prefix", help="--generate: topic prefix (default run-<random hex>)"),
     click.option(
-        "--source", default="publisher", show_default=True, help="--generate: source field"
+        "--source",
+        help="--generate: source field (default publisher); --lines: (default this host's name)",
     ),
+    click.option(
+        "--lines",
+        is_flag=True,
+        help="FILE holds raw log lines, not JSON events: each line becomes an event of --topic"
+        " (docs/shipping.md)",
+    ),
+    click.option("--topic", help="--lines: the topic of the lines' events"),
     click.option("--seed", type=Whole(), help="--generate: seed for the copies and order"),
     click.option(
         "--batch-size",
@@ -331,9 +342,10 @@ publish_options = _options(
 @global_options
 @click.pass_obj
 def publish_command(state: State, **options: Any) -> Invocation:
-    """Publish NDJSON events, or generated ones.
+    """Publish NDJSON events, raw log lines (--lines --topic T), or generated ones.
 
-    FILE holds one JSON event per line; - reads stdin as it arrives.
+    FILE holds one JSON event per line (or, with --lines, one log line per line);
+    - reads stdin as it arrives.
     """
     return Invocation("publish", state.options(options))
 
@@ -448,12 +460,25 @@ def _read_input(
                 args.generate,
                 args.duplicates,
                 run_topics(prefix, args.topics),
-                args.source,
+                args.source or "publisher",
                 args.seed,
             )
         except ValueError as exc:
             raise Fail(EXIT_USAGE, str(exc)) from None
         return iter(events), len(events), problems, InputPlaces()
+    if args.lines and not args.topic:
+        raise Fail(EXIT_USAGE, "--lines needs --topic: the topic of the lines' events")
+    if args.topic and not args.lines:
+        raise Fail(EXIT_USAGE, "--topic goes with --lines (NDJSON events name their own)")
+    read: Callable[..., Iterator[dict[str, Any]]] = read_ndjson
+    if args.lines:
+        origin = "stdin" if args.file in (None, "-") else os.path.abspath(args.file)
+        read = functools.partial(
+            read_lines,
+            topic=args.topic,
+            source=args.source or socket.gethostname(),
+            origin=origin,
+        )
     if args.file in (None, "-"):
         if args.file is None and sys.stdin.isatty():
             raise Fail(EXIT_USAGE, "give an NDJSON file, - for stdin, or --generate N")
@@ -468,7 +493,7 @@ def _read_input(
         # A file is checked whole before anything is sent: a broken line
         # never leaves half of a file published.
         try:
-            total = sum(1 for _ in read_ndjson(stream))
+            total = sum(1 for _ in read(stream))
         except InputError as exc:
             raise Fail(EXIT_USAGE, f"{args.file}: {exc}; nothing was sent") from None
         stream.seek(0)
@@ -477,7 +502,7 @@ def _read_input(
 
     def checked() -> Iterator[dict[str, Any]]:
         try:
-            yield from read_ndjson(stream, lines)
+            yield from read(stream, lines=lines)
         except InputError as exc:  # From a pipe: stop there, report what was sent.
             problems.append(exc)
 

@@ -7,6 +7,11 @@ UTF-8, non-ASCII characters as themselves), hash it with SHA-256, and keep the
 first 32 hex digits after the prefix `h:`. The same event sent again gets the
 same id, so the aggregator stores it once. The server derives the same id for
 topics listed in DERIVE_EVENT_ID_TOPICS.
+
+Raw log lines (`aggregator publish --lines`) are named instead by where they are
+and what they say (`line_event_id`), as the rsyslog recipe does: the same file
+read again gives the same ids, and two equal lines at different places stay two
+events.
 """
 
 from __future__ import annotations
@@ -37,3 +42,15 @@ def derive_event_id(event: Mapping[str, Any]) -> str:
     content = [event.get(name) for name in HASHED_FIELDS]
     digest = hashlib.sha256(canonical_json(content)).hexdigest()
     return DERIVED_PREFIX + digest[:DERIVED_HEX_DIGITS]
+
+
+# Marks an id named by a line's place in its input, beside `h:` for content hashes.
+LINE_PREFIX = "l:"
+
+
+def line_event_id(topic: str, source: str, origin: str, line: int, message: str) -> str:
+    """Return the id of a raw line: `l:` and 32 hex digits of SHA-256 over
+    `[topic, source, origin, line, message]` as canonical JSON (origin: the file's
+    absolute path, or `stdin`; line: its number from 1)."""
+    digest = hashlib.sha256(canonical_json([topic, source, origin, line, message])).hexdigest()
+    return LINE_PREFIX + digest[:DERIVED_HEX_DIGITS]

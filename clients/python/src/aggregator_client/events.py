@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 
+from aggregator_client.event_ids import line_event_id
+
 
 class InputError(ValueError):
     """A line of the input is not a JSON object; names the line."""
@@ -80,6 +82,44 @@ def read_ndjson(stream: IO[bytes], lines: LineNumbers | None = None) -> Iterator
             raise InputError(number, f"expected a JSON object, got {type(event).__name__}")
         position += 1
         yield event
+
+
+def read_lines(
+    stream: IO[bytes],
+    *,
+    topic: str,
+    source: str,
+    origin: str,
+    lines: LineNumbers | None = None,
+    now: datetime | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield one event per non-blank raw line of `stream` (a log file as it is), as it is read.
+
+    The line, without its line break, is the payload's `message`, beside `origin`
+    and `line`; the id is `line_event_id` of where it is and what it says, so
+    publishing the same file again stores nothing new. `timestamp` is when it was
+    read (`now`, for tests), since raw lines carry their time in formats of their own.
+    A line that is not UTF-8 is refused by number rather than changed.
+    """
+    position = 0
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            if lines is not None:
+                lines.blank_before(position)
+            continue
+        try:
+            message = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise InputError(number, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        stamp = (now or datetime.now(UTC)).isoformat()
+        position += 1
+        yield {
+            "topic": topic,
+            "event_id": line_event_id(topic, source, origin, number, message),
+            "timestamp": stamp,
+            "source": source,
+            "payload": {"message": message, "origin": origin, "line": number},
+        }
 
 
 def run_prefix() -> str:

@@ -69,6 +69,13 @@ def format_outcome(outcome: ServerOutcome) -> list[tuple[str, str]]:
     return rows
 
 
+def batch_ids(ids: list[str], shown: int = 2) -> str:
+    """Name a run's batches for `aggregator batch ID`: all of a few, else the first ones."""
+    if len(ids) <= shown:
+        return " ".join(ids)
+    return " ".join(ids[:shown]) + f" ... ({len(ids) - shown} more: --json lists every one)"
+
+
 def format_summary(
     summary: PublishSummary,
     outcome: ServerOutcome | None = None,
@@ -82,7 +89,7 @@ def format_summary(
     """
     accepted = f"{summary.sent} events answered 202"
     if summary.batches:
-        accepted += f", in {_batches(len(summary.batches))}"
+        accepted += f", in {_batches(len(summary.batches))}: {batch_ids(list(summary.batches))}"
     rows = [
         ("read", f"{summary.planned} events, sent in {_plural(summary.requests, 'request')}"),
         ("accepted", accepted),
