@@ -254,8 +254,11 @@ def measure_ceiling(
     results: dict[str, Any] = {"batch": batch}
     try:
         with conn.cursor() as cur:
-            # LIKE ... INCLUDING ALL copies defaults, identity, the unique key and every index.
+            # LIKE ... INCLUDING ALL copies defaults, identity and the indexes. Since 0008 the
+            # dedup key is event_keys' and events is partitioned: the ceiling is one plain
+            # table holding the key itself, what a single INSERT ... ON CONFLICT can reach.
             cur.execute(f"CREATE TABLE {scratch} (LIKE events INCLUDING ALL)")
+            cur.execute(f"ALTER TABLE {scratch} ADD UNIQUE (topic, event_id)")
         conn.commit()
         methods: list[tuple[str, str, Callable[[], int]]] = [
             (
