@@ -450,6 +450,18 @@ class AutoFailoverNode:
             raise ServiceError(f"{self.name} is not running")
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """Return the pids of the node's live processes: pg_autoctl, PostgreSQL, its backends."""
+        if self.process is None:
+            return []
+        members = []
+        for entry in os.listdir("/proc"):
+            # A process may end while it is looked at.
+            with contextlib.suppress(ValueError, OSError):
+                if os.getpgid(int(entry)) == self.process.pid:
+                    members.append(int(entry))
+        return members
+
     def run(self) -> None:
         """Start the node again from its data directory (rejoining as a standby if it must)."""
         self.spawn("run", "--pgdata", str(self.pgdata))
@@ -876,6 +888,14 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
+    def pids(self) -> list[int]:
+        """Return the pid of the running server (none when it is not running)."""
+        return _live_pids(self.process)
+
+
+def _live_pids(process: subprocess.Popen[bytes] | None) -> list[int]:
+    return [process.pid] if process is not None and process.poll() is None else []
+
 
 class SentinelServer:
     """A `redis-server --sentinel` of our own, watching one primary on 127.0.0.1.
@@ -936,6 +956,10 @@ class SentinelServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def pids(self) -> list[int]:
+        """Return the pid of the running Sentinel (none when it is not running)."""
+        return _live_pids(self.process)
 
 
 class ReplicatedRedis:
