@@ -35,6 +35,8 @@ import redis
 from alembic import command
 from alembic.config import Config
 from psycopg2.extensions import make_dsn
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import Connection
 from sqlalchemy import make_url
 from sqlalchemy import text
@@ -999,8 +1001,15 @@ class ReplicatedRedis:
     def primary_port(self) -> int:
         """Return the port of the primary the Sentinels name now."""
         for sentinel in self.sentinels:
-            with contextlib.suppress(redis.RedisError):
-                client = redis.Redis(port=sentinel.port, socket_timeout=0.5)
+            # A silent Sentinel (its host gone) costs half a second, not redis-py's
+            # default connect timeout (5 s) and its retries.
+            client = redis.Redis(
+                port=sentinel.port,
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
+            )
+            with client, contextlib.suppress(redis.RedisError):
                 _, port = client.sentinel_get_master_addr_by_name(self.master)
                 return int(port)
         raise ServiceError("no Sentinel answers")
