@@ -130,8 +130,9 @@ class Api(_HttpProcess):
         return [child.pid for child in psutil.Process(self.executor.process.pid).children()]
 
     def pids(self) -> list[int]:
-        """Return the pids of gunicorn's master and worker processes."""
-        return [self.executor.process.pid, *self.worker_pids()]
+        """Return the pids of gunicorn's master and worker processes (none when it is down)."""
+        process = self.executor.process
+        return [] if process is None else [process.pid, *self.worker_pids()]
 
 
 class Worker:
