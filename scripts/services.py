@@ -35,6 +35,8 @@ import redis
 from alembic import command
 from alembic.config import Config
 from psycopg2.extensions import make_dsn
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import Connection
 from sqlalchemy import make_url
 from sqlalchemy import text
@@ -449,6 +451,18 @@ class AutoFailoverNode:
         if self.process is None:
             raise ServiceError(f"{self.name} is not running")
         return self.process.pid
+
+    def pids(self) -> list[int]:
+        """Return the pids of the node's live processes: pg_autoctl, PostgreSQL, its backends."""
+        if self.process is None:
+            return []
+        members = []
+        for entry in os.listdir("/proc"):
+            # A process may end while it is looked at.
+            with contextlib.suppress(ValueError, OSError):
+                if os.getpgid(int(entry)) == self.process.pid:
+                    members.append(int(entry))
+        return members
 
     def run(self) -> None:
         """Start the node again from its data directory (rejoining as a standby if it must)."""
@@ -876,6 +890,14 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
+    def pids(self) -> list[int]:
+        """Return the pid of the running server (none when it is not running)."""
+        return _live_pids(self.process)
+
+
+def _live_pids(process: subprocess.Popen[bytes] | None) -> list[int]:
+    return [process.pid] if process is not None and process.poll() is None else []
+
 
 class SentinelServer:
     """A `redis-server --sentinel` of our own, watching one primary on 127.0.0.1.
@@ -937,6 +959,10 @@ class SentinelServer:
                 self.process.kill()
                 self.process.wait()
 
+    def pids(self) -> list[int]:
+        """Return the pid of the running Sentinel (none when it is not running)."""
+        return _live_pids(self.process)
+
 
 class ReplicatedRedis:
     """A primary, its replicas and three Sentinels, all private, on loopback ports."""
@@ -975,8 +1001,15 @@ class ReplicatedRedis:
     def primary_port(self) -> int:
         """Return the port of the primary the Sentinels name now."""
         for sentinel in self.sentinels:
-            with contextlib.suppress(redis.RedisError):
-                client = redis.Redis(port=sentinel.port, socket_timeout=0.5)
+            # A silent Sentinel (its host gone) costs half a second, not redis-py's
+            # default connect timeout (5 s) and its retries.
+            client = redis.Redis(
+                port=sentinel.port,
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
+            )
+            with client, contextlib.suppress(redis.RedisError):
                 _, port = client.sentinel_get_master_addr_by_name(self.master)
                 return int(port)
         raise ServiceError("no Sentinel answers")

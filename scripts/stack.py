@@ -84,8 +84,11 @@ class _HttpProcess:
         return self
 
     def stop(self) -> None:
-        self.executor.stop()
-        self._log_file.close()
+        # The log is closed even when the process had died (killed: mirakuru says so).
+        try:
+            self.executor.stop()
+        finally:
+            self._log_file.close()
 
 
 class Api(_HttpProcess):
@@ -125,6 +128,11 @@ class Api(_HttpProcess):
     def worker_pids(self) -> list[int]:
         """Return the pids of gunicorn's worker processes."""
         return [child.pid for child in psutil.Process(self.executor.process.pid).children()]
+
+    def pids(self) -> list[int]:
+        """Return the pids of gunicorn's master and worker processes (none when it is down)."""
+        process = self.executor.process
+        return [] if process is None else [process.pid, *self.worker_pids()]
 
 
 class Worker:
@@ -176,9 +184,13 @@ class Worker:
         """Return the pids of the prefork pool processes."""
         return [child.pid for child in psutil.Process(self.pid).children()]
 
+    def pids(self) -> list[int]:
+        """Return the pids of the main process and its pool."""
+        return [self.pid, *self.children()]
+
     def kill_all(self) -> None:
         """SIGKILL the main process and its pool, as a crashed machine would."""
-        pids = [self.pid, *self.children()]
+        pids = self.pids()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -14,10 +14,8 @@ from pathlib import Path
 import redis
 import requests
 from sqlalchemy import Engine
-from sqlalchemy import func
 from sqlalchemy import select
 
-from app.db import batches
 from app.db import broker_checkpoints
 from app.db import broker_losses
 from scripts.services import RedisServer
@@ -31,6 +29,7 @@ from tests.faults.harness import check_invariants
 from tests.faults.harness import report
 from tests.faults.harness import stored_keys
 from tests.ha.answers import answers_since
+from tests.ha.answers import first_stored_after
 from tests.ha.answers import unavailable_seconds
 from tests.ha.network import SilentPartition
 from tests.helpers import make_event
@@ -49,15 +48,6 @@ def checkpointed_events(engine: Engine) -> int:
     with engine.connect() as conn:
         value = conn.execute(select(broker_checkpoints.c.accepted_events)).scalar()
     return int(value or 0)
-
-
-def first_stored_after(engine: Engine, seq: int) -> float | None:
-    """Return when the first batch accepted after acceptance `seq` was stored (wall clock)."""
-    with engine.connect() as conn:
-        moment = conn.execute(
-            select(func.min(batches.c.processed_at)).where(batches.c.broker_seq > seq)
-        ).scalar()
-    return None if moment is None else moment.timestamp()
 
 
 def fail_over_under_load(

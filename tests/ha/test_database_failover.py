@@ -15,9 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine
-from sqlalchemy import select
 
-from app.db import batches
 from app.db import make_engine
 from scripts.services import AutoFailoverCluster
 from scripts.services import AutoFailoverNode
@@ -32,6 +30,7 @@ from tests.faults.harness import ledger_ids
 from tests.faults.harness import report
 from tests.faults.harness import stored_keys
 from tests.ha.answers import answers_since
+from tests.ha.answers import batch_times
 from tests.ha.answers import unavailable_seconds
 from tests.ha.network import SilentPartition
 from tests.helpers import stats
@@ -55,13 +54,6 @@ def db_engine(pg_cluster: AutoFailoverCluster) -> Iterator[Engine]:
     engine = make_engine(pg_cluster.url("aggregator"))
     yield engine
     engine.dispose()
-
-
-def batch_times(engine: Engine) -> list[float]:
-    """Return when every batch was stored (wall clock, the database's), in order."""
-    with engine.connect() as conn:
-        moments = conn.execute(select(batches.c.processed_at).order_by("processed_at")).scalars()
-        return [moment.timestamp() for moment in moments]
 
 
 def fail_over_under_load(
