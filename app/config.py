@@ -330,6 +330,15 @@ class Settings:
     retention_interval: int = 3600
     # Daily partitions of events kept ready ahead of today.
     partitions_ahead: int = 3
+    # Batch ledger rows are kept this many days after they were processed (at
+    # least MIN_LEDGER_RETENTION_DAYS, and a day past IDEMPOTENCY_TTL); pruned
+    # rows are folded into per-epoch totals (app.store.housekeeping). None: kept.
+    ledger_retention_days: int | None = None
+    # Dead letters are kept this many days after they failed, replayed or not.
+    dead_letter_retention_days: int | None = None
+    # Broker checkpoints not checked for this many days (a broker no process
+    # uses any more), and acknowledged broker losses, are pruned.
+    broker_checkpoint_retention_days: int | None = None
 
     def db_timeouts(self, process: Literal["api", "worker"]) -> DbTimeouts:
         """Return the session limits of the API's or a worker's connections."""
@@ -431,6 +440,37 @@ def _retention(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
     return retention, horizon
 
 
+# A ledger row is what makes a second copy of its batch a no-op; see
+# app.store.housekeeping for every way a copy can still arrive and why a week
+# (and a day past IDEMPOTENCY_TTL) outlasts them all.
+MIN_LEDGER_RETENTION_DAYS = 7
+# A checkpoint of a broker every process stopped using for a holiday is kept.
+MIN_CHECKPOINT_RETENTION_DAYS = 7
+
+
+def _housekeeping(
+    environ: Mapping[str, str], idempotency_ttl: int
+) -> tuple[int | None, int | None, int | None]:
+    """Return LEDGER_, DEAD_LETTER_ and BROKER_CHECKPOINT_RETENTION_DAYS, checked."""
+    ledger = _days(environ, "LEDGER_RETENTION_DAYS")
+    letters = _days(environ, "DEAD_LETTER_RETENTION_DAYS")
+    checkpoints = _days(environ, "BROKER_CHECKPOINT_RETENTION_DAYS")
+    least = max(MIN_LEDGER_RETENTION_DAYS, -(-idempotency_ttl // 86_400) + 1)
+    if ledger is not None and ledger < least:
+        raise SettingsError(
+            f"LEDGER_RETENTION_DAYS ({ledger}) must be at least {least}: a ledger row makes a"
+            " redelivered or resent copy of its batch a no-op, and must outlive every copy"
+            " (broker redelivery, resend sweep, IDEMPOTENCY_TTL, see docs/retention.md)"
+        )
+    if checkpoints is not None and checkpoints < MIN_CHECKPOINT_RETENTION_DAYS:
+        raise SettingsError(
+            f"BROKER_CHECKPOINT_RETENTION_DAYS ({checkpoints}) must be at least"
+            f" {MIN_CHECKPOINT_RETENTION_DAYS}: a broker's checkpoint is how a loss of its"
+            " data is noticed when it is used again"
+        )
+    return ledger, letters, checkpoints
+
+
 def _addresses(environ: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
     addresses = []
     for entry in environ.get(name, "").split(","):
@@ -484,6 +524,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"TASK_TIME_LIMIT ({hard_limit}) must be above TASK_SOFT_TIME_LIMIT ({soft_limit})"
         )
     retention_days, dedup_horizon_days = _retention(env)
+    idempotency_ttl = _int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl)
+    ledger_days, dead_letter_days, checkpoint_days = _housekeeping(env, idempotency_ttl)
     proxy_hops = _count(env, "PROXY_HOPS", Settings.proxy_hops)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
     if proxy_hops and not trusted_proxies:
@@ -516,7 +558,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         resend_after=_int(env, "BROKER_RESEND_AFTER", Settings.resend_after),
         broker_check_interval=_float(env, "BROKER_CHECK_INTERVAL", Settings.broker_check_interval),
         max_backlog_bytes=_int(env, "BROKER_MAX_BACKLOG_BYTES", Settings.max_backlog_bytes),
-        idempotency_ttl=_int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl),
+        idempotency_ttl=idempotency_ttl,
         idempotency_max_records=_int(
             env, "IDEMPOTENCY_MAX_RECORDS", Settings.idempotency_max_records
         ),
@@ -568,6 +610,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dedup_horizon_days=dedup_horizon_days,
         retention_interval=_int(env, "RETENTION_INTERVAL", Settings.retention_interval),
         partitions_ahead=_int(env, "PARTITIONS_AHEAD", Settings.partitions_ahead),
+        ledger_retention_days=ledger_days,
+        dead_letter_retention_days=dead_letter_days,
+        broker_checkpoint_retention_days=checkpoint_days,
     )
 
 

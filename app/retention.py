@@ -1,7 +1,9 @@
 """One retention run with the configured policy, and `python -m app.retention` to run it from cron.
 
     python -m app.retention          # create partitions ahead, drop past RETENTION_DAYS,
-                                     # prune keys past DEDUP_HORIZON_DAYS; one JSON log line
+                                     # prune keys past DEDUP_HORIZON_DAYS, the ledger,
+                                     # dead letters and checkpoints past theirs;
+                                     # one JSON log line
 
 Two runners never both act (app.store.retention holds an advisory lock); the
 Celery beat task tasks.retention.run calls the same function.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Collection
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -34,12 +37,15 @@ def policy(settings: Settings) -> RetentionPolicy:
         retention_days=settings.retention_days,
         dedup_horizon_days=settings.dedup_horizon_days,
         partitions_ahead=settings.partitions_ahead,
+        ledger_days=settings.ledger_retention_days,
+        dead_letter_days=settings.dead_letter_retention_days,
+        checkpoint_days=settings.broker_checkpoint_retention_days,
     )
 
 
-def run(engine: Engine, settings: Settings) -> RetentionReport:
-    """Run retention once and log what it did."""
-    report = run_retention(engine, policy(settings))
+def run(engine: Engine, settings: Settings, keep: Collection[str] = ()) -> RetentionReport:
+    """Run retention once and log what it did; `keep` names batches still pending."""
+    report = run_retention(engine, policy(settings), keep=keep)
     if report.ran:
         logger.info("retention run", extra=asdict(report))
     else:

@@ -20,6 +20,7 @@ from app.cursors import encode_cursor
 from app.db import EVENT_FIELDS
 from app.db import events
 from app.db import retention_marks
+from app.store.housekeeping import pruned_marks
 
 
 def _cursor_position(cursor: str) -> Any:
@@ -60,7 +61,11 @@ def retention_gap(conn: Connection, cursor: str | None) -> bool:
 
 
 def retention_state(conn: Connection) -> dict[str, Any]:
-    """Return the oldest event kept (position, stored_at) and how far retention has gone."""
+    """Return the oldest event kept (position, stored_at) and how far retention has gone.
+
+    Also before when ledger rows and dead letters may have been pruned (their
+    counts live on in folded rows: no counter changes).
+    """
     oldest = conn.execute(
         select(events.c.position, events.c.stored_at).order_by(events.c.position).limit(1)
     ).one_or_none()
@@ -72,6 +77,7 @@ def retention_state(conn: Connection) -> dict[str, Any]:
         "oldest_stored_at": None if oldest is None else oldest.stored_at,
         "dropped_through": 0 if marks is None else marks.dropped_through,
         "keys_pruned_before": None if marks is None else marks.keys_pruned_before,
+        **pruned_marks(conn),
     }
 
 

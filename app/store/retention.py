@@ -17,6 +17,7 @@ writers exact while it runs:
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,8 +36,11 @@ from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 
+from app.broker_log import prune_checkpoints
 from app.db import EVENT_PARTITION
 from app.db import retention_marks
+from app.store.housekeeping import prune_dead_letters
+from app.store.housekeeping import prune_ledger
 from app.store.ledger import hold_log
 
 # Any constant, apart from the log's lock: a runner holds this session-level
@@ -71,6 +75,9 @@ class RetentionReport:
     dropped: list[str] = field(default_factory=list)
     drop_lock_waits: int = 0
     keys_pruned: int = 0
+    ledger_pruned: int = 0
+    dead_letters_pruned: int = 0
+    checkpoints_pruned: int = 0
     seconds: float = 0.0
 
 
@@ -123,7 +130,8 @@ def attach_day(engine: Engine, day: date) -> int:
     with engine.begin() as conn:
         if any(p.name == name for p in partitions(conn)):
             return 0
-        conn.execute(text(f"CREATE TABLE {name} (LIKE events)"))
+        # INCLUDING CONSTRAINTS: ATTACH refuses a table without the CHECKs events has.
+        conn.execute(text(f"CREATE TABLE {name} (LIKE events INCLUDING CONSTRAINTS)"))
         waiting = conn.execute(
             text(
                 f"SELECT EXISTS (SELECT FROM {DEFAULT_PARTITION}"
@@ -288,15 +296,24 @@ class RetentionPolicy:
     retention_days: int | None = None
     dedup_horizon_days: int | None = None
     partitions_ahead: int = 3
+    # The housekeeping horizons (app.store.housekeeping); None keeps the rows.
+    ledger_days: int | None = None
+    dead_letter_days: int | None = None
+    checkpoint_days: int | None = None
 
 
 def run_retention(
-    engine: Engine, policy: RetentionPolicy, *, now: datetime | None = None
+    engine: Engine,
+    policy: RetentionPolicy,
+    *,
+    now: datetime | None = None,
+    keep: Collection[str] = (),
 ) -> RetentionReport:
-    """Create partitions ahead, drop those past retention, prune keys past the horizon.
+    """Create partitions ahead, drop those past retention, prune keys, ledger, dead letters.
 
     Holds RETENTION_LOCK for the whole run on a connection of its own; a run
-    that finds it taken does nothing and says so (`ran` False).
+    that finds it taken does nothing and says so (`ran` False). `keep` names
+    batches whose ledger rows stay whatever their age (still pending on the broker).
     """
     started = time.monotonic()
     with retention_lock(engine) as held:
@@ -315,8 +332,30 @@ def run_retention(
         # it is gone: not while one whose marks were raised is still there.
         if policy.dedup_horizon_days is not None and complete:
             report.keys_pruned = prune_keys(engine, now - timedelta(days=policy.dedup_horizon_days))
+        housekeep(engine, policy, now, keep, report)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def housekeep(
+    engine: Engine,
+    policy: RetentionPolicy,
+    now: datetime,
+    keep: Collection[str],
+    report: RetentionReport,
+) -> None:
+    """Prune dead letters, then the ledger (a row waits for its letters), then checkpoints."""
+    if policy.dead_letter_days is not None:
+        report.dead_letters_pruned = prune_dead_letters(
+            engine, now - timedelta(days=policy.dead_letter_days)
+        )
+    if policy.ledger_days is not None:
+        report.ledger_pruned = prune_ledger(engine, now - timedelta(days=policy.ledger_days), keep)
+    if policy.checkpoint_days is not None:
+        with engine.begin() as conn:
+            report.checkpoints_pruned = prune_checkpoints(
+                conn, now - timedelta(days=policy.checkpoint_days)
+            )
 
 
 @contextmanager
