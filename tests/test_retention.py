@@ -28,6 +28,7 @@ from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import text
 
+from aggregator_client.client import Client
 from app.config import SettingsError
 from app.config import load_settings
 from app.cursors import encode_cursor
@@ -36,6 +37,7 @@ from app.db import events
 from app.db import make_engine
 from app.store.counters import read_totals
 from app.store.ledger import store_exactly_once
+from app.store.reading import iter_events
 from app.store.reading import list_events
 from app.store.reading import retention_gap
 from app.store.reading import retention_state
@@ -165,6 +167,32 @@ def test_days_past_retention_are_dropped_and_a_cursor_into_them_continues_flagge
         assert not retention_gap(conn, encode_cursor(state["dropped_through"]))
         assert state["oldest_position"] == state["dropped_through"] + 1
         assert state["keys_pruned_before"] is not None
+
+
+def test_the_export_flags_a_gap_after_its_cursor_and_a_drop_during_it(own_db: Engine) -> None:
+    store_exactly_once(own_db, "b-old", [event(f"o{n}", "old", old_timestamp()) for n in range(5)])
+    age(own_db, "old")
+    store_exactly_once(own_db, "b-new", [event(f"n{n}", "new") for n in range(4)])
+    # Read the first page, then retention drops the old day: the next page says so.
+    pages = iter_events(own_db, page_rows=2)
+    first = next(pages)
+    assert [e["event_id"] for e in first] == ["o0", "o1"]
+    run_retention(own_db, KEEP_3_DAYS)
+    with own_db.connect() as conn:
+        through = encode_cursor(retention_state(conn)["dropped_through"])
+    rest = [line for page in pages for line in page]
+    assert rest[0] == {"retention_gap": True, "cursor": through}
+    assert [e["event_id"] for e in rest[1:]] == ["n0", "n1", "n2", "n3"]
+    # From a cursor into the dropped events: the gap line comes first, once.
+    lines = [
+        line for page in iter_events(own_db, cursor=encode_cursor(1), page_rows=2) for line in page
+    ]
+    assert lines[0] == {"retention_gap": True, "cursor": through}
+    assert sum("retention_gap" in line for line in lines) == 1 and len(lines) == 5
+    # From the start, or from the dropped-through cursor itself: no gap.
+    for cursor in (None, through):
+        plain = [line for page in iter_events(own_db, cursor=cursor) for line in page]
+        assert not any("retention_gap" in line for line in plain) and len(plain) == 4
 
 
 def test_an_event_sent_again_after_its_key_was_pruned_counts_as_stored_after_horizon(
@@ -307,6 +335,21 @@ def test_a_run_with_a_publisher_and_a_follower_active_loses_and_double_counts_no
     flagged = requests.get(f"{url}/events", params={"cursor": encode_cursor(0)}, timeout=10)
     assert flagged.json()["retention_gap"] is True
     assert flagged.json()["events"][0]["event_id"] == "l0"
+    # The NDJSON export says so in a line of its own, which the client hands to on_gap.
+    raw = requests.get(
+        f"{url}/events",
+        params={"cursor": encode_cursor(0), "topic": "live"},
+        headers={"Accept": "application/x-ndjson"},
+        timeout=30,
+    )
+    first_line = orjson.loads(raw.content.splitlines()[0])
+    assert first_line == {"retention_gap": True, "cursor": encode_cursor(head)}
+    reported: list[dict[str, Any]] = []
+    exported = list(
+        Client(url).export(cursor=encode_cursor(0), topic="live", on_gap=reported.append)
+    )
+    assert reported == [first_line] and len(exported) == 3000
+    assert exported[0]["event_id"] == "l0"
     # The old events sent again: their keys are gone, so they are stored and
     # counted after the horizon; a third time they are duplicates.
     publish(url, old)
