@@ -326,6 +326,11 @@ class Settings:
     # stored and its own timestamp (never fewer than retention_days); an event
     # re-sent after its key is gone is stored and counted stored_after_horizon.
     dedup_horizon_days: int | None = None
+    # Topics kept for other numbers of days than retention_days
+    # (RETENTION_TOPIC_DAYS="debug=3,audit=365"): shorter ones are deleted
+    # (DELETE in batches), longer ones keep their partitions; a longer topic's
+    # keys are kept at least its days.
+    retention_topic_days: tuple[tuple[str, int], ...] = ()
     # How often the beat schedules a retention run (app.retention), in seconds.
     retention_interval: int = 3600
     # Daily partitions of events kept ready ahead of today.
@@ -440,6 +445,25 @@ def _retention(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
     return retention, horizon
 
 
+def _topic_days(environ: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """Return RETENTION_TOPIC_DAYS as (topic, days) pairs, sorted by topic.
+
+    Without RETENTION_DAYS every other topic is kept for ever, so each listed
+    topic is kept less and deleted past its days.
+    """
+    found: dict[str, int] = {}
+    for entry in environ.get("RETENTION_TOPIC_DAYS", "").split(","):
+        if not entry.strip():
+            continue
+        topic, _, days = entry.strip().rpartition("=")
+        if not topic.strip() or not days.strip().isdigit() or int(days) == 0:
+            raise SettingsError(
+                f"RETENTION_TOPIC_DAYS: {entry.strip()!r} is not topic=days (a positive number)"
+            )
+        found[topic.strip()] = int(days)
+    return tuple(sorted(found.items()))
+
+
 # A ledger row is what makes a second copy of its batch a no-op; see
 # app.store.housekeeping for every way a copy can still arrive and why a week
 # (and a day past IDEMPOTENCY_TTL) outlasts them all.
@@ -524,6 +548,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"TASK_TIME_LIMIT ({hard_limit}) must be above TASK_SOFT_TIME_LIMIT ({soft_limit})"
         )
     retention_days, dedup_horizon_days = _retention(env)
+    retention_topic_days = _topic_days(env)
     idempotency_ttl = _int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl)
     ledger_days, dead_letter_days, checkpoint_days = _housekeeping(env, idempotency_ttl)
     proxy_hops = _count(env, "PROXY_HOPS", Settings.proxy_hops)
@@ -608,6 +633,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         liveness_file=env.get("WORKER_LIVENESS_FILE", "").strip(),
         retention_days=retention_days,
         dedup_horizon_days=dedup_horizon_days,
+        retention_topic_days=retention_topic_days,
         retention_interval=_int(env, "RETENTION_INTERVAL", Settings.retention_interval),
         partitions_ahead=_int(env, "PARTITIONS_AHEAD", Settings.partitions_ahead),
         ledger_retention_days=ledger_days,

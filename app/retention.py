@@ -37,6 +37,7 @@ def policy(settings: Settings) -> RetentionPolicy:
         retention_days=settings.retention_days,
         dedup_horizon_days=settings.dedup_horizon_days,
         partitions_ahead=settings.partitions_ahead,
+        topic_days=settings.retention_topic_days,
         ledger_days=settings.ledger_retention_days,
         dead_letter_days=settings.dead_letter_retention_days,
         checkpoint_days=settings.broker_checkpoint_retention_days,

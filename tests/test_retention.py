@@ -118,6 +118,60 @@ def test_settings_refuse_a_horizon_shorter_than_retention() -> None:
         load_settings({"RETENTION_DAYS": "0"})
 
 
+def test_settings_read_per_topic_days() -> None:
+    chosen = load_settings({"RETENTION_DAYS": "30", "RETENTION_TOPIC_DAYS": "debug=3, audit=365"})
+    assert chosen.retention_topic_days == (("audit", 365), ("debug", 3))
+    for bad in ("debug", "debug=0", "=3", "debug=x"):
+        with pytest.raises(SettingsError, match="RETENTION_TOPIC_DAYS"):
+            load_settings({"RETENTION_TOPIC_DAYS": bad})
+
+
+def test_shorter_topics_are_deleted_and_longer_ones_keep_their_partitions(own_db: Engine) -> None:
+    chosen = RetentionPolicy(
+        retention_days=5,
+        dedup_horizon_days=5,
+        partitions_ahead=1,
+        topic_days=(("audit", 20), ("debug", 2)),
+    )
+    store_exactly_once(own_db, "b1", [event(f"p{n}", "plain") for n in range(4)])
+    store_exactly_once(own_db, "b2", [event(f"a{n}", "audit") for n in range(3)])
+    age(own_db, "plain")
+    age(own_db, "audit")  # both 10 days old, in one partition
+    store_exactly_once(own_db, "b3", [event(f"d{n}", "debug") for n in range(5)])
+    age(own_db, "debug", days=3)
+    store_exactly_once(own_db, "b4", [event("fresh", "debug")])
+    with own_db.connect() as conn:
+        before = read_totals(conn)
+
+    report = run_retention(own_db, chosen)
+
+    old_day = f"events_{datetime.now(UTC) - timedelta(days=DAYS_BACK):%Y%m%d}"
+    assert report.kept_for_topics == [old_day] and report.dropped == []
+    assert report.events_deleted == 4 + 5
+    assert count(own_db, events, "plain") == 0 and count(own_db, events, "audit") == 3
+    assert count(own_db, events, "debug") == 1
+    # Keys: plain's pruned past the horizon; audit's kept (its own days); debug's
+    # kept for the default horizon, though its events are gone.
+    keys = {t: count(own_db, event_keys, t) for t in ("plain", "audit", "debug")}
+    assert keys == {"plain": 0, "audit": 3, "debug": 6}
+    with own_db.connect() as conn:
+        assert read_totals(conn) == before
+        assert retention_gap(conn, encode_cursor(0))
+    again = store_exactly_once(
+        own_db, "b5", [event("a0", "audit"), event("p0", "plain"), event("d0", "debug")]
+    )
+    assert (again.stored, again.duplicates, again.stored_after_horizon) == (1, 2, 0)
+
+    # Once audit's own days pass, its partition goes and so do its keys.
+    with own_db.begin() as conn:
+        conn.execute(text("DELETE FROM events WHERE topic <> 'audit'"))
+    age(own_db, "audit", days=15)
+    later = run_retention(own_db, chosen)
+    # The day kept for audit (now empty) and the one audit moved to both go.
+    assert len(later.dropped) == 2 and old_day in later.dropped and not later.kept_for_topics
+    assert count(own_db, events, "audit") == 0 and count(own_db, event_keys, "audit") == 0
+
+
 def test_a_run_creates_partitions_ahead_and_moves_rows_out_of_the_default(
     own_db: Engine,
 ) -> None:

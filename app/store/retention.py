@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
@@ -54,6 +56,9 @@ DROP_LOCK_TIMEOUT_MS = 500
 DROP_ATTEMPTS = 5
 # Keys deleted per transaction while pruning.
 PRUNE_BATCH = 10_000
+# Events deleted per transaction by per-topic retention (bench/retention.py
+# measures what a batch costs a writer running meanwhile).
+DELETE_BATCH = 5_000
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,11 @@ class RetentionReport:
     partitions_created: list[str] = field(default_factory=list)
     moved_from_default: int = 0
     dropped: list[str] = field(default_factory=list)
+    # Partitions past RETENTION_DAYS kept for topics kept longer (RETENTION_TOPIC_DAYS).
+    kept_for_topics: list[str] = field(default_factory=list)
+    # Events removed by DELETE: per-topic retention (shorter topics, and the
+    # other topics' rows of partitions kept for longer ones).
+    events_deleted: int = 0
     drop_lock_waits: int = 0
     keys_pruned: int = 0
     ledger_pruned: int = 0
@@ -188,28 +198,68 @@ def create_partitions(engine: Engine, today: date, ahead: int) -> tuple[list[str
     return created, moved
 
 
-def raise_drop_marks(engine: Engine, partition: Partition) -> None:
-    """Record that everything in the partition is about to go, before it goes."""
+def raise_drop_marks(engine: Engine, partition: Partition, keeping: Sequence[str] = ()) -> None:
+    """Record that everything in the partition (but the topics `keeping`) is about to go.
+
+    Raised and committed before anything goes. dropped_before then says that
+    every event stored before it is gone, but those of topics kept longer than
+    RETENTION_DAYS (whose keys are pruned by their own bound, prune_topic_keys).
+    """
     with engine.begin() as conn:
         highest = conn.execute(
-            text(f"SELECT coalesce(max(position), 0) FROM {partition.name}")
+            text(
+                f"SELECT coalesce(max(position), 0) FROM {partition.name}"
+                " WHERE topic <> ALL (CAST(:keeping AS text[]))"
+            ),
+            {"keeping": list(keeping)},
         ).scalar_one()
-        add = insert(retention_marks).values(
-            singleton=True, dropped_through=highest, dropped_before=partition.end
+        _raise_marks(conn, highest, partition.end)
+
+
+def _raise_marks(conn: Connection, highest: int, dropped_before: datetime | None) -> None:
+    add = insert(retention_marks).values(
+        singleton=True, dropped_through=highest, dropped_before=dropped_before
+    )
+    conn.execute(
+        add.on_conflict_do_update(
+            index_elements=[retention_marks.c.singleton],
+            set_={
+                "dropped_through": func.greatest(
+                    retention_marks.c.dropped_through, add.excluded.dropped_through
+                ),
+                # greatest() ignores NULL: a per-topic delete leaves it as it is.
+                "dropped_before": func.greatest(
+                    retention_marks.c.dropped_before, add.excluded.dropped_before
+                ),
+            },
         )
-        conn.execute(
-            add.on_conflict_do_update(
-                index_elements=[retention_marks.c.singleton],
-                set_={
-                    "dropped_through": func.greatest(
-                        retention_marks.c.dropped_through, add.excluded.dropped_through
-                    ),
-                    "dropped_before": func.greatest(
-                        retention_marks.c.dropped_before, add.excluded.dropped_before
-                    ),
-                },
-            )
-        )
+    )
+
+
+def delete_topic(engine: Engine, topic: str, before: datetime) -> int:
+    """Delete a topic's events stored before `before` (a topic kept less than RETENTION_DAYS).
+
+    dropped_through is raised (and committed) to the highest position going
+    first, as for a drop, so readers are told of the gap. Batches of
+    DELETE_BATCH rows, each its own transaction: writers never wait on them
+    (old rows, no lock of the log).
+    """
+    params = {"topic": topic, "before": before}
+    with engine.begin() as conn:
+        highest = conn.execute(
+            text("SELECT max(position) FROM events WHERE topic = :topic AND stored_at < :before"),
+            params,
+        ).scalar_one()
+        if highest is None:
+            return 0
+        _raise_marks(conn, highest, None)
+    return _delete_in_batches(
+        engine,
+        "DELETE FROM events WHERE (id, stored_at) IN ("
+        " SELECT id, stored_at FROM events WHERE topic = :topic AND stored_at < :before"
+        " LIMIT :batch)",
+        params,
+    )
 
 
 def _drop(engine: Engine, name: str, report: RetentionReport) -> bool:
@@ -228,15 +278,66 @@ def _drop(engine: Engine, name: str, report: RetentionReport) -> bool:
     return False
 
 
-def drop_partitions(engine: Engine, before: datetime, report: RetentionReport) -> bool:
+def _holds_any(engine: Engine, partition: Partition, topics: Sequence[str]) -> list[str]:
+    """Return which of `topics` have rows in the partition (an index probe each)."""
+    with engine.connect() as conn:
+        return [
+            topic
+            for topic in topics
+            if conn.execute(
+                text(f"SELECT EXISTS (SELECT FROM {partition.name} WHERE topic = :topic)"),
+                {"topic": topic},
+            ).scalar_one()
+        ]
+
+
+def _delete_in_batches(engine: Engine, statement: str, params: dict[str, object]) -> int:
+    deleted_all = 0
+    while True:
+        with engine.begin() as conn:
+            deleted = conn.execute(text(statement), {**params, "batch": DELETE_BATCH}).rowcount
+        deleted_all += deleted
+        if deleted < DELETE_BATCH:
+            return deleted_all
+
+
+def keep_for_topics(
+    engine: Engine, partition: Partition, keeping: Sequence[str], report: RetentionReport
+) -> None:
+    """Keep a partition for the topics `keeping`; delete every other row of it, in batches."""
+    raise_drop_marks(engine, partition, keeping)
+    report.events_deleted += _delete_in_batches(
+        engine,
+        f"DELETE FROM {partition.name} WHERE id = ANY (ARRAY("
+        f" SELECT id FROM {partition.name} WHERE topic <> ALL (CAST(:keeping AS text[]))"
+        " LIMIT :batch))",
+        {"keeping": list(keeping)},
+    )
+    report.kept_for_topics.append(partition.name)
+
+
+def drop_partitions(
+    engine: Engine,
+    before: datetime,
+    report: RetentionReport,
+    longer: Mapping[str, datetime] | None = None,
+) -> bool:
     """Drop every partition whose whole range is before `before`, oldest first.
 
-    Returns False when one could not be dropped (its lock stayed taken); the
-    next run tries again.
+    `longer` gives, for each topic kept longer, the time before which its
+    events go: a partition holding rows of one still within it is kept, and
+    its other rows deleted instead. Returns False when one could not be
+    dropped (its lock stayed taken); the next run tries again.
     """
+    longer = longer or {}
     with engine.connect() as conn:
         expired = [p for p in partitions(conn) if p.end <= before]
     for partition in expired:
+        within = [topic for topic, until in longer.items() if partition.end > until]
+        keeping = _holds_any(engine, partition, within)
+        if keeping:
+            keep_for_topics(engine, partition, keeping, report)
+            continue
         raise_drop_marks(engine, partition)
         if not _drop(engine, partition.name, report):
             # The marks stay raised: readers are told of a gap a little early.
@@ -245,22 +346,29 @@ def drop_partitions(engine: Engine, before: datetime, report: RetentionReport) -
     return True
 
 
-def _raise_prune_mark(engine: Engine, before: datetime) -> datetime | None:
+def _raise_prune_mark(engine: Engine, before: datetime, bounded: bool = True) -> datetime | None:
     """Raise keys_pruned_before to `before` (never past dropped_before) under the log's lock.
 
-    Returns the point keys may now be pruned to, or None while no events were dropped.
+    Returns the point keys may now be pruned to, or None while no events were
+    dropped. Unbounded (a longer-kept topic, whose caller bounds `before`),
+    dropped_before does not limit it.
     """
     with engine.begin() as conn:
         hold_log(conn)
         marks = conn.execute(
             select(retention_marks.c.dropped_before, retention_marks.c.keys_pruned_before)
         ).one_or_none()
-        if marks is None or marks.dropped_before is None:
+        if bounded and (marks is None or marks.dropped_before is None):
             return None
         # Keys outlive their events: never prune past what was dropped.
-        upto = min(before, marks.dropped_before)
+        upto = min(before, marks.dropped_before) if bounded and marks else before
+        if marks is None:
+            conn.execute(insert(retention_marks).values(singleton=True, keys_pruned_before=upto))
+            return upto
         if marks.keys_pruned_before is not None and marks.keys_pruned_before >= upto:
-            return marks.keys_pruned_before
+            # Already past (a longer-kept topic's prune may have raised it past
+            # dropped_before): prune no further than this caller's bound.
+            return upto
         conn.execute(
             update(retention_marks)
             .where(retention_marks.c.singleton.is_(True))
@@ -269,24 +377,62 @@ def _raise_prune_mark(engine: Engine, before: datetime) -> datetime | None:
         return upto
 
 
-def prune_keys(engine: Engine, before: datetime, batch: int = PRUNE_BATCH) -> int:
-    """Delete dedup keys whose horizon_from is before `before` (bounded by dropped events)."""
+def prune_keys(
+    engine: Engine, before: datetime, batch: int = PRUNE_BATCH, exclude: Sequence[str] = ()
+) -> int:
+    """Delete dedup keys whose horizon_from is before `before` (bounded by dropped events).
+
+    Keys of the topics in `exclude` (kept longer than RETENTION_DAYS) stay:
+    prune_topic_keys prunes them by their own bound.
+    """
     upto = _raise_prune_mark(engine, before)
     if upto is None:
         return 0
+    return _prune_keys_before(
+        engine, upto, batch, "topic <> ALL (CAST(:topics AS text[]))", exclude
+    )
+
+
+def prune_topic_keys(engine: Engine, topic: str, before: datetime, batch: int = PRUNE_BATCH) -> int:
+    """Delete a longer-kept topic's keys whose horizon_from is before `before`.
+
+    The caller bounds `before` by the day its events were gone through
+    (run_retention); keys_pruned_before is raised to it first, as for every prune.
+    """
+    upto = _raise_prune_mark(engine, before, bounded=False)
+    if upto is None:
+        return 0
+    return _prune_keys_before(engine, upto, batch, "topic = ANY (CAST(:topics AS text[]))", [topic])
+
+
+def _prune_keys_before(
+    engine: Engine, upto: datetime, batch: int, which: str, topics: Sequence[str]
+) -> int:
     pruned = 0
     while True:
         with engine.begin() as conn:
             deleted = conn.execute(
                 text(
                     "DELETE FROM event_keys WHERE ctid = ANY (ARRAY("
-                    " SELECT ctid FROM event_keys WHERE horizon_from < :upto LIMIT :batch))"
+                    f" SELECT ctid FROM event_keys WHERE horizon_from < :upto AND {which}"
+                    " LIMIT :batch))"
                 ),
-                {"upto": upto, "batch": batch},
+                {"upto": upto, "batch": batch, "topics": list(topics)},
             ).rowcount
         pruned += deleted
         if deleted < batch:
             return pruned
+
+
+def split_topics(policy: RetentionPolicy) -> tuple[dict[str, int], dict[str, int]]:
+    """Return the topics kept longer than retention_days, and those kept less (with their days)."""
+    longer, shorter = {}, {}
+    for topic, days in policy.topic_days:
+        if policy.retention_days is None or days < policy.retention_days:
+            shorter[topic] = days
+        elif days > policy.retention_days:
+            longer[topic] = days
+    return longer, shorter
 
 
 @dataclass(frozen=True)
@@ -296,6 +442,8 @@ class RetentionPolicy:
     retention_days: int | None = None
     dedup_horizon_days: int | None = None
     partitions_ahead: int = 3
+    # Topics kept for other numbers of days than retention_days (RETENTION_TOPIC_DAYS).
+    topic_days: tuple[tuple[str, int], ...] = ()
     # The housekeeping horizons (app.store.housekeeping); None keeps the rows.
     ledger_days: int | None = None
     dead_letter_days: int | None = None
@@ -325,13 +473,27 @@ def run_retention(
             engine, now.astimezone(UTC).date(), policy.partitions_ahead
         )
         complete = True
+        longer, shorter = split_topics(policy)
         if policy.retention_days is not None:
             cutoff = now - timedelta(days=policy.retention_days)
-            complete = drop_partitions(engine, cutoff, report)
+            until = {topic: now - timedelta(days=days) for topic, days in longer.items()}
+            complete = drop_partitions(engine, cutoff, report, until)
+        for topic, days in shorter.items():
+            report.events_deleted += delete_topic(engine, topic, now - timedelta(days=days))
         # Pruning stops at dropped_before, which assumes every partition before
         # it is gone: not while one whose marks were raised is still there.
         if policy.dedup_horizon_days is not None and complete:
-            report.keys_pruned = prune_keys(engine, now - timedelta(days=policy.dedup_horizon_days))
+            horizon = policy.dedup_horizon_days
+            report.keys_pruned = prune_keys(
+                engine, now - timedelta(days=horizon), exclude=sorted(longer)
+            )
+            for topic, days in longer.items():
+                # Every partition that ended by now - days lost this topic's rows
+                # (dropped, or kept for a longer topic and cleaned): keys of its
+                # events stored before that midnight may go, after max(days, horizon).
+                gone_before = _midnight((now - timedelta(days=days)).astimezone(UTC).date())
+                before = min(now - timedelta(days=max(days, horizon)), gone_before)
+                report.keys_pruned += prune_topic_keys(engine, topic, before)
         housekeep(engine, policy, now, keep, report)
     report.seconds = round(time.monotonic() - started, 3)
     return report
