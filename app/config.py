@@ -326,6 +326,9 @@ class Settings:
     # stored and its own timestamp (never fewer than retention_days); an event
     # re-sent after its key is gone is stored and counted stored_after_horizon.
     dedup_horizon_days: int | None = None
+    # Oldest whole days of events are dropped while events' partitions take
+    # more than this many bytes on disk (RETENTION_MAX_BYTES); None: no cap.
+    retention_max_bytes: int | None = None
     # Topics kept for other numbers of days than retention_days
     # (RETENTION_TOPIC_DAYS="debug=3,audit=365"): shorter ones are deleted
     # (DELETE in batches), longer ones keep their partitions; a longer topic's
@@ -443,6 +446,24 @@ def _retention(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
             " a stored event's key must outlive it, or a re-send would be stored twice"
         )
     return retention, horizon
+
+
+# Size suffixes RETENTION_MAX_BYTES takes (powers of 1024).
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _max_bytes(environ: Mapping[str, str]) -> int | None:
+    """Return RETENTION_MAX_BYTES: a number of bytes, optionally with k, m, g or t (1024s)."""
+    raw = environ.get("RETENTION_MAX_BYTES", "").strip().lower()
+    if raw in ("", "off"):
+        return None
+    number, unit = raw.rstrip("kmgtb"), raw[len(raw.rstrip("kmgtb")) :].rstrip("b")
+    if not number.isdigit() or int(number) == 0 or unit not in _SIZE_UNITS:
+        raise SettingsError(
+            "RETENTION_MAX_BYTES must be a positive size such as 500m or 200g, or 'off',"
+            f" got {raw!r}"
+        )
+    return int(number) * _SIZE_UNITS[unit]
 
 
 def _topic_days(environ: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
@@ -634,6 +655,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retention_days=retention_days,
         dedup_horizon_days=dedup_horizon_days,
         retention_topic_days=retention_topic_days,
+        retention_max_bytes=_max_bytes(env),
         retention_interval=_int(env, "RETENTION_INTERVAL", Settings.retention_interval),
         partitions_ahead=_int(env, "PARTITIONS_AHEAD", Settings.partitions_ahead),
         ledger_retention_days=ledger_days,

@@ -38,6 +38,7 @@ def policy(settings: Settings) -> RetentionPolicy:
         dedup_horizon_days=settings.dedup_horizon_days,
         partitions_ahead=settings.partitions_ahead,
         topic_days=settings.retention_topic_days,
+        max_bytes=settings.retention_max_bytes,
         ledger_days=settings.ledger_retention_days,
         dead_letter_days=settings.dead_letter_retention_days,
         checkpoint_days=settings.broker_checkpoint_retention_days,

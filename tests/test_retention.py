@@ -43,6 +43,7 @@ from app.store.reading import retention_gap
 from app.store.reading import retention_state
 from app.store.retention import RETENTION_LOCK
 from app.store.retention import RetentionPolicy
+from app.store.retention import events_bytes
 from app.store.retention import partitions
 from app.store.retention import run_retention
 from scripts.services import throwaway_database
@@ -170,6 +171,46 @@ def test_shorter_topics_are_deleted_and_longer_ones_keep_their_partitions(own_db
     # The day kept for audit (now empty) and the one audit moved to both go.
     assert len(later.dropped) == 2 and old_day in later.dropped and not later.kept_for_topics
     assert count(own_db, events, "audit") == 0 and count(own_db, event_keys, "audit") == 0
+
+
+def test_settings_read_a_size_cap() -> None:
+    assert load_settings({}).retention_max_bytes is None
+    assert load_settings({"RETENTION_MAX_BYTES": "500m"}).retention_max_bytes == 500 * 1024**2
+    assert load_settings({"RETENTION_MAX_BYTES": "2GB"}).retention_max_bytes == 2 * 1024**3
+    assert load_settings({"RETENTION_MAX_BYTES": "4096"}).retention_max_bytes == 4096
+    for bad in ("0", "lots", "5x", "-3m"):
+        with pytest.raises(SettingsError, match="RETENTION_MAX_BYTES"):
+            load_settings({"RETENTION_MAX_BYTES": bad})
+
+
+def test_oldest_days_go_while_over_the_size_cap_and_keys_keep_their_horizon(
+    own_db: Engine,
+) -> None:
+    for back in (9, 6, 3):
+        store_exactly_once(
+            own_db, f"b{back}", [event(f"e{back}-{n}", f"t{back}") for n in range(50)]
+        )
+        age(own_db, f"t{back}", days=back)
+    store_exactly_once(own_db, "today", [event(f"now-{n}", "today") for n in range(50)])
+    run_retention(own_db, RetentionPolicy(partitions_ahead=1))  # the old days get partitions
+    with own_db.connect() as conn:
+        sizes = events_bytes(conn)
+    day = {back: f"events_{datetime.now(UTC) - timedelta(days=back):%Y%m%d}" for back in (9, 6, 3)}
+    # Room for everything but the oldest day: that day, and only it, goes.
+    cap = sum(sizes.values()) - sizes[day[9]]
+    chosen = RetentionPolicy(
+        retention_days=30, dedup_horizon_days=30, partitions_ahead=1, max_bytes=cap
+    )
+    report = run_retention(own_db, chosen)
+    assert report.dropped_for_size == [day[9]] and report.events_bytes == cap
+    assert count(own_db, events, "t9") == 0 and count(own_db, events, "t6") == 50
+    # Keys are kept for DEDUP_HORIZON_DAYS (30) whatever the size: a re-send is a duplicate.
+    assert report.keys_pruned == 0 and count(own_db, event_keys, "t9") == 50
+    assert store_exactly_once(own_db, "again", [event("e9-0", "t9")]).duplicates == 1
+    # A cap below today's own size drops every past day and never today's.
+    tiny = run_retention(own_db, RetentionPolicy(partitions_ahead=1, max_bytes=1))
+    assert tiny.dropped_for_size == [day[6], day[3]]
+    assert count(own_db, events, "today") == 50 and tiny.events_bytes > 1
 
 
 def test_a_run_creates_partitions_ahead_and_moves_rows_out_of_the_default(

@@ -83,6 +83,10 @@ class RetentionReport:
     # Events removed by DELETE: per-topic retention (shorter topics, and the
     # other topics' rows of partitions kept for longer ones).
     events_deleted: int = 0
+    # Whole days dropped because events' partitions were over RETENTION_MAX_BYTES.
+    dropped_for_size: list[str] = field(default_factory=list)
+    # The size of events' partitions after the run (measured when max_bytes is set).
+    events_bytes: int | None = None
     drop_lock_waits: int = 0
     keys_pruned: int = 0
     ledger_pruned: int = 0
@@ -346,6 +350,42 @@ def drop_partitions(
     return True
 
 
+def events_bytes(conn: Connection) -> dict[str, int]:
+    """Return each partition of events (the default too) with its size on disk, indexes included."""
+    rows = conn.execute(
+        text(
+            "SELECT child.relname, pg_total_relation_size(child.oid) FROM pg_inherits"
+            " JOIN pg_class child ON child.oid = pg_inherits.inhrelid"
+            " WHERE pg_inherits.inhparent = 'events'::regclass"
+        )
+    ).all()
+    return {name: int(size) for name, size in rows}
+
+
+def drop_for_size(engine: Engine, max_bytes: int, today: date, report: RetentionReport) -> bool:
+    """Drop the oldest whole past days while events' partitions exceed max_bytes.
+
+    Never today's partition or later ones. Marks are raised first, as for
+    any drop, so keys are still pruned only per DEDUP_HORIZON_DAYS and never
+    past dropped events. Returns False when a drop's lock stayed taken.
+    """
+    with engine.connect() as conn:
+        sizes = events_bytes(conn)
+        past = [p for p in partitions(conn) if p.end <= _midnight(today)]
+    total = sum(sizes.values())
+    for partition in past:
+        if total <= max_bytes:
+            break
+        raise_drop_marks(engine, partition)
+        if not _drop(engine, partition.name, report):
+            report.events_bytes = total
+            return False
+        report.dropped_for_size.append(partition.name)
+        total -= sizes.get(partition.name, 0)
+    report.events_bytes = total
+    return True
+
+
 def _raise_prune_mark(engine: Engine, before: datetime, bounded: bool = True) -> datetime | None:
     """Raise keys_pruned_before to `before` (never past dropped_before) under the log's lock.
 
@@ -442,6 +482,8 @@ class RetentionPolicy:
     retention_days: int | None = None
     dedup_horizon_days: int | None = None
     partitions_ahead: int = 3
+    # Oldest whole days are dropped while events' partitions exceed this.
+    max_bytes: int | None = None
     # Topics kept for other numbers of days than retention_days (RETENTION_TOPIC_DAYS).
     topic_days: tuple[tuple[str, int], ...] = ()
     # The housekeeping horizons (app.store.housekeeping); None keeps the rows.
@@ -480,6 +522,9 @@ def run_retention(
             complete = drop_partitions(engine, cutoff, report, until)
         for topic, days in shorter.items():
             report.events_deleted += delete_topic(engine, topic, now - timedelta(days=days))
+        if policy.max_bytes is not None and complete:
+            today = now.astimezone(UTC).date()
+            complete = drop_for_size(engine, policy.max_bytes, today, report)
         # Pruning stops at dropped_before, which assumes every partition before
         # it is gone: not while one whose marks were raised is still there.
         if policy.dedup_horizon_days is not None and complete:
