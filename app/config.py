@@ -494,18 +494,24 @@ MIN_CHECKPOINT_RETENTION_DAYS = 7
 
 
 def _housekeeping(
-    environ: Mapping[str, str], idempotency_ttl: int
+    environ: Mapping[str, str], copies_for: int
 ) -> tuple[int | None, int | None, int | None]:
-    """Return LEDGER_, DEAD_LETTER_ and BROKER_CHECKPOINT_RETENTION_DAYS, checked."""
+    """Return LEDGER_, DEAD_LETTER_ and BROKER_CHECKPOINT_RETENTION_DAYS, checked.
+
+    `copies_for` is the longest, in seconds, a copy of a processed batch can
+    still arrive by a configured path (IDEMPOTENCY_TTL, BROKER_VISIBILITY_TIMEOUT,
+    BROKER_RESEND_AFTER): the ledger keeps its rows a day past it, and a week at least.
+    """
     ledger = _days(environ, "LEDGER_RETENTION_DAYS")
     letters = _days(environ, "DEAD_LETTER_RETENTION_DAYS")
     checkpoints = _days(environ, "BROKER_CHECKPOINT_RETENTION_DAYS")
-    least = max(MIN_LEDGER_RETENTION_DAYS, -(-idempotency_ttl // 86_400) + 1)
+    least = max(MIN_LEDGER_RETENTION_DAYS, -(-copies_for // 86_400) + 1)
     if ledger is not None and ledger < least:
         raise SettingsError(
             f"LEDGER_RETENTION_DAYS ({ledger}) must be at least {least}: a ledger row makes a"
             " redelivered or resent copy of its batch a no-op, and must outlive every copy"
-            " (broker redelivery, resend sweep, IDEMPOTENCY_TTL, see docs/retention.md)"
+            " (IDEMPOTENCY_TTL, BROKER_VISIBILITY_TIMEOUT, BROKER_RESEND_AFTER, a day past"
+            " the longest, and a week at least; see docs/retention.md)"
         )
     if checkpoints is not None and checkpoints < MIN_CHECKPOINT_RETENTION_DAYS:
         raise SettingsError(
@@ -571,7 +577,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     retention_days, dedup_horizon_days = _retention(env)
     retention_topic_days = _topic_days(env)
     idempotency_ttl = _int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl)
-    ledger_days, dead_letter_days, checkpoint_days = _housekeeping(env, idempotency_ttl)
+    visibility_timeout = _int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout)
+    resend_after = _int(env, "BROKER_RESEND_AFTER", Settings.resend_after)
+    ledger_days, dead_letter_days, checkpoint_days = _housekeeping(
+        env, max(idempotency_ttl, visibility_timeout, resend_after)
+    )
     proxy_hops = _count(env, "PROXY_HOPS", Settings.proxy_hops)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
     if proxy_hops and not trusted_proxies:
@@ -599,9 +609,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=database_url,
         redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis://", "rediss://", "unix://")),
-        visibility_timeout=_int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout),
+        visibility_timeout=visibility_timeout,
         restore_interval=_int(env, "BROKER_RESTORE_INTERVAL", Settings.restore_interval),
-        resend_after=_int(env, "BROKER_RESEND_AFTER", Settings.resend_after),
+        resend_after=resend_after,
         broker_check_interval=_float(env, "BROKER_CHECK_INTERVAL", Settings.broker_check_interval),
         max_backlog_bytes=_int(env, "BROKER_MAX_BACKLOG_BYTES", Settings.max_backlog_bytes),
         idempotency_ttl=idempotency_ttl,

@@ -101,6 +101,8 @@ def test_the_ledger_keeps_its_rows_for_a_week_and_a_day_past_the_idempotency_ttl
         load_settings({"LEDGER_RETENTION_DAYS": "6"})
     with pytest.raises(SettingsError, match="at least 11"):
         load_settings({"LEDGER_RETENTION_DAYS": "10", "IDEMPOTENCY_TTL": str(10 * 86400)})
+    with pytest.raises(SettingsError, match="at least 9"):
+        load_settings({"LEDGER_RETENTION_DAYS": "8", "BROKER_VISIBILITY_TIMEOUT": str(8 * 86400)})
     with pytest.raises(SettingsError, match="BROKER_CHECKPOINT_RETENTION_DAYS"):
         load_settings({"BROKER_CHECKPOINT_RETENTION_DAYS": "2"})
     chosen = policy(
