@@ -339,7 +339,8 @@ class Settings:
     # Daily partitions of events kept ready ahead of today.
     partitions_ahead: int = 3
     # Batch ledger rows are kept this many days after they were processed (at
-    # least MIN_LEDGER_RETENTION_DAYS, and a day past IDEMPOTENCY_TTL); pruned
+    # least MIN_LEDGER_RETENTION_DAYS, and a day past IDEMPOTENCY_TTL and the
+    # broker's redelivery and resend delays); pruned
     # rows are folded into per-epoch totals (app.store.housekeeping). None: kept.
     ledger_retention_days: int | None = None
     # Dead letters are kept this many days after they failed, replayed or not.

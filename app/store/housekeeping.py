@@ -20,9 +20,11 @@ events would be duplicates (or stored again past the dedup horizon) and
   kept while any of its dead letters waits for a replay.
 
 So a ledger row is pruned only after LEDGER_RETENTION_DAYS, which
-app.config holds to at least a week and a day past IDEMPOTENCY_TTL: orders of
+app.config holds to at least a week, and a day past the longest of
+IDEMPOTENCY_TTL, BROKER_VISIBILITY_TIMEOUT and BROKER_RESEND_AFTER: orders of
 magnitude past the seconds-to-minutes the broker's own paths take, with room
-for a broker that was away over a weekend.
+for a broker that was away over a weekend. The cron path
+(`python -m app.retention`) has no `keep`; it relies on that minimum alone.
 
 Why no figure changes: the rows deleted are summed, in the same statement,
 into their epoch's row of pruned_batches. /stats reads counter_totals, which
