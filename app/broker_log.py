@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy import case
+from sqlalchemy import delete
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import update
@@ -16,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from app.db import batches
 from app.db import broker_checkpoints
 from app.db import broker_losses
+from app.db import pruned_batches
 
 # Any constant: checks of one database take this transaction-level advisory
 # lock, so two processes never judge the same broker at once.
@@ -106,23 +108,45 @@ def save_checkpoint(conn: Connection, broker: str, checkpoint: Checkpoint) -> No
 
 
 def stored_seq(conn: Connection, epoch: str) -> int:
-    """Return the highest sequence number stored from an epoch (an index lookup)."""
+    """Return the highest sequence number stored from an epoch (index lookups).
+
+    Ledger rows retention pruned count through their epoch's folded row.
+    """
+    kept = select(func.max(batches.c.broker_seq)).where(batches.c.broker_epoch == epoch)
+    pruned = select(pruned_batches.c.max_broker_seq).where(pruned_batches.c.broker_epoch == epoch)
     value = conn.execute(
-        select(func.coalesce(func.max(batches.c.broker_seq), 0)).where(
-            batches.c.broker_epoch == epoch
-        )
+        select(func.coalesce(func.greatest(kept.scalar_subquery(), pruned.scalar_subquery()), 0))
     ).scalar()
     return int(value or 0)
 
 
 def received_from(conn: Connection, epoch: str) -> int:
-    """Return the events the ledger holds from an epoch (reads all its batches: losses only)."""
-    value = conn.execute(
-        select(func.coalesce(func.sum(batches.c.received), 0)).where(
-            batches.c.broker_epoch == epoch
-        )
-    ).scalar()
+    """Return the events the ledger holds from an epoch (reads all its batches: losses only).
+
+    Ledger rows retention pruned count through their epoch's folded row.
+    """
+    kept = select(func.coalesce(func.sum(batches.c.received), 0)).where(
+        batches.c.broker_epoch == epoch
+    )
+    pruned = select(func.coalesce(func.sum(pruned_batches.c.received), 0)).where(
+        pruned_batches.c.broker_epoch == epoch
+    )
+    value = conn.execute(select(kept.scalar_subquery() + pruned.scalar_subquery())).scalar()
     return int(value or 0)
+
+
+def prune_checkpoints(conn: Connection, before: datetime) -> int:
+    """Delete checkpoints of brokers last checked before `before`; return how many.
+
+    A broker in use is checked every few seconds, so only brokers no process
+    uses any more are old. Holds the checks' lock, so no check reads a row
+    this deletes. Losses are kept: few, and /stats counts them.
+    """
+    lock_checks(conn)
+    result = conn.execute(
+        delete(broker_checkpoints).where(broker_checkpoints.c.checked_at < before)
+    )
+    return result.rowcount
 
 
 def record_loss(

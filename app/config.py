@@ -326,10 +326,28 @@ class Settings:
     # stored and its own timestamp (never fewer than retention_days); an event
     # re-sent after its key is gone is stored and counted stored_after_horizon.
     dedup_horizon_days: int | None = None
+    # Oldest whole days of events are dropped while events' partitions take
+    # more than this many bytes on disk (RETENTION_MAX_BYTES); None: no cap.
+    retention_max_bytes: int | None = None
+    # Topics kept for other numbers of days than retention_days
+    # (RETENTION_TOPIC_DAYS="debug=3,audit=365"): shorter ones are deleted
+    # (DELETE in batches), longer ones keep their partitions; a longer topic's
+    # keys are kept at least its days.
+    retention_topic_days: tuple[tuple[str, int], ...] = ()
     # How often the beat schedules a retention run (app.retention), in seconds.
     retention_interval: int = 3600
     # Daily partitions of events kept ready ahead of today.
     partitions_ahead: int = 3
+    # Batch ledger rows are kept this many days after they were processed (at
+    # least MIN_LEDGER_RETENTION_DAYS, and a day past IDEMPOTENCY_TTL and the
+    # broker's redelivery and resend delays); pruned
+    # rows are folded into per-epoch totals (app.store.housekeeping). None: kept.
+    ledger_retention_days: int | None = None
+    # Dead letters are kept this many days after they failed, replayed or not.
+    dead_letter_retention_days: int | None = None
+    # Broker checkpoints not checked for this many days (a broker no process
+    # uses any more), and acknowledged broker losses, are pruned.
+    broker_checkpoint_retention_days: int | None = None
 
     def db_timeouts(self, process: Literal["api", "worker"]) -> DbTimeouts:
         """Return the session limits of the API's or a worker's connections."""
@@ -431,6 +449,80 @@ def _retention(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
     return retention, horizon
 
 
+# Size suffixes RETENTION_MAX_BYTES takes (powers of 1024).
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _max_bytes(environ: Mapping[str, str]) -> int | None:
+    """Return RETENTION_MAX_BYTES: a number of bytes, optionally with k, m, g or t (1024s)."""
+    raw = environ.get("RETENTION_MAX_BYTES", "").strip().lower()
+    if raw in ("", "off"):
+        return None
+    number, unit = raw.rstrip("kmgtb"), raw[len(raw.rstrip("kmgtb")) :].rstrip("b")
+    if not number.isdigit() or int(number) == 0 or unit not in _SIZE_UNITS:
+        raise SettingsError(
+            "RETENTION_MAX_BYTES must be a positive size such as 500m or 200g, or 'off',"
+            f" got {raw!r}"
+        )
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def _topic_days(environ: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """Return RETENTION_TOPIC_DAYS as (topic, days) pairs, sorted by topic.
+
+    Without RETENTION_DAYS every other topic is kept for ever, so each listed
+    topic is kept less and deleted past its days.
+    """
+    found: dict[str, int] = {}
+    for entry in environ.get("RETENTION_TOPIC_DAYS", "").split(","):
+        if not entry.strip():
+            continue
+        topic, _, days = entry.strip().rpartition("=")
+        if not topic.strip() or not days.strip().isdigit() or int(days) == 0:
+            raise SettingsError(
+                f"RETENTION_TOPIC_DAYS: {entry.strip()!r} is not topic=days (a positive number)"
+            )
+        found[topic.strip()] = int(days)
+    return tuple(sorted(found.items()))
+
+
+# A ledger row is what makes a second copy of its batch a no-op; see
+# app.store.housekeeping for every way a copy can still arrive and why a week
+# (and a day past IDEMPOTENCY_TTL) outlasts them all.
+MIN_LEDGER_RETENTION_DAYS = 7
+# A checkpoint of a broker every process stopped using for a holiday is kept.
+MIN_CHECKPOINT_RETENTION_DAYS = 7
+
+
+def _housekeeping(
+    environ: Mapping[str, str], copies_for: int
+) -> tuple[int | None, int | None, int | None]:
+    """Return LEDGER_, DEAD_LETTER_ and BROKER_CHECKPOINT_RETENTION_DAYS, checked.
+
+    `copies_for` is the longest, in seconds, a copy of a processed batch can
+    still arrive by a configured path (IDEMPOTENCY_TTL, BROKER_VISIBILITY_TIMEOUT,
+    BROKER_RESEND_AFTER): the ledger keeps its rows a day past it, and a week at least.
+    """
+    ledger = _days(environ, "LEDGER_RETENTION_DAYS")
+    letters = _days(environ, "DEAD_LETTER_RETENTION_DAYS")
+    checkpoints = _days(environ, "BROKER_CHECKPOINT_RETENTION_DAYS")
+    least = max(MIN_LEDGER_RETENTION_DAYS, -(-copies_for // 86_400) + 1)
+    if ledger is not None and ledger < least:
+        raise SettingsError(
+            f"LEDGER_RETENTION_DAYS ({ledger}) must be at least {least}: a ledger row makes a"
+            " redelivered or resent copy of its batch a no-op, and must outlive every copy"
+            " (IDEMPOTENCY_TTL, BROKER_VISIBILITY_TIMEOUT, BROKER_RESEND_AFTER, a day past"
+            " the longest, and a week at least; see docs/retention.md)"
+        )
+    if checkpoints is not None and checkpoints < MIN_CHECKPOINT_RETENTION_DAYS:
+        raise SettingsError(
+            f"BROKER_CHECKPOINT_RETENTION_DAYS ({checkpoints}) must be at least"
+            f" {MIN_CHECKPOINT_RETENTION_DAYS}: a broker's checkpoint is how a loss of its"
+            " data is noticed when it is used again"
+        )
+    return ledger, letters, checkpoints
+
+
 def _addresses(environ: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
     addresses = []
     for entry in environ.get(name, "").split(","):
@@ -484,6 +576,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"TASK_TIME_LIMIT ({hard_limit}) must be above TASK_SOFT_TIME_LIMIT ({soft_limit})"
         )
     retention_days, dedup_horizon_days = _retention(env)
+    retention_topic_days = _topic_days(env)
+    idempotency_ttl = _int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl)
+    visibility_timeout = _int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout)
+    resend_after = _int(env, "BROKER_RESEND_AFTER", Settings.resend_after)
+    ledger_days, dead_letter_days, checkpoint_days = _housekeeping(
+        env, max(idempotency_ttl, visibility_timeout, resend_after)
+    )
     proxy_hops = _count(env, "PROXY_HOPS", Settings.proxy_hops)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
     if proxy_hops and not trusted_proxies:
@@ -511,12 +610,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=database_url,
         redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis://", "rediss://", "unix://")),
-        visibility_timeout=_int(env, "BROKER_VISIBILITY_TIMEOUT", Settings.visibility_timeout),
+        visibility_timeout=visibility_timeout,
         restore_interval=_int(env, "BROKER_RESTORE_INTERVAL", Settings.restore_interval),
-        resend_after=_int(env, "BROKER_RESEND_AFTER", Settings.resend_after),
+        resend_after=resend_after,
         broker_check_interval=_float(env, "BROKER_CHECK_INTERVAL", Settings.broker_check_interval),
         max_backlog_bytes=_int(env, "BROKER_MAX_BACKLOG_BYTES", Settings.max_backlog_bytes),
-        idempotency_ttl=_int(env, "IDEMPOTENCY_TTL", Settings.idempotency_ttl),
+        idempotency_ttl=idempotency_ttl,
         idempotency_max_records=_int(
             env, "IDEMPOTENCY_MAX_RECORDS", Settings.idempotency_max_records
         ),
@@ -566,8 +665,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         liveness_file=env.get("WORKER_LIVENESS_FILE", "").strip(),
         retention_days=retention_days,
         dedup_horizon_days=dedup_horizon_days,
+        retention_topic_days=retention_topic_days,
+        retention_max_bytes=_max_bytes(env),
         retention_interval=_int(env, "RETENTION_INTERVAL", Settings.retention_interval),
         partitions_ahead=_int(env, "PARTITIONS_AHEAD", Settings.partitions_ahead),
+        ledger_retention_days=ledger_days,
+        dead_letter_retention_days=dead_letter_days,
+        broker_checkpoint_retention_days=checkpoint_days,
     )
 
 

@@ -143,6 +143,34 @@ batches = Table(
     Column("broker_epoch", Text, nullable=True),
     Column("broker_seq", BigInteger, nullable=True),
     Index(None, "broker_epoch", "broker_seq"),
+    # Retention finds rows past LEDGER_RETENTION_DAYS by it (app.store.housekeeping).
+    Index(None, "processed_at"),
+)
+
+# The ledger rows retention pruned (app.store.housekeeping), folded into one
+# row per broker epoch ('' for batches stored without one) in the same
+# transaction that deletes them: sums over batches plus these rows never change,
+# and the broker's loss check still finds each epoch's stored events and
+# highest sequence (app.broker_log).
+pruned_batches = Table(
+    "pruned_batches",
+    metadata,
+    Column("broker_epoch", Text, primary_key=True),
+    Column("batches", BigInteger, nullable=False, server_default="0"),
+    *_counter_columns(BigInteger),
+    Column("max_broker_seq", BigInteger, nullable=True),
+    # Every row folded in here was processed before this.
+    Column("pruned_before", DateTime(timezone=True), nullable=False),
+)
+
+# Dead letters retention pruned, counted by what their replay did ('stored',
+# 'duplicate', or '' for never replayed), so replay counts never go down.
+pruned_dead_letters = Table(
+    "pruned_dead_letters",
+    metadata,
+    Column("replayed_as", Text, primary_key=True),
+    Column("letters", BigInteger, nullable=False, server_default="0"),
+    Column("pruned_before", DateTime(timezone=True), nullable=False),
 )
 
 # Running totals per topic, updated with each batch, so /stats/topics reads a

@@ -1,7 +1,9 @@
 """One retention run with the configured policy, and `python -m app.retention` to run it from cron.
 
     python -m app.retention          # create partitions ahead, drop past RETENTION_DAYS,
-                                     # prune keys past DEDUP_HORIZON_DAYS; one JSON log line
+                                     # prune keys past DEDUP_HORIZON_DAYS, the ledger,
+                                     # dead letters and checkpoints past theirs;
+                                     # one JSON log line
 
 It reads DATABASE_URL and the retention settings (RETENTION_DAYS, DEDUP_HORIZON_DAYS,
 PARTITIONS_AHEAD; docs/configuration.md) from the environment. Exit 0 when it ran or
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Collection
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -43,12 +46,17 @@ def policy(settings: Settings) -> RetentionPolicy:
         retention_days=settings.retention_days,
         dedup_horizon_days=settings.dedup_horizon_days,
         partitions_ahead=settings.partitions_ahead,
+        topic_days=settings.retention_topic_days,
+        max_bytes=settings.retention_max_bytes,
+        ledger_days=settings.ledger_retention_days,
+        dead_letter_days=settings.dead_letter_retention_days,
+        checkpoint_days=settings.broker_checkpoint_retention_days,
     )
 
 
-def run(engine: Engine, settings: Settings) -> RetentionReport:
-    """Run retention once and log what it did."""
-    report = run_retention(engine, policy(settings))
+def run(engine: Engine, settings: Settings, keep: Collection[str] = ()) -> RetentionReport:
+    """Run retention once and log what it did; `keep` names batches still pending."""
+    report = run_retention(engine, policy(settings), keep=keep)
     if report.ran:
         logger.info("retention run", extra=asdict(report))
     else:

@@ -649,6 +649,19 @@ class RetentionStateSchema(Schema):
             " events sent again are stored and counted in stored_after_horizon."
         },
     )
+    ledger_pruned_before = fields.AwareDateTime(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "Batches processed before this may have left the ledger"
+            " (GET /batches/<id> answers 404); their counts still add up."
+        },
+    )
+    dead_letters_pruned_before = fields.AwareDateTime(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Dead letters that failed before this may have been pruned."},
+    )
 
 
 class StatsSchema(Schema):

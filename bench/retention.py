@@ -8,7 +8,8 @@ Fills events and event_keys with SQL, spread evenly over the last `days` UTC day
 days - 1) step by step while a writer stores one-event batches through
 app.store.ledger.store_exactly_once in a loop. Prints how long each step took,
 how long the ACCESS EXCLUSIVE lock the DROP takes on events was held (the DROP's
-transaction), and the writer's batch latency before and during each step.
+transaction), and the writer's batch latency before and during each step; last,
+per-topic retention's batched DELETE of one topic's rows of two days.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from sqlalchemy import text
 
 from app.db import make_engine
 from app.store.ledger import store_exactly_once
+from app.store.retention import DELETE_BATCH
 from app.store.retention import attach_day
+from app.store.retention import delete_topic
 from app.store.retention import partitions
 from app.store.retention import prune_keys
 from app.store.retention import raise_drop_marks
@@ -138,6 +141,21 @@ def measure(database_url: str, rows: int, days: int) -> list[dict[str, object]]:
         start, end, took = timed(lambda: pruned.__setitem__(0, prune_keys(engine, horizon)))
         results.append(
             row(f"prune that day's keys ({pruned[0]:,})", took, writer.between(start, end))
+        )
+        # Per-topic retention of a topic kept less (RETENTION_TOPIC_DAYS): one
+        # of the four topics' rows of the next two oldest days, DELETEd in batches.
+        cutoff = datetime.now(UTC) - timedelta(days=days - 3)
+        deleted = [0]
+        start, end, took = timed(
+            lambda: deleted.__setitem__(0, delete_topic(engine, "bench-0", cutoff))
+        )
+        results.append(
+            row(
+                f"DELETE one topic's rows of two days ({deleted[0]:,},"
+                f" batches of {DELETE_BATCH:,})",
+                took,
+                writer.between(start, end),
+            )
         )
         writer.stop.set()
         writer.join()

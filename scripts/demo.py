@@ -9,6 +9,12 @@ to `aggregator publish` (e.g. `--events 2000 --batch-size 1 --concurrency 50`;
   --port N             the API's port (env DEMO_PORT, default 8080; 0: any free one)
   --flower-port N      Flower's port (env DEMO_FLOWER_PORT, default 5555; 0: any free one)
   --state-dir DIR      data and logs (default .local/; kept for the next run)
+  --retention          after the publish, a retention run: events stored and then
+                       back-dated RETENTION_DEMO_BACK days, `python -m app.retention`
+                       with RETENTION_DAYS=7 dropping their day, /stats' retention,
+                       and the same events sent again counted as stored_after_horizon
+                       (it drops whatever the state directory's database holds from
+                       over 7 days ago)
   -h, --help           this text (`aggregator publish --help` for the rest)
 
 API_TOKENS=<token>:publish+read+admin keeps the token across runs (otherwise each
@@ -35,10 +41,17 @@ import subprocess
 import sys
 import urllib.request
 from contextlib import ExitStack
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import IO
+from typing import Any
 
+from sqlalchemy import text
+
+from app.db import make_engine
 from scripts.services import ROOT
 from scripts.services import local_services
 from scripts.services import port_is_free
@@ -47,6 +60,7 @@ from scripts.stack import Api
 from scripts.stack import Flower
 from scripts.stack import Worker
 from scripts.stack import chosen_port
+from scripts.stack import wait_until
 
 EXIT_PORT_TAKEN = 2
 EXIT_STATE_IN_USE = 2
@@ -117,6 +131,7 @@ def parse_args(argv: list[str], environ: dict[str, str]) -> tuple[argparse.Names
         "--flower-port", type=_port, default=environ.get("DEMO_FLOWER_PORT", str(FLOWER_PORT))
     )
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".local")
+    parser.add_argument("--retention", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")
     return parser.parse_known_args(argv)
 
@@ -265,6 +280,9 @@ def run(
     with urllib.request.urlopen(request, timeout=10) as response:
         print(json.dumps(json.load(response), indent=2, sort_keys=True), flush=True)
 
+    if args.retention:
+        show_retention(env, api.url, token)
+
     if args.keep_running:
         banner("running until Ctrl-C (or SIGTERM)")
         print(f"API     {api.url}   docs {api.url}/docs")
@@ -282,6 +300,107 @@ def run(
             # The way a kept-running demo ends: not a failure.
             print(f"demo: {stop}", flush=True)
     return published.returncode
+
+
+# How far back the retention demo's events are moved, and the retention it runs with.
+RETENTION_DEMO_BACK = 10
+RETENTION_DEMO_DAYS = 7
+RETENTION_DEMO_EVENTS = 100
+
+
+def _api(url: str, token: str, method: str = "GET", body: object = None) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, Any] = json.load(response)
+        return answer
+
+
+def _settled(url: str, token: str, received: int) -> dict[str, Any]:
+    """Wait until /stats has received that many events and queues none; return it."""
+    figures: dict[str, Any] = {}
+
+    def settled() -> bool:
+        figures.update(_api(f"{url}/stats", token))
+        return figures["queued_events"] == 0 and figures["total_received_queued"] >= received
+
+    wait_until(settled, timeout=60, interval=0.2)
+    return figures
+
+
+def show_retention(env: dict[str, str], url: str, token: str) -> None:
+    """Store events, back-date them, run retention, and send them again after the horizon."""
+    back = timedelta(days=RETENTION_DEMO_BACK)
+    run_id = secrets.token_hex(4)
+    old = (datetime.now(UTC) - back).isoformat()
+    batch = [
+        {
+            "topic": "retention-demo",
+            "event_id": f"{run_id}-{n}",
+            "timestamp": old,
+            "source": "demo",
+            "payload": {"n": n},
+        }
+        for n in range(RETENTION_DEMO_EVENTS)
+    ]
+    banner(f"retention: {len(batch)} events stored, then back-dated {RETENTION_DEMO_BACK} days")
+    before = _api(f"{url}/stats", token)
+    _api(f"{url}/publish", token, "POST", batch)
+    start = _settled(url, token, before["total_received_queued"] + len(batch))
+    # A demo cannot wait ten days: the rows (and their keys) are moved back in time.
+    engine = make_engine(env["DATABASE_URL"], pool_size=1)
+    try:
+        with engine.begin() as conn:
+            params = {"prefix": f"{run_id}-%", "back": back}
+            moved = conn.execute(
+                text(
+                    "UPDATE events SET stored_at = stored_at - :back"
+                    " WHERE topic = 'retention-demo' AND event_id LIKE :prefix"
+                ),
+                params,
+            ).rowcount
+            conn.execute(
+                text(
+                    "UPDATE event_keys SET horizon_from = horizon_from - :back"
+                    " WHERE topic = 'retention-demo' AND event_id LIKE :prefix"
+                ),
+                params,
+            )
+        print(f"{moved} events now look stored {RETENTION_DEMO_BACK} days ago", flush=True)
+        days = str(RETENTION_DEMO_DAYS)
+        banner(f"RETENTION_DAYS={days} DEDUP_HORIZON_DAYS={days} python -m app.retention")
+        subprocess.run(
+            [sys.executable, "-m", "app.retention"],
+            env={**os.environ, **env, "RETENTION_DAYS": days, "DEDUP_HORIZON_DAYS": days},
+            cwd=ROOT,
+            check=True,
+        )
+        with engine.connect() as conn:
+            left = conn.execute(
+                text("SELECT count(*) FROM events WHERE event_id LIKE :prefix"),
+                {"prefix": f"{run_id}-%"},
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    print(f"events of this run left: {left} (their day's partition was dropped)")
+    banner("GET /stats: retention")
+    print(json.dumps(_api(f"{url}/stats", token)["retention"], indent=2, sort_keys=True))
+
+    banner("the same events sent again, after the horizon")
+    _api(f"{url}/publish", token, "POST", batch)
+    after = _settled(url, token, start["total_received_queued"] + len(batch))
+    stored = after["unique_processed_db"] - start["unique_processed_db"]
+    late = after["stored_after_horizon"] - start["stored_after_horizon"]
+    duplicates = after["estimated_duplicate_dropped"] - start["estimated_duplicate_dropped"]
+    print(
+        f"stored again: {stored}, counted stored_after_horizon: {late}, duplicates: {duplicates}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

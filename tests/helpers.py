@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from app.db import batches
 from app.db import events
+from app.db import pruned_batches
 from scripts.stack import wait_until
 
 
@@ -72,8 +73,19 @@ def settled_stats(url: str, received: int, timeout: float = 60) -> dict[str, Any
 
 
 def ledger_totals(engine: Engine) -> dict[str, int]:
-    """Sum the ledger's columns and count the stored rows, straight from the tables."""
+    """Sum the ledger's columns and count the stored rows, straight from the tables.
+
+    The ledger is its rows plus the folded totals of the rows retention pruned.
+    """
     with engine.connect() as conn:
+        pruned = conn.execute(
+            select(
+                *(
+                    func.coalesce(func.sum(pruned_batches.c[name]), 0)
+                    for name in ("received", "stored", "duplicates", "failed")
+                )
+            )
+        ).one()
         received, stored, duplicates, failed = conn.execute(
             select(
                 func.coalesce(func.sum(batches.c.received), 0),
@@ -84,10 +96,10 @@ def ledger_totals(engine: Engine) -> dict[str, int]:
         ).one()
         rows = conn.execute(select(func.count()).select_from(events)).scalar_one()
     return {
-        "received": int(received),
-        "stored": int(stored),
-        "duplicates": int(duplicates),
-        "failed": int(failed),
+        "received": int(received) + int(pruned[0]),
+        "stored": int(stored) + int(pruned[1]),
+        "duplicates": int(duplicates) + int(pruned[2]),
+        "failed": int(failed) + int(pruned[3]),
         "rows": int(rows),
     }
 

@@ -65,11 +65,25 @@ def test_every_service_is_defined() -> None:
         "migrate",
         "aggregator",
         "worker",
+        "beat",
         "publisher",
         "flower",
         "proxy",
     }
     assert expected <= set(SERVICES)
+
+
+def test_one_beat_sends_the_retention_runs_and_workers_read_the_same_policy() -> None:
+    words = command("beat")
+    assert words[:4] == ["celery", "-A", "tasks", "beat"]
+    assert SERVICES["beat"]["deploy"]["replicas"] == 1
+    assert "container_name" not in SERVICES["beat"] and "ports" not in SERVICES["beat"]
+    from celery_config import beat_schedule
+
+    assert beat_schedule["retention"]["task"] == "tasks.retention.run"
+    for name in ("RETENTION_DAYS", "LEDGER_RETENTION_DAYS", "RETENTION_INTERVAL"):
+        assert name in SHARED_ENV
+        assert SERVICES["beat"]["environment"][name] == SERVICES["worker"]["environment"][name]
 
 
 def test_postgres_has_pg_isready_healthcheck_and_named_volume() -> None:
@@ -226,7 +240,7 @@ def test_gunicorn_serves_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> Non
     assert {"/health", "/ready", "/publish", "/stats", "/events"} <= routes
 
 
-@pytest.mark.parametrize("name", ["worker", "flower"])
+@pytest.mark.parametrize("name", ["worker", "beat", "flower"])
 def test_celery_commands_find_the_tasks_app(name: str) -> None:
     words = command(name)
     assert words[:3] == ["celery", "-A", "tasks"]
@@ -396,7 +410,17 @@ def test_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["aggregator", "worker", "flower", "postgres", "redis", "proxy", "prometheus", "grafana"],
+    [
+        "aggregator",
+        "worker",
+        "beat",
+        "flower",
+        "postgres",
+        "redis",
+        "proxy",
+        "prometheus",
+        "grafana",
+    ],
 )
 def test_every_long_running_service_has_a_healthcheck_and_rotated_logs(name: str) -> None:
     assert SERVICES[name]["healthcheck"]["test"]

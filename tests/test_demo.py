@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 import requests
@@ -169,6 +170,30 @@ echo "demo exited $?"
     wait_until(lambda: all(gone(process) for process in started), timeout=30)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{api_url}/health", timeout=5)
+
+
+def test_the_retention_demo_drops_a_day_and_counts_the_resend_after_the_horizon(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    run = subprocess.run(
+        ["bash", "scripts/demo.sh", "--retention", "--events", "10", "--port", "0"]
+        + ["--flower-port", "0", "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT,
+        env=demo_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "100 events now look stored 10 days ago" in out
+    retention_line = next(
+        orjson.loads(line) for line in out.splitlines() if '"retention run"' in line
+    )
+    assert len(retention_line["dropped"]) == 1 and retention_line["keys_pruned"] == 100
+    assert "events of this run left: 0" in out
+    assert '"keys_pruned_before":' in out.replace(" ", "")
+    assert "stored again: 100, counted stored_after_horizon: 100, duplicates: 0" in out
 
 
 def _text(path: Path) -> str:

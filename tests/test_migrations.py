@@ -61,6 +61,8 @@ def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
         "counter_totals",
         "event_keys",
         "retention_marks",
+        "pruned_batches",
+        "pruned_dead_letters",
     }
     assert uniques == ["uq_event_keys_topic_event_id"]
     with make_engine(empty_database).connect() as conn:
@@ -203,5 +205,31 @@ def migrate_down(url: str, revision: str) -> None:
             config = alembic_config(url)
             config.attributes["connection"] = conn
             command.downgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def test_the_pruned_totals_go_back_only_while_nothing_was_pruned(empty_database: str) -> None:
+    migrate(empty_database, "0009")
+    engine = make_engine(empty_database)
+    try:
+        with engine.connect() as conn:
+            indexes = {i["name"] for i in inspect(conn).get_indexes("batches")}
+        assert "ix_batches_processed_at" in indexes
+        migrate_down(empty_database, "0008")
+        tables, _ = tables_and_constraints(empty_database)
+        assert not {"pruned_batches", "pruned_dead_letters"} & tables
+        migrate(empty_database, "0009")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO pruned_batches (broker_epoch, batches, received, pruned_before)"
+                    " VALUES ('', 1, 5, now())"
+                )
+            )
+        with pytest.raises(RuntimeError, match="cannot be downgraded"):
+            migrate_down(empty_database, "0008")
+        tables, _ = tables_and_constraints(empty_database)
+        assert "pruned_batches" in tables
     finally:
         engine.dispose()

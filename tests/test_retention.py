@@ -28,6 +28,7 @@ from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import text
 
+from aggregator_client.client import Client
 from app.config import SettingsError
 from app.config import load_settings
 from app.cursors import encode_cursor
@@ -36,11 +37,13 @@ from app.db import events
 from app.db import make_engine
 from app.store.counters import read_totals
 from app.store.ledger import store_exactly_once
+from app.store.reading import iter_events
 from app.store.reading import list_events
 from app.store.reading import retention_gap
 from app.store.reading import retention_state
 from app.store.retention import RETENTION_LOCK
 from app.store.retention import RetentionPolicy
+from app.store.retention import events_bytes
 from app.store.retention import partitions
 from app.store.retention import run_retention
 from scripts.services import throwaway_database
@@ -117,6 +120,100 @@ def test_settings_refuse_a_horizon_shorter_than_retention() -> None:
         load_settings({"RETENTION_DAYS": "0"})
 
 
+def test_settings_read_per_topic_days() -> None:
+    chosen = load_settings({"RETENTION_DAYS": "30", "RETENTION_TOPIC_DAYS": "debug=3, audit=365"})
+    assert chosen.retention_topic_days == (("audit", 365), ("debug", 3))
+    for bad in ("debug", "debug=0", "=3", "debug=x"):
+        with pytest.raises(SettingsError, match="RETENTION_TOPIC_DAYS"):
+            load_settings({"RETENTION_TOPIC_DAYS": bad})
+
+
+def test_shorter_topics_are_deleted_and_longer_ones_keep_their_partitions(own_db: Engine) -> None:
+    chosen = RetentionPolicy(
+        retention_days=5,
+        dedup_horizon_days=5,
+        partitions_ahead=1,
+        topic_days=(("audit", 20), ("debug", 2)),
+    )
+    store_exactly_once(own_db, "b1", [event(f"p{n}", "plain") for n in range(4)])
+    store_exactly_once(own_db, "b2", [event(f"a{n}", "audit") for n in range(3)])
+    age(own_db, "plain")
+    age(own_db, "audit")  # both 10 days old, in one partition
+    store_exactly_once(own_db, "b3", [event(f"d{n}", "debug") for n in range(5)])
+    age(own_db, "debug", days=3)
+    store_exactly_once(own_db, "b4", [event("fresh", "debug")])
+    with own_db.connect() as conn:
+        before = read_totals(conn)
+
+    report = run_retention(own_db, chosen)
+
+    old_day = f"events_{datetime.now(UTC) - timedelta(days=DAYS_BACK):%Y%m%d}"
+    assert report.kept_for_topics == [old_day] and report.dropped == []
+    assert report.events_deleted == 4 + 5
+    assert count(own_db, events, "plain") == 0 and count(own_db, events, "audit") == 3
+    assert count(own_db, events, "debug") == 1
+    # Keys: plain's pruned past the horizon; audit's kept (its own days); debug's
+    # kept for the default horizon, though its events are gone.
+    keys = {t: count(own_db, event_keys, t) for t in ("plain", "audit", "debug")}
+    assert keys == {"plain": 0, "audit": 3, "debug": 6}
+    with own_db.connect() as conn:
+        assert read_totals(conn) == before
+        assert retention_gap(conn, encode_cursor(0))
+    again = store_exactly_once(
+        own_db, "b5", [event("a0", "audit"), event("p0", "plain"), event("d0", "debug")]
+    )
+    assert (again.stored, again.duplicates, again.stored_after_horizon) == (1, 2, 0)
+
+    # Once audit's own days pass, its partition goes and so do its keys.
+    with own_db.begin() as conn:
+        conn.execute(text("DELETE FROM events WHERE topic <> 'audit'"))
+    age(own_db, "audit", days=15)
+    later = run_retention(own_db, chosen)
+    # The day kept for audit (now empty) and the one audit moved to both go.
+    assert len(later.dropped) == 2 and old_day in later.dropped and not later.kept_for_topics
+    assert count(own_db, events, "audit") == 0 and count(own_db, event_keys, "audit") == 0
+
+
+def test_settings_read_a_size_cap() -> None:
+    assert load_settings({}).retention_max_bytes is None
+    assert load_settings({"RETENTION_MAX_BYTES": "500m"}).retention_max_bytes == 500 * 1024**2
+    assert load_settings({"RETENTION_MAX_BYTES": "2GB"}).retention_max_bytes == 2 * 1024**3
+    assert load_settings({"RETENTION_MAX_BYTES": "4096"}).retention_max_bytes == 4096
+    for bad in ("0", "lots", "5x", "-3m"):
+        with pytest.raises(SettingsError, match="RETENTION_MAX_BYTES"):
+            load_settings({"RETENTION_MAX_BYTES": bad})
+
+
+def test_oldest_days_go_while_over_the_size_cap_and_keys_keep_their_horizon(
+    own_db: Engine,
+) -> None:
+    for back in (9, 6, 3):
+        store_exactly_once(
+            own_db, f"b{back}", [event(f"e{back}-{n}", f"t{back}") for n in range(50)]
+        )
+        age(own_db, f"t{back}", days=back)
+    store_exactly_once(own_db, "today", [event(f"now-{n}", "today") for n in range(50)])
+    run_retention(own_db, RetentionPolicy(partitions_ahead=1))  # the old days get partitions
+    with own_db.connect() as conn:
+        sizes = events_bytes(conn)
+    day = {back: f"events_{datetime.now(UTC) - timedelta(days=back):%Y%m%d}" for back in (9, 6, 3)}
+    # Room for everything but the oldest day: that day, and only it, goes.
+    cap = sum(sizes.values()) - sizes[day[9]]
+    chosen = RetentionPolicy(
+        retention_days=30, dedup_horizon_days=30, partitions_ahead=1, max_bytes=cap
+    )
+    report = run_retention(own_db, chosen)
+    assert report.dropped_for_size == [day[9]] and report.events_bytes == cap
+    assert count(own_db, events, "t9") == 0 and count(own_db, events, "t6") == 50
+    # Keys are kept for DEDUP_HORIZON_DAYS (30) whatever the size: a re-send is a duplicate.
+    assert report.keys_pruned == 0 and count(own_db, event_keys, "t9") == 50
+    assert store_exactly_once(own_db, "again", [event("e9-0", "t9")]).duplicates == 1
+    # A cap below today's own size drops every past day and never today's.
+    tiny = run_retention(own_db, RetentionPolicy(partitions_ahead=1, max_bytes=1))
+    assert tiny.dropped_for_size == [day[6], day[3]]
+    assert count(own_db, events, "today") == 50 and tiny.events_bytes > 1
+
+
 def test_a_run_creates_partitions_ahead_and_moves_rows_out_of_the_default(
     own_db: Engine,
 ) -> None:
@@ -166,6 +263,32 @@ def test_days_past_retention_are_dropped_and_a_cursor_into_them_continues_flagge
         assert not retention_gap(conn, encode_cursor(state["dropped_through"]))
         assert state["oldest_position"] == state["dropped_through"] + 1
         assert state["keys_pruned_before"] is not None
+
+
+def test_the_export_flags_a_gap_after_its_cursor_and_a_drop_during_it(own_db: Engine) -> None:
+    store_exactly_once(own_db, "b-old", [event(f"o{n}", "old", old_timestamp()) for n in range(5)])
+    age(own_db, "old")
+    store_exactly_once(own_db, "b-new", [event(f"n{n}", "new") for n in range(4)])
+    # Read the first page, then retention drops the old day: the next page says so.
+    pages = iter_events(own_db, page_rows=2)
+    first = next(pages)
+    assert [e["event_id"] for e in first] == ["o0", "o1"]
+    run_retention(own_db, KEEP_3_DAYS)
+    with own_db.connect() as conn:
+        through = encode_cursor(retention_state(conn)["dropped_through"])
+    rest = [line for page in pages for line in page]
+    assert rest[0] == {"retention_gap": True, "cursor": through}
+    assert [e["event_id"] for e in rest[1:]] == ["n0", "n1", "n2", "n3"]
+    # From a cursor into the dropped events: the gap line comes first, once.
+    lines = [
+        line for page in iter_events(own_db, cursor=encode_cursor(1), page_rows=2) for line in page
+    ]
+    assert lines[0] == {"retention_gap": True, "cursor": through}
+    assert sum("retention_gap" in line for line in lines) == 1 and len(lines) == 5
+    # From the start, or from the dropped-through cursor itself: no gap.
+    for cursor in (None, through):
+        plain = [line for page in iter_events(own_db, cursor=cursor) for line in page]
+        assert not any("retention_gap" in line for line in plain) and len(plain) == 4
 
 
 def test_an_event_sent_again_after_its_key_was_pruned_counts_as_stored_after_horizon(
@@ -330,6 +453,21 @@ def test_a_run_with_a_publisher_and_a_follower_active_loses_and_double_counts_no
     flagged = requests.get(f"{url}/events", params={"cursor": encode_cursor(0)}, timeout=10)
     assert flagged.json()["retention_gap"] is True
     assert flagged.json()["events"][0]["event_id"] == "l0"
+    # The NDJSON export says so in a line of its own, which the client hands to on_gap.
+    raw = requests.get(
+        f"{url}/events",
+        params={"cursor": encode_cursor(0), "topic": "live"},
+        headers={"Accept": "application/x-ndjson"},
+        timeout=30,
+    )
+    first_line = orjson.loads(raw.content.splitlines()[0])
+    assert first_line == {"retention_gap": True, "cursor": encode_cursor(head)}
+    reported: list[dict[str, Any]] = []
+    exported = list(
+        Client(url).export(cursor=encode_cursor(0), topic="live", on_gap=reported.append)
+    )
+    assert reported == [first_line] and len(exported) == 3000
+    assert exported[0]["event_id"] == "l0"
     # The old events sent again: their keys are gone, so they are stored and
     # counted after the horizon; a third time they are duplicates.
     publish(url, old)

@@ -15,6 +15,7 @@ from app.db import COUNTERS
 from app.db import batches
 from app.db import dead_letters
 from app.db import topic_stats
+from app.store.housekeeping import pruned_replays
 from app.store.ledger import add_to_totals
 from app.store.ledger import clean_text
 from app.store.ledger import hold_log
@@ -24,13 +25,20 @@ from app.store.ledger import stripe
 
 
 def replay_counts(conn: Connection) -> dict[str, int]:
-    """Return how many dead letters were replayed, by what the replay did (stored, duplicate)."""
+    """Return how many dead letters were replayed, by what the replay did (stored, duplicate).
+
+    Letters retention pruned still count (app.store.housekeeping).
+    """
     rows = conn.execute(
         select(dead_letters.c.replayed_as, func.count())
         .where(dead_letters.c.replayed_as.is_not(None))
         .group_by(dead_letters.c.replayed_as)
     ).all()
-    return {"stored": 0, "duplicate": 0} | {result: count for result, count in rows}
+    counts = {"stored": 0, "duplicate": 0} | {result: count for result, count in rows}
+    for result, letters in pruned_replays(conn).items():
+        if result in counts:
+            counts[result] += letters
+    return counts
 
 
 def list_dead_letters(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:

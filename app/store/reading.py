@@ -20,6 +20,7 @@ from app.cursors import encode_cursor
 from app.db import EVENT_FIELDS
 from app.db import events
 from app.db import retention_marks
+from app.store.housekeeping import pruned_marks
 
 
 def _cursor_position(cursor: str) -> Any:
@@ -59,8 +60,20 @@ def retention_gap(conn: Connection, cursor: str | None) -> bool:
     return bool(gap.scalar_one())
 
 
+def _gap_line(conn: Connection, cursor: str | None) -> dict[str, Any] | None:
+    """The export's line for a retention gap after the cursor, or None (see iter_events)."""
+    if not retention_gap(conn, cursor):
+        return None
+    through = conn.execute(select(retention_marks.c.dropped_through)).scalar_one()
+    return {"retention_gap": True, "cursor": encode_cursor(through)}
+
+
 def retention_state(conn: Connection) -> dict[str, Any]:
-    """Return the oldest event kept (position, stored_at) and how far retention has gone."""
+    """Return the oldest event kept (position, stored_at) and how far retention has gone.
+
+    Also before when ledger rows and dead letters may have been pruned (their
+    counts live on in folded rows: no counter changes).
+    """
     oldest = conn.execute(
         select(events.c.position, events.c.stored_at).order_by(events.c.position).limit(1)
     ).one_or_none()
@@ -72,6 +85,7 @@ def retention_state(conn: Connection) -> dict[str, Any]:
         "oldest_stored_at": None if oldest is None else oldest.stored_at,
         "dropped_through": 0 if marks is None else marks.dropped_through,
         "keys_pruned_before": None if marks is None else marks.keys_pruned_before,
+        **pruned_marks(conn),
     }
 
 
@@ -203,6 +217,12 @@ def iter_events(
     reading, holds no connection and no transaction, only the page in hand.
     Pages follow each other by position, so nothing is read twice; every event
     carries the cursor to resume after it.
+
+    When retention dropped events (of any topic) after the cursor a page
+    started from, the page begins with a line of its own,
+    `{"retention_gap": true, "cursor": ...}` (the cursor of the highest
+    position dropped): what /events flags with `retention_gap`, checked after
+    each page is read, so a drop during the export shows too.
     """
     conditions = _event_conditions(None, topic, source, since, until, payload)
     upto: int | None = None
@@ -213,7 +233,8 @@ def iter_events(
             after = [_after(cursor)] if cursor is not None else []
             bounded = [*conditions, *after, events.c.position <= upto]
             rows, more = _page(conn, bounded, page_rows, page_bytes)
-        page = []
+            gap = _gap_line(conn, cursor)
+        page = [] if gap is None else [gap]
         for row in rows:
             event = _event(row)
             event["cursor"] = cursor = encode_cursor(row["position"])

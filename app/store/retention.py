@@ -17,7 +17,10 @@ writers exact while it runs:
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
@@ -35,8 +38,11 @@ from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 
+from app.broker_log import prune_checkpoints
 from app.db import EVENT_PARTITION
 from app.db import retention_marks
+from app.store.housekeeping import prune_dead_letters
+from app.store.housekeeping import prune_ledger
 from app.store.ledger import hold_log
 
 # Any constant, apart from the log's lock: a runner holds this session-level
@@ -50,6 +56,9 @@ DROP_LOCK_TIMEOUT_MS = 500
 DROP_ATTEMPTS = 5
 # Keys deleted per transaction while pruning.
 PRUNE_BATCH = 10_000
+# Events deleted per transaction by per-topic retention (bench/retention.py
+# measures what a batch costs a writer running meanwhile).
+DELETE_BATCH = 5_000
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,20 @@ class RetentionReport:
     partitions_created: list[str] = field(default_factory=list)
     moved_from_default: int = 0
     dropped: list[str] = field(default_factory=list)
+    # Partitions past RETENTION_DAYS kept for topics kept longer (RETENTION_TOPIC_DAYS).
+    kept_for_topics: list[str] = field(default_factory=list)
+    # Events removed by DELETE: per-topic retention (shorter topics, and the
+    # other topics' rows of partitions kept for longer ones).
+    events_deleted: int = 0
+    # Whole days dropped because events' partitions were over RETENTION_MAX_BYTES.
+    dropped_for_size: list[str] = field(default_factory=list)
+    # The size of events' partitions after the run (measured when max_bytes is set).
+    events_bytes: int | None = None
     drop_lock_waits: int = 0
     keys_pruned: int = 0
+    ledger_pruned: int = 0
+    dead_letters_pruned: int = 0
+    checkpoints_pruned: int = 0
     seconds: float = 0.0
 
 
@@ -123,7 +144,8 @@ def attach_day(engine: Engine, day: date) -> int:
     with engine.begin() as conn:
         if any(p.name == name for p in partitions(conn)):
             return 0
-        conn.execute(text(f"CREATE TABLE {name} (LIKE events)"))
+        # INCLUDING CONSTRAINTS: ATTACH refuses a table without the CHECKs events has.
+        conn.execute(text(f"CREATE TABLE {name} (LIKE events INCLUDING CONSTRAINTS)"))
         waiting = conn.execute(
             text(
                 f"SELECT EXISTS (SELECT FROM {DEFAULT_PARTITION}"
@@ -180,28 +202,68 @@ def create_partitions(engine: Engine, today: date, ahead: int) -> tuple[list[str
     return created, moved
 
 
-def raise_drop_marks(engine: Engine, partition: Partition) -> None:
-    """Record that everything in the partition is about to go, before it goes."""
+def raise_drop_marks(engine: Engine, partition: Partition, keeping: Sequence[str] = ()) -> None:
+    """Record that everything in the partition (but the topics `keeping`) is about to go.
+
+    Raised and committed before anything goes. dropped_before then says that
+    every event stored before it is gone, but those of topics kept longer than
+    RETENTION_DAYS (whose keys are pruned by their own bound, prune_topic_keys).
+    """
     with engine.begin() as conn:
         highest = conn.execute(
-            text(f"SELECT coalesce(max(position), 0) FROM {partition.name}")
+            text(
+                f"SELECT coalesce(max(position), 0) FROM {partition.name}"
+                " WHERE topic <> ALL (CAST(:keeping AS text[]))"
+            ),
+            {"keeping": list(keeping)},
         ).scalar_one()
-        add = insert(retention_marks).values(
-            singleton=True, dropped_through=highest, dropped_before=partition.end
+        _raise_marks(conn, highest, partition.end)
+
+
+def _raise_marks(conn: Connection, highest: int, dropped_before: datetime | None) -> None:
+    add = insert(retention_marks).values(
+        singleton=True, dropped_through=highest, dropped_before=dropped_before
+    )
+    conn.execute(
+        add.on_conflict_do_update(
+            index_elements=[retention_marks.c.singleton],
+            set_={
+                "dropped_through": func.greatest(
+                    retention_marks.c.dropped_through, add.excluded.dropped_through
+                ),
+                # greatest() ignores NULL: a per-topic delete leaves it as it is.
+                "dropped_before": func.greatest(
+                    retention_marks.c.dropped_before, add.excluded.dropped_before
+                ),
+            },
         )
-        conn.execute(
-            add.on_conflict_do_update(
-                index_elements=[retention_marks.c.singleton],
-                set_={
-                    "dropped_through": func.greatest(
-                        retention_marks.c.dropped_through, add.excluded.dropped_through
-                    ),
-                    "dropped_before": func.greatest(
-                        retention_marks.c.dropped_before, add.excluded.dropped_before
-                    ),
-                },
-            )
-        )
+    )
+
+
+def delete_topic(engine: Engine, topic: str, before: datetime) -> int:
+    """Delete a topic's events stored before `before` (a topic kept less than RETENTION_DAYS).
+
+    dropped_through is raised (and committed) to the highest position going
+    first, as for a drop, so readers are told of the gap. Batches of
+    DELETE_BATCH rows, each its own transaction: writers never wait on them
+    (old rows, no lock of the log).
+    """
+    params = {"topic": topic, "before": before}
+    with engine.begin() as conn:
+        highest = conn.execute(
+            text("SELECT max(position) FROM events WHERE topic = :topic AND stored_at < :before"),
+            params,
+        ).scalar_one()
+        if highest is None:
+            return 0
+        _raise_marks(conn, highest, None)
+    return _delete_in_batches(
+        engine,
+        "DELETE FROM events WHERE (id, stored_at) IN ("
+        " SELECT id, stored_at FROM events WHERE topic = :topic AND stored_at < :before"
+        " LIMIT :batch)",
+        params,
+    )
 
 
 def _drop(engine: Engine, name: str, report: RetentionReport) -> bool:
@@ -220,15 +282,66 @@ def _drop(engine: Engine, name: str, report: RetentionReport) -> bool:
     return False
 
 
-def drop_partitions(engine: Engine, before: datetime, report: RetentionReport) -> bool:
+def _holds_any(engine: Engine, partition: Partition, topics: Sequence[str]) -> list[str]:
+    """Return which of `topics` have rows in the partition (an index probe each)."""
+    with engine.connect() as conn:
+        return [
+            topic
+            for topic in topics
+            if conn.execute(
+                text(f"SELECT EXISTS (SELECT FROM {partition.name} WHERE topic = :topic)"),
+                {"topic": topic},
+            ).scalar_one()
+        ]
+
+
+def _delete_in_batches(engine: Engine, statement: str, params: dict[str, object]) -> int:
+    deleted_all = 0
+    while True:
+        with engine.begin() as conn:
+            deleted = conn.execute(text(statement), {**params, "batch": DELETE_BATCH}).rowcount
+        deleted_all += deleted
+        if deleted < DELETE_BATCH:
+            return deleted_all
+
+
+def keep_for_topics(
+    engine: Engine, partition: Partition, keeping: Sequence[str], report: RetentionReport
+) -> None:
+    """Keep a partition for the topics `keeping`; delete every other row of it, in batches."""
+    raise_drop_marks(engine, partition, keeping)
+    report.events_deleted += _delete_in_batches(
+        engine,
+        f"DELETE FROM {partition.name} WHERE id = ANY (ARRAY("
+        f" SELECT id FROM {partition.name} WHERE topic <> ALL (CAST(:keeping AS text[]))"
+        " LIMIT :batch))",
+        {"keeping": list(keeping)},
+    )
+    report.kept_for_topics.append(partition.name)
+
+
+def drop_partitions(
+    engine: Engine,
+    before: datetime,
+    report: RetentionReport,
+    longer: Mapping[str, datetime] | None = None,
+) -> bool:
     """Drop every partition whose whole range is before `before`, oldest first.
 
-    Returns False when one could not be dropped (its lock stayed taken); the
-    next run tries again.
+    `longer` gives, for each topic kept longer, the time before which its
+    events go: a partition holding rows of one still within it is kept, and
+    its other rows deleted instead. Returns False when one could not be
+    dropped (its lock stayed taken); the next run tries again.
     """
+    longer = longer or {}
     with engine.connect() as conn:
         expired = [p for p in partitions(conn) if p.end <= before]
     for partition in expired:
+        within = [topic for topic, until in longer.items() if partition.end > until]
+        keeping = _holds_any(engine, partition, within)
+        if keeping:
+            keep_for_topics(engine, partition, keeping, report)
+            continue
         raise_drop_marks(engine, partition)
         if not _drop(engine, partition.name, report):
             # The marks stay raised: readers are told of a gap a little early.
@@ -237,22 +350,65 @@ def drop_partitions(engine: Engine, before: datetime, report: RetentionReport) -
     return True
 
 
-def _raise_prune_mark(engine: Engine, before: datetime) -> datetime | None:
+def events_bytes(conn: Connection) -> dict[str, int]:
+    """Return each partition of events (the default too) with its size on disk, indexes included."""
+    rows = conn.execute(
+        text(
+            "SELECT child.relname, pg_total_relation_size(child.oid) FROM pg_inherits"
+            " JOIN pg_class child ON child.oid = pg_inherits.inhrelid"
+            " WHERE pg_inherits.inhparent = 'events'::regclass"
+        )
+    ).all()
+    return {name: int(size) for name, size in rows}
+
+
+def drop_for_size(engine: Engine, max_bytes: int, today: date, report: RetentionReport) -> bool:
+    """Drop the oldest whole past days while events' partitions exceed max_bytes.
+
+    Never today's partition or later ones. Marks are raised first, as for
+    any drop, so keys are still pruned only per DEDUP_HORIZON_DAYS and never
+    past dropped events. Returns False when a drop's lock stayed taken.
+    """
+    with engine.connect() as conn:
+        sizes = events_bytes(conn)
+        past = [p for p in partitions(conn) if p.end <= _midnight(today)]
+    total = sum(sizes.values())
+    for partition in past:
+        if total <= max_bytes:
+            break
+        raise_drop_marks(engine, partition)
+        if not _drop(engine, partition.name, report):
+            report.events_bytes = total
+            return False
+        report.dropped_for_size.append(partition.name)
+        total -= sizes.get(partition.name, 0)
+    report.events_bytes = total
+    return True
+
+
+def _raise_prune_mark(engine: Engine, before: datetime, bounded: bool = True) -> datetime | None:
     """Raise keys_pruned_before to `before` (never past dropped_before) under the log's lock.
 
-    Returns the point keys may now be pruned to, or None while no events were dropped.
+    Returns the point keys may now be pruned to, or None while no events were
+    dropped. Unbounded (a longer-kept topic, whose caller bounds `before`),
+    dropped_before does not limit it.
     """
     with engine.begin() as conn:
         hold_log(conn)
         marks = conn.execute(
             select(retention_marks.c.dropped_before, retention_marks.c.keys_pruned_before)
         ).one_or_none()
-        if marks is None or marks.dropped_before is None:
+        if bounded and (marks is None or marks.dropped_before is None):
             return None
         # Keys outlive their events: never prune past what was dropped.
-        upto = min(before, marks.dropped_before)
+        upto = min(before, marks.dropped_before) if bounded and marks else before
+        if marks is None:
+            conn.execute(insert(retention_marks).values(singleton=True, keys_pruned_before=upto))
+            return upto
         if marks.keys_pruned_before is not None and marks.keys_pruned_before >= upto:
-            return marks.keys_pruned_before
+            # Already past (a longer-kept topic's prune may have raised it past
+            # dropped_before): prune no further than this caller's bound.
+            return upto
         conn.execute(
             update(retention_marks)
             .where(retention_marks.c.singleton.is_(True))
@@ -261,24 +417,62 @@ def _raise_prune_mark(engine: Engine, before: datetime) -> datetime | None:
         return upto
 
 
-def prune_keys(engine: Engine, before: datetime, batch: int = PRUNE_BATCH) -> int:
-    """Delete dedup keys whose horizon_from is before `before` (bounded by dropped events)."""
+def prune_keys(
+    engine: Engine, before: datetime, batch: int = PRUNE_BATCH, exclude: Sequence[str] = ()
+) -> int:
+    """Delete dedup keys whose horizon_from is before `before` (bounded by dropped events).
+
+    Keys of the topics in `exclude` (kept longer than RETENTION_DAYS) stay:
+    prune_topic_keys prunes them by their own bound.
+    """
     upto = _raise_prune_mark(engine, before)
     if upto is None:
         return 0
+    return _prune_keys_before(
+        engine, upto, batch, "topic <> ALL (CAST(:topics AS text[]))", exclude
+    )
+
+
+def prune_topic_keys(engine: Engine, topic: str, before: datetime, batch: int = PRUNE_BATCH) -> int:
+    """Delete a longer-kept topic's keys whose horizon_from is before `before`.
+
+    The caller bounds `before` by the day its events were gone through
+    (run_retention); keys_pruned_before is raised to it first, as for every prune.
+    """
+    upto = _raise_prune_mark(engine, before, bounded=False)
+    if upto is None:
+        return 0
+    return _prune_keys_before(engine, upto, batch, "topic = ANY (CAST(:topics AS text[]))", [topic])
+
+
+def _prune_keys_before(
+    engine: Engine, upto: datetime, batch: int, which: str, topics: Sequence[str]
+) -> int:
     pruned = 0
     while True:
         with engine.begin() as conn:
             deleted = conn.execute(
                 text(
                     "DELETE FROM event_keys WHERE ctid = ANY (ARRAY("
-                    " SELECT ctid FROM event_keys WHERE horizon_from < :upto LIMIT :batch))"
+                    f" SELECT ctid FROM event_keys WHERE horizon_from < :upto AND {which}"
+                    " LIMIT :batch))"
                 ),
-                {"upto": upto, "batch": batch},
+                {"upto": upto, "batch": batch, "topics": list(topics)},
             ).rowcount
         pruned += deleted
         if deleted < batch:
             return pruned
+
+
+def split_topics(policy: RetentionPolicy) -> tuple[dict[str, int], dict[str, int]]:
+    """Return the topics kept longer than retention_days, and those kept less (with their days)."""
+    longer, shorter = {}, {}
+    for topic, days in policy.topic_days:
+        if policy.retention_days is None or days < policy.retention_days:
+            shorter[topic] = days
+        elif days > policy.retention_days:
+            longer[topic] = days
+    return longer, shorter
 
 
 @dataclass(frozen=True)
@@ -288,15 +482,28 @@ class RetentionPolicy:
     retention_days: int | None = None
     dedup_horizon_days: int | None = None
     partitions_ahead: int = 3
+    # Oldest whole days are dropped while events' partitions exceed this.
+    max_bytes: int | None = None
+    # Topics kept for other numbers of days than retention_days (RETENTION_TOPIC_DAYS).
+    topic_days: tuple[tuple[str, int], ...] = ()
+    # The housekeeping horizons (app.store.housekeeping); None keeps the rows.
+    ledger_days: int | None = None
+    dead_letter_days: int | None = None
+    checkpoint_days: int | None = None
 
 
 def run_retention(
-    engine: Engine, policy: RetentionPolicy, *, now: datetime | None = None
+    engine: Engine,
+    policy: RetentionPolicy,
+    *,
+    now: datetime | None = None,
+    keep: Collection[str] = (),
 ) -> RetentionReport:
-    """Create partitions ahead, drop those past retention, prune keys past the horizon.
+    """Create partitions ahead, drop those past retention, prune keys, ledger, dead letters.
 
     Holds RETENTION_LOCK for the whole run on a connection of its own; a run
-    that finds it taken does nothing and says so (`ran` False).
+    that finds it taken does nothing and says so (`ran` False). `keep` names
+    batches whose ledger rows stay whatever their age (still pending on the broker).
     """
     started = time.monotonic()
     with retention_lock(engine) as held:
@@ -308,15 +515,54 @@ def run_retention(
             engine, now.astimezone(UTC).date(), policy.partitions_ahead
         )
         complete = True
+        longer, shorter = split_topics(policy)
         if policy.retention_days is not None:
             cutoff = now - timedelta(days=policy.retention_days)
-            complete = drop_partitions(engine, cutoff, report)
+            until = {topic: now - timedelta(days=days) for topic, days in longer.items()}
+            complete = drop_partitions(engine, cutoff, report, until)
+        for topic, days in shorter.items():
+            report.events_deleted += delete_topic(engine, topic, now - timedelta(days=days))
+        if policy.max_bytes is not None and complete:
+            today = now.astimezone(UTC).date()
+            complete = drop_for_size(engine, policy.max_bytes, today, report)
         # Pruning stops at dropped_before, which assumes every partition before
         # it is gone: not while one whose marks were raised is still there.
         if policy.dedup_horizon_days is not None and complete:
-            report.keys_pruned = prune_keys(engine, now - timedelta(days=policy.dedup_horizon_days))
+            horizon = policy.dedup_horizon_days
+            report.keys_pruned = prune_keys(
+                engine, now - timedelta(days=horizon), exclude=sorted(longer)
+            )
+            for topic, days in longer.items():
+                # Every partition that ended by now - days lost this topic's rows
+                # (dropped, or kept for a longer topic and cleaned): keys of its
+                # events stored before that midnight may go, after max(days, horizon).
+                gone_before = _midnight((now - timedelta(days=days)).astimezone(UTC).date())
+                before = min(now - timedelta(days=max(days, horizon)), gone_before)
+                report.keys_pruned += prune_topic_keys(engine, topic, before)
+        housekeep(engine, policy, now, keep, report)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def housekeep(
+    engine: Engine,
+    policy: RetentionPolicy,
+    now: datetime,
+    keep: Collection[str],
+    report: RetentionReport,
+) -> None:
+    """Prune dead letters, then the ledger (a row waits for its letters), then checkpoints."""
+    if policy.dead_letter_days is not None:
+        report.dead_letters_pruned = prune_dead_letters(
+            engine, now - timedelta(days=policy.dead_letter_days)
+        )
+    if policy.ledger_days is not None:
+        report.ledger_pruned = prune_ledger(engine, now - timedelta(days=policy.ledger_days), keep)
+    if policy.checkpoint_days is not None:
+        with engine.begin() as conn:
+            report.checkpoints_pruned = prune_checkpoints(
+                conn, now - timedelta(days=policy.checkpoint_days)
+            )
 
 
 @contextmanager

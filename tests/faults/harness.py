@@ -44,6 +44,7 @@ from aggregator_client.verify import VerifyResult
 from aggregator_client.verify import wait_and_verify
 from app.db import batches
 from app.db import events
+from app.db import pruned_batches
 from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import Worker
@@ -264,12 +265,18 @@ class Workers:
 
 
 def ledger(engine: Engine) -> tuple[int, int]:
-    """Return the number of processed batches and the events they received."""
+    """Return the number of processed batches and the events they received (pruned ones too)."""
     with engine.connect() as conn:
         rows, received = conn.execute(
             select(func.count(), func.coalesce(func.sum(batches.c.received), 0))
         ).one()
-    return rows, received
+        pruned_rows, pruned_received = conn.execute(
+            select(
+                func.coalesce(func.sum(pruned_batches.c.batches), 0),
+                func.coalesce(func.sum(pruned_batches.c.received), 0),
+            )
+        ).one()
+    return rows + int(pruned_rows), received + int(pruned_received)
 
 
 def ledger_ids(engine: Engine) -> set[str]:

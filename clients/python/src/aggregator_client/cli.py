@@ -654,10 +654,18 @@ def run_tail(client: Client, args: SimpleNamespace) -> int:
     def warn(exc: ClientError) -> None:
         print(f"aggregator: {exc}; trying again", file=sys.stderr, flush=True)
 
+    def gap(line: dict[str, Any]) -> None:
+        print(
+            "aggregator: retention dropped events after this point; continuing with the"
+            " oldest kept",
+            file=sys.stderr,
+            flush=True,
+        )
+
     with HeldInterrupt() as interrupt:
         try:
             while True:
-                for event in client.export(cursor=cursor, **filters):
+                for event in client.export(cursor=cursor, on_gap=gap, **filters):
                     with interrupt.hold():
                         position = event.pop("cursor")
                         # Sorted keys: an event prints the same way whatever its source.

@@ -96,6 +96,8 @@ class Page:
 
     events: list[dict[str, Any]]
     next_cursor: str | None
+    # Retention dropped events (of any topic) after the cursor asked for.
+    retention_gap: bool = False
 
 
 def encode_body(batch: list[dict[str, Any]], as_object: bool, ndjson: bool = False) -> bytes:
@@ -361,17 +363,25 @@ class Client:
         while True:
             params = {"cursor": cursor, "limit": limit, "wait": wait or None, **filters}
             body = self._get("/events", params, wait=wait)
-            yield Page(body["events"], body["next_cursor"])
+            yield Page(body["events"], body["next_cursor"], body.get("retention_gap", False))
             if body["next_cursor"] is None:
                 return
             cursor = body["next_cursor"]
 
-    def export(self, *, cursor: str | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+    def export(
+        self,
+        *,
+        cursor: str | None = None,
+        on_gap: Callable[[dict[str, Any]], None] | None = None,
+        **filters: Any,
+    ) -> Iterator[dict[str, Any]]:
         """Yield every stored event matching `filters` from `cursor` on, each with its `cursor`.
 
         One streamed request (`Accept: application/x-ndjson`): the server reads one
         snapshot in constant memory. Resume an interrupted export from the
-        `cursor` of the last event received.
+        `cursor` of the last event received. The stream's retention-gap lines
+        (`{"retention_gap": true, "cursor": ...}`: retention dropped events after
+        the cursor) are never yielded; `on_gap` is called with each.
         """
         if isinstance(filters.get("payload"), dict):
             filters["payload"] = orjson.dumps(filters["payload"]).decode()
@@ -394,8 +404,14 @@ class Client:
                 message, errors = _error_of(response.read())
                 raise ApiError(response.status, message + _describe(errors), errors)
             for line in response:
-                if line.strip():
-                    yield orjson.loads(line)
+                if not line.strip():
+                    continue
+                item = orjson.loads(line)
+                if item.get("retention_gap") is True and "event_id" not in item:
+                    if on_gap is not None:
+                        on_gap(item)
+                    continue
+                yield item
         except HTTPError as exc:
             raise Unreachable(f"GET {url}: the stream broke ({_reason(exc)})") from None
         finally:
