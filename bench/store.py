@@ -55,8 +55,10 @@ def events(size: int, start: int, payload_bytes: int = 0) -> list[dict[str, obje
     return rows
 
 
-def measure(database_url: str, size: int, batches: int, payload_bytes: int = 0) -> dict[str, float]:
-    """Store `batches` batches of `size` events; return rates and per-batch costs."""
+def measure(
+    database_url: str, size: int, batches: int, payload_bytes: int = 0, first: int = 0
+) -> dict[str, float]:
+    """Store `batches` batches of `size` events, keys from `first` on; return rates and costs."""
     engine = make_engine(database_url, pool_size=1)
     try:
         with engine.begin() as conn:
@@ -67,7 +69,7 @@ def measure(database_url: str, size: int, batches: int, payload_bytes: int = 0) 
         cpu_before, pg_before = me.cpu_times(), postgres.cpu_times()
         started = time.perf_counter()
         for n in range(batches):
-            batch = events(size, n * size, payload_bytes)
+            batch = events(size, first + n * size, payload_bytes)
             batch_id = uuid.uuid4().hex
             begun = time.perf_counter()
             store_exactly_once(engine, batch_id, batch)
