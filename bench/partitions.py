@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import sys
 import threading
@@ -66,6 +67,7 @@ from bench.harness import log
 from bench.harness import log_tail
 from bench.harness import machine
 from bench.harness import median
+from bench.harness import postgres_settings
 from bench.harness import postmaster_pid
 from bench.harness import table
 from bench.harness import warn_if_busy
@@ -327,20 +329,16 @@ def run(args: argparse.Namespace, document: dict[str, Any]) -> bool:
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(scratch_dir("agg-bench-partitions-"))
         server = stack.enter_context(postgres_server_url(base / "pg", durable=True))
-        redis_url = stack.enter_context(private_redis(base / "redis", appendonly=False)).url
+        # The APIs only read: Redis holds nothing of the measurement.
+        redis_url = os.environ.get("REDIS_URL") or (
+            stack.enter_context(private_redis(base / "redis", appendonly=False)).url
+        )
         urls = {
             layout: stack.enter_context(throwaway_database(server, f"agg_bench_{layout}"))
             for layout in LAYOUTS
         }
         postgres = ProcessGroup("postgres", postmaster_pid(urls["days"]))
-        conn = psycopg2.connect(plain_dsn(urls["days"]))
-        with conn.cursor() as cur:
-            cur.execute("SHOW server_version")
-            document["services"] = {"postgresql": cur.fetchone()[0], "redis": "private"}
-            for name in ("fsync", "synchronous_commit", "shared_buffers"):
-                cur.execute(f"SHOW {name}")
-                document["services"][f"postgres_{name}"] = cur.fetchone()[0]
-        conn.close()
+        document["services"] = {**postgres_settings(urls["days"]), "redis": "private, no AOF"}
         for layout, url in urls.items():
             log(f"fill {layout}: {args.rows:,} events over {args.days} days")
             plan = FillPlan(args.rows, args.days, layout, args.topics)

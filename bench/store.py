@@ -19,6 +19,7 @@ import argparse
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,9 +57,17 @@ def events(size: int, start: int, payload_bytes: int = 0) -> list[dict[str, obje
 
 
 def measure(
-    database_url: str, size: int, batches: int, payload_bytes: int = 0, first: int = 0
+    database_url: str,
+    size: int,
+    batches: int,
+    payload_bytes: int = 0,
+    first: int = 0,
+    make_batch: Callable[[int], list[dict[str, object]]] | None = None,
 ) -> dict[str, float]:
-    """Store `batches` batches of `size` events, keys from `first` on; return rates and costs."""
+    """Store `batches` batches of `size` events, keys from `first` on; return rates and costs.
+
+    `make_batch(n)` builds batch n instead (of `size` events), for other mixes of keys.
+    """
     engine = make_engine(database_url, pool_size=1)
     try:
         with engine.begin() as conn:
@@ -69,7 +78,10 @@ def measure(
         cpu_before, pg_before = me.cpu_times(), postgres.cpu_times()
         started = time.perf_counter()
         for n in range(batches):
-            batch = events(size, first + n * size, payload_bytes)
+            if make_batch is None:
+                batch = events(size, first + n * size, payload_bytes)
+            else:
+                batch = make_batch(n)
             batch_id = uuid.uuid4().hex
             begun = time.perf_counter()
             store_exactly_once(engine, batch_id, batch)
