@@ -44,6 +44,7 @@ from typing import Any
 import orjson
 import psycopg2
 import urllib3
+from sqlalchemy import event
 from sqlalchemy import text
 
 from aggregator_client.outcomes import percentile
@@ -262,6 +263,20 @@ def drop_days(
     """Drop the oldest day `rounds` times with a writer and two readers running."""
     results = []
     engine = make_engine(database_url, pool_size=2)
+    # When the DROP statement began and ended: its ACCESS EXCLUSIVE lock on
+    # events is held from its start until drop_partitions' transaction commits.
+    drop_statement: dict[str, float] = {}
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _before(*args: Any) -> None:
+        if args[2].startswith("DROP TABLE"):
+            drop_statement["start"] = time.perf_counter()
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _after(*args: Any) -> None:
+        if args[2].startswith("DROP TABLE"):
+            drop_statement["end"] = time.perf_counter()
+
     writer = Writer(database_url)
     head = log_head(plain_dsn(database_url))
     try:
@@ -292,6 +307,10 @@ def drop_days(
                         "partition": oldest.name,
                         "rows_dropped": dropped,
                         "drop_ms": round((drop_end - drop_start) * 1000, 1),
+                        "drop_statement_ms": round(
+                            (drop_statement["end"] - drop_statement["start"]) * 1000, 1
+                        ),
+                        "lock_held_ms": round((drop_end - drop_statement["start"]) * 1000, 1),
                         "drop_lock_waits": report.drop_lock_waits,
                         "keys_pruned": pruned[0],
                         "prune_ms": round((prune_end - prune_start) * 1000, 1),
@@ -505,7 +524,9 @@ def render(document: dict[str, Any]) -> str:
                 [
                     "round",
                     "rows dropped",
-                    "drop ms",
+                    "drop ms (marks + DROP)",
+                    "DROP stmt ms",
+                    "lock held ms",
                     "lock waits",
                     "writer max: quiet / drop",
                     "readers max: quiet / drop",
@@ -517,6 +538,8 @@ def render(document: dict[str, Any]) -> str:
                         str(d["round"]),
                         fmt(d["rows_dropped"]),
                         fmt(d["drop_ms"], 1),
+                        fmt(d.get("drop_statement_ms"), 1),
+                        fmt(d.get("lock_held_ms"), 1),
                         fmt(d["drop_lock_waits"]),
                         f"{fmt(d['writer_quiet_max_ms'], 1)} / {fmt(d['writer_drop_max_ms'], 1)}",
                         f"{fmt(d['readers_quiet_max_ms'], 1)} / {fmt(d['readers_drop_max_ms'], 1)}",
