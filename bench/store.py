@@ -75,6 +75,8 @@ def measure(
         postgres = psutil.Process(backend)
         me = psutil.Process()
         walls = []
+        # What the database said it did: a benchmark's batches must do what they claim.
+        stored = duplicates = 0
         cpu_before, pg_before = me.cpu_times(), postgres.cpu_times()
         started = time.perf_counter()
         for n in range(batches):
@@ -84,7 +86,9 @@ def measure(
                 batch = make_batch(n)
             batch_id = uuid.uuid4().hex
             begun = time.perf_counter()
-            store_exactly_once(engine, batch_id, batch)
+            outcome = store_exactly_once(engine, batch_id, batch)
+            stored += outcome.stored
+            duplicates += outcome.duplicates
             walls.append(time.perf_counter() - begun)
         elapsed = time.perf_counter() - started
         cpu_after, pg_after = me.cpu_times(), postgres.cpu_times()
@@ -100,6 +104,8 @@ def measure(
         "wall_us_max": round(max(walls) * 1e6),
         "client_cpu_us_per_batch": round(cpu / batches * 1e6),
         "postgres_cpu_us_per_batch": round(pg / batches * 1e6),
+        "stored": stored,
+        "duplicates": duplicates,
     }
 
 

@@ -76,4 +76,10 @@ def test_horizon_bench_stores_new_and_duplicate_batches_at_both_horizons(
     assert {m: f["keys"] for m, f in result["fill"].items()} == {"1": 2000, "10": 20000}
     kinds = {(r["multiple"], r["kind"], r["size"]) for r in result["results"]}
     assert len(kinds) == 8
+    for r in result["results"]:
+        events = r["batches"] * r["size"]
+        if r["kind"] == "all new":
+            assert (r["stored"], r["duplicates"]) == (events, 0)
+        else:
+            assert (r["stored"], r["duplicates"]) == (0, events)
     assert databases(pg_server_url) == before
