@@ -173,9 +173,9 @@ def redis_pid(redis_url: str) -> int | None:
         client.close()
 
 
-def server_versions(services: Services) -> dict[str, str]:
-    """Return the PostgreSQL and Redis versions and PostgreSQL's durability settings."""
-    conn = psycopg2.connect(plain_dsn(services.database_url))
+def postgres_settings(database_url: str) -> dict[str, str]:
+    """Return PostgreSQL's version and durability settings, keyed as the result documents are."""
+    conn = psycopg2.connect(plain_dsn(database_url))
     try:
         with conn.cursor() as cur:
             settings = {}
@@ -184,16 +184,20 @@ def server_versions(services: Services) -> dict[str, str]:
                 settings[name] = cur.fetchone()[0]
     finally:
         conn.close()
+    return {
+        "postgresql": settings.pop("server_version"),
+        **{f"postgres_{name}": value for name, value in settings.items()},
+    }
+
+
+def server_versions(services: Services) -> dict[str, str]:
+    """Return the PostgreSQL and Redis versions and PostgreSQL's durability settings."""
     client = redis.Redis.from_url(services.redis_url)
     try:
         redis_version = str(client.info("server")["redis_version"])
     finally:
         client.close()
-    return {
-        "postgresql": settings.pop("server_version"),
-        **{f"postgres_{name}": value for name, value in settings.items()},
-        "redis": redis_version,
-    }
+    return {**postgres_settings(services.database_url), "redis": redis_version}
 
 
 def machine() -> dict[str, Any]:

@@ -19,6 +19,7 @@ import argparse
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,8 +56,18 @@ def events(size: int, start: int, payload_bytes: int = 0) -> list[dict[str, obje
     return rows
 
 
-def measure(database_url: str, size: int, batches: int, payload_bytes: int = 0) -> dict[str, float]:
-    """Store `batches` batches of `size` events; return rates and per-batch costs."""
+def measure(
+    database_url: str,
+    size: int,
+    batches: int,
+    payload_bytes: int = 0,
+    first: int = 0,
+    make_batch: Callable[[int], list[dict[str, object]]] | None = None,
+) -> dict[str, float]:
+    """Store `batches` batches of `size` events, keys from `first` on; return rates and costs.
+
+    `make_batch(n)` builds batch n instead (of `size` events), for other mixes of keys.
+    """
     engine = make_engine(database_url, pool_size=1)
     try:
         with engine.begin() as conn:
@@ -64,13 +75,20 @@ def measure(database_url: str, size: int, batches: int, payload_bytes: int = 0) 
         postgres = psutil.Process(backend)
         me = psutil.Process()
         walls = []
+        # What the database said it did: a benchmark's batches must do what they claim.
+        stored = duplicates = 0
         cpu_before, pg_before = me.cpu_times(), postgres.cpu_times()
         started = time.perf_counter()
         for n in range(batches):
-            batch = events(size, n * size, payload_bytes)
+            if make_batch is None:
+                batch = events(size, first + n * size, payload_bytes)
+            else:
+                batch = make_batch(n)
             batch_id = uuid.uuid4().hex
             begun = time.perf_counter()
-            store_exactly_once(engine, batch_id, batch)
+            outcome = store_exactly_once(engine, batch_id, batch)
+            stored += outcome.stored
+            duplicates += outcome.duplicates
             walls.append(time.perf_counter() - begun)
         elapsed = time.perf_counter() - started
         cpu_after, pg_after = me.cpu_times(), postgres.cpu_times()
@@ -86,6 +104,8 @@ def measure(database_url: str, size: int, batches: int, payload_bytes: int = 0) 
         "wall_us_max": round(max(walls) * 1e6),
         "client_cpu_us_per_batch": round(cpu / batches * 1e6),
         "postgres_cpu_us_per_batch": round(pg / batches * 1e6),
+        "stored": stored,
+        "duplicates": duplicates,
     }
 
 
