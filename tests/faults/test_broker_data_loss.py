@@ -159,20 +159,28 @@ def test_a_drained_idle_broker_replaced_by_an_empty_instance_is_no_loss(
     )
 
 
+@pytest.mark.parametrize("how", ["replaced", "flushall"])
 def test_a_broker_replaced_while_busy_is_a_loss_bounded_by_its_allowance(
-    api: Api, worker: Workers, broker: RedisServer, engine: Engine, clean: None
+    api: Api, worker: Workers, broker: RedisServer, engine: Engine, clean: None, how: str
 ) -> None:
-    """No worker: 1,050 events queued, then the broker is replaced by an empty one."""
+    """No worker: 1,050 events queued, then the broker is replaced by an empty one, or flushed.
+
+    Before issue 18, with no worker running, the flushed case reported events_unaccounted 0.
+    """
     for n in range(21):
         publish(api.url, [make_event(f"b-{n}-{i}", topic="busy") for i in range(50)])
     # The API's own checks record the broker's progress; no worker is running.
     wait_until(lambda: checkpointed_events(engine) == 1050, timeout=15)
-    broker.stop()
-    shutil.rmtree(broker.datadir)
-    broker.start()
+    if how == "replaced":
+        broker.stop()
+        shutil.rmtree(broker.datadir)
+        broker.start()
+    else:
+        with redis.Redis.from_url(broker.url) as client:
+            client.flushall()
     loss, took = wait_for_detection(api)
     report(
-        "broker-replaced-while-busy-no-worker",
+        f"broker-{how}-while-busy-no-worker",
         events_sent=1050,
         acknowledged=1050,
         lost=1050,
