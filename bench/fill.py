@@ -40,6 +40,12 @@ def topic(n: int, topics: int) -> str:
     return f"topic-{n % topics:04d}"
 
 
+def _topic_sql(n: str, topics: int) -> str:
+    """Return the SQL of topic(n, topics); lpad alone would cut numbers past 4 digits."""
+    k = f"({n} % {topics})::text"
+    return f"'topic-' || lpad({k}, greatest(4, length({k})), '0')"
+
+
 def event_id(n: int) -> str:
     """Return the event id of row n: random-looking, as derived ids are, so keys land all over."""
     return hashlib.md5(str(n).encode()).hexdigest()
@@ -190,7 +196,7 @@ def fill(dsn: str, plan: FillPlan) -> dict[str, Any]:
         insert = (
             'INSERT INTO events (id, topic, event_id, "timestamp", source, payload,'
             " stored_at, txid, position)"
-            f" SELECT n, 'topic-' || lpad((n % {plan.topics})::text, 4, '0'), md5(n::text),"
+            f" SELECT n, {_topic_sql('n', plan.topics)}, md5(n::text),"
             " at, 'bench', jsonb_build_object('seq', n, 'message', 'event ' || n ||"
             " ' of the scale benchmark'), at, {base} + (n - 1) / "
             f"{ROWS_PER_TXID}, n FROM (SELECT n, {{start}}::timestamptz +"
@@ -199,7 +205,7 @@ def fill(dsn: str, plan: FillPlan) -> dict[str, Any]:
         )
         keys = (
             "INSERT INTO event_keys (topic, event_id, horizon_from)"
-            f" SELECT 'topic-' || lpad((n % {plan.topics})::text, 4, '0'), md5('old' || n),"
+            f" SELECT {_topic_sql('n', plan.topics)}, md5('old' || n),"
             f" {{start}}::timestamptz - interval '{EXTRA_KEY_AGE}'"
             " FROM generate_series({lo}, {hi}) AS n"
         )
