@@ -40,6 +40,12 @@ def topic(n: int, topics: int) -> str:
     return f"topic-{n % topics:04d}"
 
 
+def _topic_sql(n: str, topics: int) -> str:
+    """Return the SQL of topic(n, topics); lpad alone would cut numbers past 4 digits."""
+    k = f"({n} % {topics})::text"
+    return f"'topic-' || lpad({k}, greatest(4, length({k})), '0')"
+
+
 def event_id(n: int) -> str:
     """Return the event id of row n: random-looking, as derived ids are, so keys land all over."""
     return hashlib.md5(str(n).encode()).hexdigest()
@@ -59,6 +65,11 @@ class FillPlan:
     layout: str
     topics: int = 100
     extra_keys: int = 0
+    # The columns that differ between benchmarks, as SQL over n (the row number)
+    # and `at` (its stored_at), and the payload's wording; no braces in them.
+    event_id_sql: str = "md5(n::text)"
+    timestamp_sql: str = "at"
+    label: str = "scale"
 
 
 def _definitions(cur: Any, table: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -190,16 +201,16 @@ def fill(dsn: str, plan: FillPlan) -> dict[str, Any]:
         insert = (
             'INSERT INTO events (id, topic, event_id, "timestamp", source, payload,'
             " stored_at, txid, position)"
-            f" SELECT n, 'topic-' || lpad((n % {plan.topics})::text, 4, '0'), md5(n::text),"
-            " at, 'bench', jsonb_build_object('seq', n, 'message', 'event ' || n ||"
-            " ' of the scale benchmark'), at, {base} + (n - 1) / "
+            f" SELECT n, {_topic_sql('n', plan.topics)}, {plan.event_id_sql},"
+            f" {plan.timestamp_sql}, 'bench', jsonb_build_object('seq', n, 'message',"
+            f" 'event ' || n || ' of the {plan.label} benchmark'), at, {{base}} + (n - 1) / "
             f"{ROWS_PER_TXID}, n FROM (SELECT n, {{start}}::timestamptz +"
             " ({now}::timestamptz - {start}::timestamptz) * ((n - 0.5) / {rows})"
             " AS at FROM generate_series({lo}, {hi}) AS n) AS spread"
         )
         keys = (
             "INSERT INTO event_keys (topic, event_id, horizon_from)"
-            f" SELECT 'topic-' || lpad((n % {plan.topics})::text, 4, '0'), md5('old' || n),"
+            f" SELECT {_topic_sql('n', plan.topics)}, md5('old' || n),"
             f" {{start}}::timestamptz - interval '{EXTRA_KEY_AGE}'"
             " FROM generate_series({lo}, {hi}) AS n"
         )

@@ -1,10 +1,11 @@
-"""Read latency of /stats and /events on a large events table filled with COPY.
+"""Read latency of /stats and /events on a large events table filled by bench.fill.
 
     python -m bench.reads [--rows 10000000] [--topics 100] [--requests 2000] [--warmup 200]
 
 Starts a private PostgreSQL and Redis (or uses DATABASE_URL/REDIS_URL, in a throwaway
-database), migrates, fills `events` with COPY (plus matching `batches` and `topic_stats`),
-runs VACUUM ANALYZE, starts the API only, and times sequential GETs over loopback.
+database), migrates, fills today's partition of `events` and `event_keys` with
+bench.fill (plus matching `batches` and `topic_stats`), runs VACUUM ANALYZE, starts the
+API only, and times sequential GETs over loopback.
 10,000,000 rows take a few minutes to fill; --rows 200000 gives a quick check.
 """
 
@@ -20,7 +21,6 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC
 from datetime import datetime
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ import urllib3
 
 from aggregator_client.outcomes import percentile
 from app.cursors import encode_cursor
+from bench.fill import ROWS_PER_TXID
+from bench.fill import FillPlan
+from bench.fill import fill as fill_events
 from bench.harness import ProcessGroup
 from bench.harness import RssSampler
 from bench.harness import bench_services
@@ -49,12 +52,13 @@ from scripts.services import scratch_dir
 from scripts.services import truncate_sql
 from scripts.stack import Api
 
-# Rows written by one simulated transaction: the worker commits a batch of 500 at a time.
-ROWS_PER_TXID = 500
 # Every tenth stored event is counted as having arrived twice, so the ledger has duplicates.
 DUPLICATE_EVERY = 10
 BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
-COPY_COLUMNS = '(id, topic, event_id, "timestamp", source, payload, txid, position)'
+# The rows' own shape, as SQL over the row number n for bench.fill: ids "ev-0000000001",
+# ..., and one event timestamp per 100 events (100 events/s) from BASE_TIME.
+EVENT_ID_SQL = "'ev-' || lpad(n::text, 10, '0')"
+TIMESTAMP_SQL = f"'{BASE_TIME.isoformat()}'::timestamptz + (n / 100) * interval '1 second'"
 
 
 # Production settings: a read token (and the default rate limit).
@@ -92,109 +96,32 @@ def topic_names(topics: int) -> list[str]:
     return [f"topic-{k:04d}" for k in range(topics)]
 
 
-class RowStream:
-    """A file-like object that generates COPY text rows for events on demand."""
-
-    def __init__(self, rows: int, topics: list[str], base_txid: int, chunk: int = 20000) -> None:
-        self.rows = rows
-        self.topics = topics
-        self.base_txid = base_txid
-        self.chunk = chunk
-        self.next_id = 1
-        self.buffer = ""
-        self.reported = 0
-
-    def _generate(self) -> str:
-        start, end = self.next_id, min(self.next_id + self.chunk, self.rows + 1)
-        self.next_id = end
-        topics, n_topics, base = self.topics, len(self.topics), self.base_txid
-        # One timestamp per 100 events (100 events/s), formatted once each.
-        first = start // 100
-        stamps = [
-            (BASE_TIME + timedelta(seconds=s)).isoformat() for s in range(first, end // 100 + 1)
-        ]
-        lines = [
-            f"{i}\t{topics[i % n_topics]}\tev-{i:010d}\t{stamps[i // 100 - first]}\tbench\t"
-            f'{{"seq": {i}, "message": "event {i} of the read benchmark"}}\t'
-            f"{base + (i - 1) // ROWS_PER_TXID}\t{i}\n"
-            for i in range(start, end)
-        ]
-        if end - 1 - self.reported >= 1_000_000:
-            self.reported = end - 1
-            log(f"fill: {end - 1:,} of {self.rows:,} rows sent")
-        return "".join(lines)
-
-    def read(self, size: int = -1) -> str:
-        """Return up to size characters of COPY text (everything left when size < 0)."""
-        while (size < 0 or len(self.buffer) < size) and self.next_id <= self.rows:
-            self.buffer += self._generate()
-        if size < 0:
-            size = len(self.buffer)
-        out, self.buffer = self.buffer[:size], self.buffer[size:]
-        return out
-
-
-def _definitions(cur: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Return (constraints, plain indexes) of events as (name, definition) pairs."""
-    cur.execute(
-        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
-        " WHERE conrelid = 'events'::regclass AND contype IN ('p', 'u', 'x')"
-        " ORDER BY contype, conname"
-    )
-    constraints = list(cur.fetchall())
-    cur.execute(
-        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index"
-        " WHERE indrelid = 'events'::regclass AND indexrelid NOT IN"
-        " (SELECT conindid FROM pg_constraint WHERE conrelid = 'events'::regclass)"
-        " ORDER BY 1"
-    )
-    return constraints, list(cur.fetchall())
-
-
 def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
-    """Load rows into events with COPY, rebuild its keys and indexes, and fill the counters."""
-    timings: dict[str, float] = {}
+    """Load rows with bench.fill into today's partition, then fill the counters."""
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute("SET maintenance_work_mem = '1GB'")
-            # Rows get transaction ids of their own (one per simulated batch), as
-            # the worker's would, and positions in the same order.
-            cur.execute("SELECT txid_current()")
-            base_txid = cur.fetchone()[0] + 1
-            last_txid = base_txid + (rows - 1) // ROWS_PER_TXID
-            # Building the keys and indexes once after the load is several times
-            # faster than maintaining them row by row; their definitions are
-            # read from the catalog, so whatever the migrations made comes back.
-            constraints, indexes = _definitions(cur)
-            for name, _ in indexes:
-                cur.execute(f'DROP INDEX "{name}"')
-            for name, _ in constraints:
-                cur.execute(f'ALTER TABLE events DROP CONSTRAINT "{name}"')
+            # bench.fill expects empty tables; the migration leaves a counter_totals row.
             cur.execute(truncate_sql())
+        conn.commit()
+    finally:
+        conn.close()
+    # One day: every row in today's partition, as a table stored today would be.
+    plan = FillPlan(
+        rows,
+        1,
+        "days",
+        len(topics),
+        event_id_sql=EVENT_ID_SQL,
+        timestamp_sql=TIMESTAMP_SQL,
+        label="read",
+    )
+    filled = fill_events(dsn, plan)
+    timings: dict[str, float] = dict(filled["seconds"])
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
             started = time.perf_counter()
-            # FREEZE: the table was truncated in this transaction, so rows can be
-            # written frozen and no later pass has to set hint bits on 10M rows.
-            cur.copy_expert(
-                f"COPY events {COPY_COLUMNS} FROM STDIN WITH (FREEZE)",
-                RowStream(rows, topics, base_txid),
-                size=1 << 20,
-            )
-            timings["copy"] = time.perf_counter() - started
-            conn.commit()
-
-            started = time.perf_counter()
-            for name, definition in constraints:
-                cur.execute(f'ALTER TABLE events ADD CONSTRAINT "{name}" {definition}')
-                conn.commit()
-            for _, definition in indexes:
-                cur.execute(definition)
-                conn.commit()
-            timings["indexes"] = time.perf_counter() - started
-
-            started = time.perf_counter()
-            cur.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), %s)", (rows,))
-            cur.execute("SELECT setval('events_position_seq', %s)", (rows,))
             counters = (
                 f"count(*) + count(*) FILTER (WHERE id % {DUPLICATE_EVERY} = 0), count(*),"
                 f" count(*) FILTER (WHERE id % {DUPLICATE_EVERY} = 0), 0"
@@ -218,21 +145,22 @@ def fill(dsn: str, rows: int, topics: list[str]) -> dict[str, Any]:
         conn.autocommit = True
         with conn.cursor() as cur:
             started = time.perf_counter()
-            cur.execute("VACUUM (ANALYZE) events, batches, topic_stats, counter_totals")
-            timings["vacuum_analyze"] = time.perf_counter() - started
-            cur.execute("SELECT pg_size_pretty(pg_total_relation_size('events'))")
-            size = cur.fetchone()[0]
+            cur.execute("VACUUM (ANALYZE) batches, topic_stats, counter_totals")
+            timings["vacuum_analyze"] += time.perf_counter() - started
     finally:
         conn.close()
     total = sum(timings.values())
     return {
         "rows": rows,
         "topics": len(topics),
-        "transactions": last_txid - base_txid + 1,
-        "events_size": size,
+        "transactions": (rows - 1) // ROWS_PER_TXID + 1,
+        "partitions": filled["partitions"],
+        "events_size": filled["events_size"],
+        "keys_size": filled["keys_size"],
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "total_seconds": round(total, 2),
-        "copy_rows_per_second": round(rows / timings["copy"], 1),
+        # bench.fill rounds to 0.1 s, so a tiny fill can take "0.0 s".
+        "insert_rows_per_second": round(rows / timings["events"], 1) if timings["events"] else None,
     }
 
 
@@ -357,8 +285,10 @@ def render(document: dict[str, Any]) -> str:
             fmt(filled["rows"]),
             fmt(filled["topics"]),
             filled["events_size"],
-            f"{seconds['copy']:.1f}",
-            fmt(filled["copy_rows_per_second"]),
+            filled["keys_size"],
+            f"{seconds['events']:.1f}",
+            fmt(filled["insert_rows_per_second"]),
+            f"{seconds['keys']:.1f}",
             f"{seconds['indexes']:.1f}",
             f"{seconds['counters'] + seconds['vacuum_analyze']:.1f}",
             f"{filled['total_seconds']:.1f}",
@@ -367,13 +297,16 @@ def render(document: dict[str, Any]) -> str:
     out = [
         describe(document),
         table(
-            "Fill (COPY, then keys and indexes, counters, VACUUM ANALYZE)",
+            "Fill (bench.fill: INSERT ... SELECT, event_keys, keys and indexes;"
+            " counters, VACUUM ANALYZE)",
             [
                 "rows",
                 "topics",
                 "events size",
-                "COPY s",
-                "COPY rows/s",
+                "event_keys size",
+                "insert s",
+                "insert rows/s",
+                "event_keys s",
                 "index s",
                 "rest s",
                 "total s",

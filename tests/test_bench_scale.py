@@ -1,4 +1,4 @@
-"""The scale benchmarks (bench.partitions, bench.horizon) run end to end at a tiny size.
+"""bench.partitions, bench.horizon and bench.reads run end to end at a tiny size.
 
 Smoke runs only: they check that each command fills its databases, measures every case
 without a failed request, drops what it made and exits 0; the numbers are not asserted.
@@ -82,4 +82,22 @@ def test_horizon_bench_stores_new_and_duplicate_batches_at_both_horizons(
             assert (r["stored"], r["duplicates"]) == (events, 0)
         else:
             assert (r["stored"], r["duplicates"]) == (0, events)
+    assert databases(pg_server_url) == before
+
+
+def test_reads_bench_fills_partitioned_events_and_reads_every_case(
+    pg_server_url: str, tmp_path: Path
+) -> None:
+    before = databases(pg_server_url)
+    args = ["--rows", "3000", "--topics", "20", "--requests", "5", "--warmup", "1"]
+    result = run_bench("reads", args + ["--export-rows", "1000"], pg_server_url, tmp_path)
+    assert (result["fill"]["rows"], result["fill"]["transactions"]) == (3000, 6)
+    assert len(result["cases"]) == 7
+    assert all(r["errors"] == 0 for r in result["cases"].values())
+    assert all(
+        r["median_rows_per_page"] > 0
+        for case, r in result["cases"].items()
+        if case.startswith("/events")
+    )
+    assert result["export"]["rows"] == 1000
     assert databases(pg_server_url) == before
