@@ -6,7 +6,8 @@ an unedited .env refused; `up --build -d --wait` healthy without a registry; the
 publisher service's 20,000 events with exact duplicates and its JSON log; a smoke test
 inside an API container; the same event 5 times stored once (seed test B); 3 API
 replicas and 3 workers behind the proxy storing one of 50 concurrent copies (seed
-test D), still 3 after `run --rm --no-deps publisher`; workers' JSON logs; `down`
+test D), still 3 after `run --rm --no-deps publisher`; workers' JSON logs; the beat
+sending retention runs that a worker carries out; `down`
 and `up` keeping rows and counters (seed test C); `down -v` starting from zero, the
 stack left running and empty for test_monitoring_profile.py (the session removes it).
 """
@@ -29,7 +30,7 @@ from tests.compose.harness import record
 pytestmark = pytest.mark.incremental
 
 APP_SERVICES = ("migrate", "aggregator", "worker", "flower")
-LONG_RUNNING = ("postgres", "redis", "aggregator", "worker", "flower", "proxy")
+LONG_RUNNING = ("postgres", "redis", "aggregator", "worker", "beat", "flower", "proxy")
 SECRETS = (
     "POSTGRES_PASSWORD",
     "API_TOKENS",
@@ -163,6 +164,30 @@ def test_workers_and_api_replicas_log_json_lines_and_no_errors(stack: Stack) -> 
         if entry["level"] in ("ERROR", "CRITICAL") or entry.get("status", 0) >= 500
     ]
     assert not errors, "\n".join(json.dumps(entry) for entry in errors)
+
+
+def test_the_beat_sends_retention_runs_that_a_worker_carries_out(stack: Stack) -> None:
+    # Every 5 s instead of the hour .env.example leaves it at: recreates the beat alone.
+    with (stack.directory / ".env").open("a") as env_file:
+        env_file.write("RETENTION_INTERVAL=5\n")
+    stack.compose("up", "-d", "--wait", "--no-deps", "beat", timeout=300)
+
+    def runs() -> list[dict]:
+        return [
+            entry
+            for entry in json_lines(stack.logs("worker"))
+            if entry["message"] == "retention run"
+        ]
+
+    deadline = time.monotonic() + 90
+    while not runs() and time.monotonic() < deadline:
+        time.sleep(2)
+    [first, *_] = runs() or [None]
+    assert first is not None, "\n".join(stack.logs("beat")[-20:])
+    # Off by default: it only keeps partitions ready ahead, and drops nothing.
+    assert first["ran"] is True and first["dropped"] == [], first
+    assert any("tasks.retention.run" in line for line in stack.logs("beat"))
+    assert stack.stats()["retention"]["dropped_through"] == 0
 
 
 def test_down_and_up_keep_the_stored_events_and_the_counters(stack: Stack) -> None:
