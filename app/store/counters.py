@@ -68,11 +68,16 @@ def topic_page(
     # every partition, merged (Merge Append), stopped at the first row. Events are
     # partitioned by stored_at, not position, so no partition can be skipped: a batch
     # committed just after midnight may hold positions below the previous day's last.
+    # The topic is matched as a range of one value, and ordered by, so that only the
+    # (topic, position) index gives the order: with `topic = ...` PostgreSQL may walk a
+    # partition's position index filtering on topic instead, which reads the whole
+    # partition for a topic it holds no row of (58 s for 100 such topics at 3,000,000
+    # events; 6 ms this way, bench.oldest).
     listed = page_rows.subquery("listed")
     first = (
         select(events.c.position, events.c.stored_at)
-        .where(events.c.topic == listed.c.topic)
-        .order_by(events.c.position)
+        .where(events.c.topic >= listed.c.topic, events.c.topic <= listed.c.topic)
+        .order_by(events.c.topic, events.c.position)
         .limit(1)
         .lateral("first")
     )
