@@ -478,14 +478,16 @@ def stats() -> dict[str, Any]:
 @stats_blp.response(200, TopicPageSchema)
 @documents_errors(401, 403, 422, 429, 503)
 @operation(stats_blp, "listTopicStats")
-def topic_stats(limit: int, cursor: str | None = None, prefix: str | None = None) -> dict[str, Any]:
+def topic_stats(
+    limit: int, oldest: bool, cursor: str | None = None, prefix: str | None = None
+) -> dict[str, Any]:
     """Return per-topic counters, a page at a time, optionally only topics with a prefix."""
     try:
         after = decode_topic_cursor(cursor) if cursor is not None else None
     except InvalidCursor as exc:
         raise ValidationError({"cursor": [str(exc)]}) from None
     with _engine().connect() as conn:
-        page, last = topic_page(conn, limit=limit, after=after, prefix=prefix)
+        page, last = topic_page(conn, limit=limit, after=after, prefix=prefix, oldest=oldest)
     next_cursor = encode_topic_cursor(last) if last is not None else None
     return {"topics": page, "next_cursor": next_cursor}
 

@@ -22,6 +22,9 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_PAYLOAD_DEPTH = 32
 MAX_BATCH = 1000
 MAX_PAGE = 1000
+# A page of /stats/topics?oldest=true pays one index descent per topic and partition of
+# events (30 daily partitions: 3,000 for 100 topics), so it is smaller.
+MAX_OLDEST_PAGE = 100
 MAX_WAIT_SECONDS = 30
 # What parsing a body may cost is bounded before it is parsed: by its size
 # (MAX_BODY_BYTES, app.config) and by the number of JSON values in it, counted
@@ -695,14 +698,44 @@ class TopicQuerySchema(Schema):
         validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL],
         metadata={"description": "Only topics starting with this.", "example": "orders."},
     )
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=MAX_PAGE))
+    limit = fields.Integer(
+        load_default=100,
+        validate=validate.Range(min=1, max=MAX_PAGE),
+        metadata={"description": f"At most {MAX_PAGE}, or {MAX_OLDEST_PAGE} with oldest=true."},
+    )
     cursor = fields.String(validate=[validate.Length(min=1, max=400), NO_NUL])
+    oldest = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Also each topic's oldest retained event (oldest_position,"
+            " oldest_stored_at). It costs an index probe per topic and daily partition,"
+            f" so limit is then at most {MAX_OLDEST_PAGE}."
+        },
+    )
+
+    @validates_schema
+    def _oldest_pages_are_smaller(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("oldest") and data.get("limit", 0) > MAX_OLDEST_PAGE:
+            raise ValidationError(
+                {"limit": [f"must be at most {MAX_OLDEST_PAGE} with oldest=true"]}
+            )
 
 
 class TopicCountersSchema(TopicStatsSchema):
-    """One topic's counters."""
+    """One topic's counters (and, with oldest=true, its oldest retained event)."""
 
     topic = fields.String(required=True, metadata={"example": "orders.eu"})
+    oldest_position = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "With oldest=true: position of the topic's oldest event kept;"
+            " null when none is (retention dropped them all, or none was stored)."
+        },
+    )
+    oldest_stored_at = fields.AwareDateTime(
+        allow_none=True,
+        metadata={"description": "With oldest=true: when that event was stored; or null."},
+    )
 
 
 class TopicPageSchema(Schema):

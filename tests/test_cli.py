@@ -361,6 +361,14 @@ def test_stats_prints_the_apis_figures(url: str) -> None:
     assert (totals["unique_processed_db"], totals["estimated_duplicate_dropped"]) == (1, 1)
     topics = json_out(aggregator("stats", "--url", url, "--topics", "--prefix", "stats.", "--json"))
     assert topics == [{"topic": "stats.a", "stored": 1, "duplicates": 1, "failed": 0}]
+    oldest = json_out(
+        aggregator("stats", "--url", url, "--topics", "--oldest", "--prefix", "stats.", "--json")
+    )
+    assert oldest == list(Client(url).topic_stats("stats.", oldest=True))
+    assert oldest[0]["oldest_position"] is not None
+    table = aggregator("stats", "--url", url, "--topics", "--oldest", "--prefix", "stats.")
+    assert "oldest_stored_at" in table.stdout.decode()
+    assert str(oldest[0]["oldest_position"]) in table.stdout.decode()
     text_run = aggregator("stats", "--url", url)
     assert "unique_processed_db" in text_run.stdout.decode()
 

@@ -3,9 +3,11 @@
 Partitions are created ahead and rows stranded in the default move out; days
 past RETENTION_DAYS are dropped whole; keys past DEDUP_HORIZON_DAYS are pruned;
 an event sent again after its key is gone is stored and counted
-stored_after_horizon; a cursor into dropped events continues with a flag; one
-runner acts at a time; and a run while a publisher and a follower are active
-loses nothing inside retention and counts nothing twice.
+stored_after_horizon; a cursor into dropped events continues with a flag; each
+topic's oldest retained event (/stats/topics?oldest=true) moves past a dropped day,
+and is null once all of a topic's days are gone; one runner acts at a time; and a
+run while a publisher and a follower are active loses nothing inside retention and
+counts nothing twice.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from app.db import event_keys
 from app.db import events
 from app.db import make_engine
 from app.store.counters import read_totals
+from app.store.counters import topic_page
 from app.store.ledger import store_exactly_once
 from app.store.reading import iter_events
 from app.store.reading import list_events
@@ -326,6 +329,75 @@ def test_keys_outlive_their_events(own_db: Engine) -> None:
     assert report.dropped and report.keys_pruned == 0
     assert count(own_db, event_keys, "t") == 1
     assert store_exactly_once(own_db, "b2", [event("k", "t")]).duplicates == 1
+
+
+def test_each_topics_oldest_event_moves_past_a_dropped_day_and_is_null_once_all_are_gone(
+    own_db: Engine,
+) -> None:
+    store_exactly_once(own_db, "b-old", [event(f"o{n}", "a", old_timestamp()) for n in range(3)])
+    store_exactly_once(
+        own_db, "b-gone", [event(f"g{n}", "gone", old_timestamp()) for n in range(2)]
+    )
+    age(own_db, "a")
+    age(own_db, "gone")
+    store_exactly_once(own_db, "b-mid", [event(f"m{n}", "a") for n in range(2)])
+    with own_db.begin() as conn:
+        # Two days back: inside the 3 days kept, in a partition of its own.
+        conn.execute(
+            text(
+                "UPDATE events SET stored_at = stored_at - interval '2 days'"
+                " WHERE topic = 'a' AND event_id LIKE 'm%'"
+            )
+        )
+    store_exactly_once(own_db, "b-new", [event(f"n{n}", "a") for n in range(2)])
+    store_exactly_once(own_db, "b-b", [event("b0", "b")])
+
+    def oldest() -> dict[str, tuple[Any, Any]]:
+        with own_db.connect() as conn:
+            page, last = topic_page(conn, limit=10, oldest=True)
+            assert last is None
+            expected = {}
+            for topic in ("a", "b", "gone"):
+                first = conn.execute(
+                    select(events.c.position, events.c.stored_at)
+                    .where(events.c.topic == topic)
+                    .order_by(events.c.position)
+                    .limit(1)
+                ).one_or_none()
+                expected[topic] = (None, None) if first is None else tuple(first)
+        found = {row["topic"]: (row["oldest_position"], row["oldest_stored_at"]) for row in page}
+        assert found == expected
+        return found
+
+    before = oldest()
+    assert before["a"][1] < datetime.now(UTC) - timedelta(days=DAYS_BACK - 1)
+    report = run_retention(own_db, KEEP_3_DAYS)
+    assert len(report.dropped) == 1
+    after = oldest()
+    # The new oldest of "a" is its first event of two days ago, in an older partition
+    # than today's; "b" is untouched; "gone" keeps its counters but no event.
+    assert after["a"][0] > before["a"][0]
+    assert (
+        datetime.now(UTC) - timedelta(days=3)
+        < after["a"][1]
+        < datetime.now(UTC) - timedelta(days=1)
+    )
+    assert after["b"] == before["b"] and after["gone"] == (None, None)
+    with own_db.connect() as conn:
+        page, _ = topic_page(conn, limit=10, prefix="gone", oldest=True)
+        assert page == [
+            {
+                "topic": "gone",
+                "stored": 2,
+                "duplicates": 0,
+                "failed": 0,
+                "oldest_position": None,
+                "oldest_stored_at": None,
+            }
+        ]
+        # Without oldest, a page is the counters alone, as before.
+        page, _ = topic_page(conn, limit=10, prefix="gone")
+        assert page == [{"topic": "gone", "stored": 2, "duplicates": 0, "failed": 0}]
 
 
 def test_two_runners_never_both_act(own_db: Engine) -> None:

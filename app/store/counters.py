@@ -8,10 +8,12 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy import func
 from sqlalchemy import select
+from sqlalchemy import true
 
 from app.db import COUNTERS
 from app.db import OUTCOMES
 from app.db import counter_totals
+from app.db import events
 from app.db import topic_stats
 
 
@@ -36,9 +38,18 @@ def read_totals(conn: Connection) -> Totals:
 
 
 def topic_page(
-    conn: Connection, *, limit: int, after: str | None = None, prefix: str | None = None
+    conn: Connection,
+    *,
+    limit: int,
+    after: str | None = None,
+    prefix: str | None = None,
+    oldest: bool = False,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Return per-topic counters in code-point order of topic, and the last topic if more follow."""
+    """Return per-topic counters in code-point order of topic, and the last topic if more follow.
+
+    With oldest, each row also has its topic's oldest retained event (position and
+    stored_at, None when retention dropped all of them), read in the same statement.
+    """
     topic = topic_stats.c.topic.collate("C")
     conditions = []
     if after is not None:
@@ -48,12 +59,43 @@ def topic_page(
         end = _prefix_end(prefix)
         if end is not None:
             conditions.append(topic < end)
-    stmt = select(topic_stats).where(*conditions).order_by(topic).limit(limit + 1)
+    page_rows = select(topic_stats).where(*conditions).order_by(topic).limit(limit + 1)
+    if not oldest:
+        rows = conn.execute(page_rows).mappings().all()
+        page = [_counters(row) for row in rows[:limit]]
+        return page, page[-1]["topic"] if len(rows) > limit else None
+    # The page first, then one probe per topic of it: the (topic, position) index of
+    # every partition, merged (Merge Append), stopped at the first row. Events are
+    # partitioned by stored_at, not position, so no partition can be skipped: a batch
+    # committed just after midnight may hold positions below the previous day's last.
+    # The topic is matched as a range of one value, and ordered by, so that only the
+    # (topic, position) index gives the order: with `topic = ...` PostgreSQL may walk a
+    # partition's position index filtering on topic instead, which reads the whole
+    # partition for a topic it holds no row of (58 s for 100 such topics at 3,000,000
+    # events; 6 ms this way, bench.oldest).
+    listed = page_rows.subquery("listed")
+    first = (
+        select(events.c.position, events.c.stored_at)
+        .where(events.c.topic >= listed.c.topic, events.c.topic <= listed.c.topic)
+        .order_by(events.c.topic, events.c.position)
+        .limit(1)
+        .lateral("first")
+    )
+    stmt = (
+        select(listed, first.c.position, first.c.stored_at)
+        .select_from(listed.outerjoin(first, true()))
+        .order_by(listed.c.topic.collate("C"))
+    )
     rows = conn.execute(stmt).mappings().all()
     page = [
-        {"topic": row["topic"], **{name: row[name] for name in OUTCOMES}} for row in rows[:limit]
+        _counters(row) | {"oldest_position": row["position"], "oldest_stored_at": row["stored_at"]}
+        for row in rows[:limit]
     ]
     return page, page[-1]["topic"] if len(rows) > limit else None
+
+
+def _counters(row: Any) -> dict[str, Any]:
+    return {"topic": row["topic"], **{name: row[name] for name in OUTCOMES}}
 
 
 def _prefix_end(prefix: str) -> str | None:

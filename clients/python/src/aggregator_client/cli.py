@@ -402,6 +402,11 @@ def tail_command(state: State, **options: Any) -> Invocation:
 @cli.command("stats", epilog=EXIT_CODES, context_settings=CONTEXT)
 @click.option("--topics", is_flag=True, help="per-topic counters instead")
 @click.option(
+    "--oldest",
+    is_flag=True,
+    help="with --topics: also each topic's oldest retained event (100 topics per request)",
+)
+@click.option(
     "--prefix", shell_complete=complete_topics, help="with --topics: only topics starting with this"
 )
 @global_options
@@ -698,13 +703,17 @@ def run_stats(client: Client, args: SimpleNamespace) -> int:
     """Print /stats, or every topic's counters."""
     check_reachable(client)
     if args.topics:
-        rows = list(client.topic_stats(args.prefix))
+        rows = list(client.topic_stats(args.prefix, oldest=args.oldest))
         if args.json:
             emit_json(rows)
         else:
-            print(f"{'topic':<40} {'stored':>10} {'duplicates':>10} {'failed':>8}")
+            oldest = f" {'oldest_position':>16} oldest_stored_at" if args.oldest else ""
+            print(f"{'topic':<40} {'stored':>10} {'duplicates':>10} {'failed':>8}{oldest}")
             for row in rows:
                 counts = f"{row['stored']:>10} {row['duplicates']:>10} {row['failed']:>8}"
+                if args.oldest:
+                    position, stored_at = row["oldest_position"], row["oldest_stored_at"]
+                    counts += f" {'-' if position is None else position:>16} {stored_at or '-'}"
                 print(f"{row['topic']:<40} {counts}")
         return EXIT_OK
     figures = client.stats()

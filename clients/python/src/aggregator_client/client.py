@@ -459,9 +459,17 @@ class Client:
         """Return GET /stats: exact totals across topics."""
         return self._get("/stats")
 
-    def topic_stats(self, prefix: str | None = None) -> Iterator[dict[str, Any]]:
-        """Yield each topic's counters from GET /stats/topics, walking every page."""
+    def topic_stats(
+        self, prefix: str | None = None, *, oldest: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Yield each topic's counters from GET /stats/topics, walking every page.
+
+        With oldest, each also has oldest_position and oldest_stored_at (None when no
+        event of the topic is kept); the API then pages 100 topics at a time.
+        """
         params: dict[str, Any] = {"limit": 1000, "prefix": prefix or None}
+        if oldest:
+            params.update(limit=100, oldest="true")
         while True:
             page = self._get("/stats/topics", params)
             yield from page["topics"]
