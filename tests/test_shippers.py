@@ -1,9 +1,11 @@
-"""Shipping real logs with the programs people run: rsyslog (Debian's) into a real API and worker.
+"""Shipping real logs with the programs people run (rsyslog, syslog-ng: Debian's) into a real API.
 
 deploy/shippers/rsyslog/aggregator.conf, unchanged, follows a file with imfile and
 feeds aggregator_client.omprog, which confirms a batch to rsyslog only once it was
-answered 202. Checked here: every line stored once; an outage of the API loses
-nothing (rsyslog keeps and resends); reading the whole file again (its state
+answered 202. deploy/shippers/syslog-ng/aggregator.conf, unchanged, posts NDJSON
+batches with syslog-ng's own http() destination. Checked for each: every line
+stored once; an outage of the API loses nothing (the shipper keeps and resends, for
+syslog-ng also across its own SIGKILL); reading the whole file again (its state
 lost) stores nothing new and counts each line as a duplicate.
 """
 
@@ -33,9 +35,11 @@ from scripts.stack import Worker
 from scripts.stack import free_port
 from scripts.stack import port_is_free
 from scripts.stack import wait_until
+from scripts.syslog_ng import find_syslog_ng
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "deploy" / "shippers" / "rsyslog" / "aggregator.conf"
+SYSLOG_NG_RECIPE = ROOT / "deploy" / "shippers" / "syslog-ng" / "aggregator.conf"
 TOKEN = secrets.token_hex(32)
 
 
@@ -167,6 +171,88 @@ def test_rsyslog_ships_each_line_once_through_an_outage_and_a_reread(
     assert topic_counts(tokened_api.url, topic) == {
         "stored": 800,
         "duplicates": 800,
+        "failed": 0,
+    }
+
+
+class SyslogNgDaemon:
+    """syslog-ng in the foreground with the recipe included, its state and buffer in `base`."""
+
+    def __init__(self, base: Path, env: dict[str, str]) -> None:
+        self.base = base
+        self.buffer = base / "buffer"
+        self.env = {**env, "AGGREGATOR_BUFFER_DIR": str(self.buffer)}
+        self.syslog_ng = find_syslog_ng()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SyslogNgDaemon:
+        self.buffer.mkdir(parents=True, exist_ok=True)
+        config = self.base / "syslog-ng.conf"
+        config.write_text(f'@version: 3.38\n@include "{SYSLOG_NG_RECIPE}"\n', encoding="utf-8")
+        env = {**os.environ, **self.syslog_ng.environ(), **self.env}
+        with (self.base / "syslog-ng.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                self.syslog_ng.command(config, self.base), env=env, stdout=log, stderr=log
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def forget(self) -> None:
+        """Lose where it read to and what it buffered: the next start reads the file again."""
+        (self.base / "syslog-ng.persist").unlink(missing_ok=True)
+        for queued in self.buffer.iterdir():
+            queued.unlink()
+
+
+def test_syslog_ng_ships_each_line_once_through_an_outage_its_kill_and_a_reread(
+    tokened_api: Restartable, tmp_path: Path
+) -> None:
+    topic = f"syslog-ng-{uuid.uuid4().hex[:8]}"
+    log_file = tmp_path / "app.log"
+    write_lines(log_file, 1, 600)  # 540 different texts: every tenth repeats the one before
+    env = {
+        "AGGREGATOR_LOG_FILE": str(log_file),
+        "AGGREGATOR_TOPIC": topic,
+        "AGGREGATOR_URL": tokened_api.url,
+        "AGGREGATOR_TOKEN": TOKEN,
+    }
+    daemon = SyslogNgDaemon(tmp_path / "syslog-ng", env).start()
+    try:
+
+        def counts() -> dict[str, int]:
+            return topic_counts(tokened_api.url, topic)
+
+        wait_until(lambda: sum(counts().values()) == 600, timeout=60, interval=0.5)
+        assert counts() == {"stored": 540, "duplicates": 60, "failed": 0}
+        # The API goes away while more lines arrive; syslog-ng, killed meanwhile, finds
+        # them in its disk buffer (or the file) when it starts again.
+        tokened_api.stop()
+        write_lines(log_file, 601, 200)  # 180 more texts
+        time.sleep(3)  # it tries every 2 s (time-reopen) meanwhile
+        daemon.kill()
+        daemon.start()
+        tokened_api.start()
+        wait_until(lambda: sum(counts().values()) >= 800, timeout=60, interval=0.5)
+        # Its state lost, syslog-ng reads the whole file again: nothing new is stored.
+        daemon.stop()
+        daemon.forget()
+        daemon.start()
+        wait_until(lambda: counts()["duplicates"] >= 880, timeout=60, interval=0.5)
+        time.sleep(2)  # anything more would show now
+    finally:
+        daemon.stop()
+    assert topic_counts(tokened_api.url, topic) == {
+        "stored": 720,
+        "duplicates": 880,
         "failed": 0,
     }
 
