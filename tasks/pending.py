@@ -579,28 +579,43 @@ def overdue(client: redis.Redis, older_than: float, limit: int = 1000) -> list[s
 _DELIVERY_TAG = '"delivery_tag": "'
 
 
-def queued_batches(client: redis.Redis, tail: int, chunk: int = 200) -> set[str]:
+# One read of the queue's tail returns about this many bytes (one message more at most):
+# Redis copies the whole reply while it holds every other client, and a message can be
+# as large as a request body (MAX_BODY_BYTES) and more.
+SCAN_READ_BYTES = 4 * 1024 * 1024
+SCAN_FIRST_READ = 4
+SCAN_MAX_READ = 200
+
+
+def queued_batches(client: redis.Redis, tail: int) -> set[str]:
     """Return the batch ids among the `tail` messages next in line on the queue.
 
     A message still queued after it was sent has only older (or restored)
     messages ahead of it, so the tail that holds every overdue batch is as long
     as the number of overdue batches. The scan reads ascending positions: pops
     at the tail and pushes at the head only make it see a message twice, never
-    miss one that stays queued.
+    miss one that stays queued. Each read is sized from the messages read so far
+    to return about SCAN_READ_BYTES, so no read holds Redis long whatever the
+    messages weigh (200 messages of a 2 MiB batch each would be a 540 MB reply).
     """
     found: set[str] = set()
     start = max(0, client.llen(QUEUE_KEY) - tail)
+    count = SCAN_FIRST_READ
     while True:
-        messages = client.lrange(QUEUE_KEY, start, start + chunk - 1)
+        messages = client.lrange(QUEUE_KEY, start, start + count - 1)
+        size = 0
         for raw in messages:
             text = _text(raw)
+            size += len(raw)
             at = text.rfind(_DELIVERY_TAG)
             if at >= 0:
                 begin = at + len(_DELIVERY_TAG)
                 found.add(text[begin : text.index('"', begin)])
-        if len(messages) < chunk:
+        if len(messages) < count:
             return found
-        start += chunk
+        start += count
+        average = max(1, size // len(messages))
+        count = max(1, min(SCAN_MAX_READ, SCAN_READ_BYTES // average))
 
 
 @dataclass(frozen=True)
