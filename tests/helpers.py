@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import requests
@@ -14,6 +15,15 @@ from app.db import batches
 from app.db import events
 from app.db import pruned_batches
 from scripts.stack import wait_until
+
+
+def fixed_hex(seed: str, length: int) -> str:
+    """Hex digits that look random but are the same in every process (a token in a test id).
+
+    pytest-xdist checks that its workers collected the same test ids; a token made with
+    `secrets` at import time would differ between them.
+    """
+    return hashlib.sha256(seed.encode()).hexdigest()[:length]
 
 
 def make_event(event_id: str, topic: str = "orders", **payload: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,14 +17,15 @@ from scripts.stack import ROOT
 from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import wait_until
+from tests.helpers import fixed_hex
 from tests.helpers import make_event
 
 # Random, as tokens must be (app.config refuses placeholders and guessable ones).
-PUBLISHER = "publisher-" + secrets.token_hex(20)
-NEXT = "next-" + secrets.token_hex(20)
-READER = "reader-" + secrets.token_hex(20)
-ADMIN = "admin-" + secrets.token_hex(20)
-BUDGET = "budget-" + secrets.token_hex(20)
+PUBLISHER = "publisher-" + fixed_hex("publisher", 40)
+NEXT = "next-" + fixed_hex("next", 40)
+READER = "reader-" + fixed_hex("reader", 40)
+ADMIN = "admin-" + fixed_hex("admin", 40)
+BUDGET = "budget-" + fixed_hex("budget", 40)
 TOKENS = f"{PUBLISHER},{NEXT}:publish+read,{READER}:read,{ADMIN}:admin,{BUDGET}"
 
 

@@ -29,6 +29,7 @@ from app.schemas import MAX_STRING
 from app.schemas import _plainly_valid
 from app.schemas import load_events
 from app.schemas import queued_problems
+from tests.helpers import fixed_hex
 
 
 def event(**overrides: Any) -> dict[str, Any]:
@@ -48,8 +49,8 @@ def event(**overrides: Any) -> dict[str, Any]:
     [
         ("replace-with-openssl-rand-hex-32", "contains 'replace'"),
         ("change-me-change-me-change-me-now", "contains 'change'"),
-        (f"EXAMPLE-{secrets.token_hex(16)}", "contains 'example'"),
-        (f"{secrets.token_hex(12)}-placeholder", "contains 'placeholder'"),
+        (f"EXAMPLE-{fixed_hex('example', 32)}", "contains 'example'"),
+        (f"{fixed_hex('placeholder', 24)}-placeholder", "contains 'placeholder'"),
         ("t" * 32, "only 1 different characters"),
         ("abcdefghijkl" * 3, "repeats 'abcdefgh'"),
         ("Kx7Qm2Vp9Lw4-0123456789-0123456789", "repeats '-0123456'"),

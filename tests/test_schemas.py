@@ -25,6 +25,7 @@ from app.schemas import MAX_PAYLOAD_BYTES
 from app.schemas import inexact_numbers
 from app.schemas import load_events
 from app.schemas import refuse_inexact_numbers
+from tests.helpers import fixed_hex
 
 
 def event(**overrides: Any) -> dict[str, Any]:
@@ -91,8 +92,8 @@ def test_settings_come_from_the_environment() -> None:
     assert not settings.auth_disabled
 
 
-GOOD = secrets.token_hex(16)
-OTHER = secrets.token_hex(16)
+GOOD = fixed_hex("good", 32)
+OTHER = fixed_hex("other", 32)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import wait_until
 from tasks.broker_state import MIN_ALLOWANCE
+from tasks.broker_state import broker_name
 from tests.faults.harness import PacedPublisher
 from tests.faults.harness import Workers
 from tests.faults.harness import report
@@ -39,19 +40,26 @@ from tests.helpers import settled_stats
 from tests.helpers import stats
 
 
-def checkpoint_allowance(engine: Engine) -> tuple[int, int]:
-    """Return the accepted and allowed events of the last broker check ((0, 0) before it)."""
+def checkpoint_allowance(engine: Engine, broker: RedisServer) -> tuple[int, int]:
+    """Return the accepted and allowed events of the broker's last check ((0, 0) before it)."""
+    # This broker's row only: a session worker, if one runs, checkpoints its own broker.
     with engine.connect() as conn:
         row = conn.execute(
-            select(broker_checkpoints.c.accepted_events, broker_checkpoints.c.allowed_events)
+            select(broker_checkpoints.c.accepted_events, broker_checkpoints.c.allowed_events).where(
+                broker_checkpoints.c.broker == broker_name(broker.url)
+            )
         ).one_or_none()
     return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
 
-def checkpointed_events(engine: Engine) -> int:
-    """Return the accepted events the last broker check recorded (0 before the first)."""
+def checkpointed_events(engine: Engine, broker: RedisServer) -> int:
+    """Return the accepted events the broker's last check recorded (0 before the first)."""
     with engine.connect() as conn:
-        value = conn.execute(select(broker_checkpoints.c.accepted_events)).scalar()
+        value = conn.execute(
+            select(broker_checkpoints.c.accepted_events).where(
+                broker_checkpoints.c.broker == broker_name(broker.url)
+            )
+        ).scalar()
     return int(value or 0)
 
 
@@ -97,7 +105,7 @@ def test_flushall_with_batches_queued_is_detected_and_reported(
             publish(api.url, [make_event(f"q-{n}-{i}", topic="queued") for i in range(20)])
         # Two batches held by the pool processes, three on the queue; a check has seen all.
         lock.wait_for_blocked_tasks(2)
-        wait_until(lambda: checkpointed_events(engine) == 120, timeout=15)
+        wait_until(lambda: checkpointed_events(engine, broker) == 120, timeout=15)
         assert stats(api.url)["queued_events"] == 100
         with redis.Redis.from_url(broker.url) as client:
             client.flushall()
@@ -138,7 +146,7 @@ def test_a_drained_idle_broker_replaced_by_an_empty_instance_is_no_loss(
     publish(api.url, [make_event(f"r-{i}", topic="replaced") for i in range(20)])
     settled_stats(api.url, received=20, timeout=30)
     # Idle for ten check intervals: the allowance closes to what it accepted, all stored.
-    wait_until(lambda: checkpoint_allowance(engine) == (20, 20), timeout=30)
+    wait_until(lambda: checkpoint_allowance(engine, broker) == (20, 20), timeout=30)
     broker.stop()
     shutil.rmtree(broker.datadir)
     broker.start()  # The same address, no data: a container recreated without its volume.
@@ -170,7 +178,7 @@ def test_a_broker_replaced_while_busy_is_a_loss_bounded_by_its_allowance(
     for n in range(21):
         publish(api.url, [make_event(f"b-{n}-{i}", topic="busy") for i in range(50)])
     # The API's own checks record the broker's progress; no worker is running.
-    wait_until(lambda: checkpointed_events(engine) == 1050, timeout=15)
+    wait_until(lambda: checkpointed_events(engine, broker) == 1050, timeout=15)
     if how == "replaced":
         broker.stop()
         shutil.rmtree(broker.datadir)
@@ -262,13 +270,13 @@ def test_a_restore_from_an_older_copy_is_detected_before_anything_more_is_accept
     if with_workers:
         worker.start()
     publish(api.url, [make_event(f"o-{i}", topic="older") for i in range(20)])
-    wait_until(lambda: checkpointed_events(engine) >= 20, timeout=15)
+    wait_until(lambda: checkpointed_events(engine, broker) >= 20, timeout=15)
     backup = broker.datadir.parent / f"{broker.datadir.name}-{kind}-backup"
     snapshot(broker, kind, backup)
     # Accepted after the copy: the copy misses them.
     for n in range(3):
         publish(api.url, [make_event(f"n-{n}-{i}", topic="older") for i in range(20)])
-    wait_until(lambda: checkpointed_events(engine) >= 80, timeout=15)
+    wait_until(lambda: checkpointed_events(engine, broker) >= 80, timeout=15)
     with PacedPublisher(api.url, 600, spread=8, batch_size=20) as run:
         wait_until(lambda: run.answered() >= 3, timeout=15)
         restore(broker, kind, backup)
