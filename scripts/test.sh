@@ -11,7 +11,14 @@ if [ $# -gt 0 ]; then
 fi
 # The whole suite: first tests/compose (images built, containers run; minutes on a fresh
 # machine) as its own run with its own timings, then the rest, whose summary closes the output.
+# The rest runs as TEST_WORKERS pytest sessions side by side (pytest-xdist), each with its
+# own PostgreSQL, Redis, API and worker, a test module never split between two: most tests
+# wait on processes and timeouts, so two sessions on two cores take about half the time.
+# tests/test_fuzz.py runs alone: schemathesis names all its operations with one node id,
+# and xdist would run only one of them (tests/conftest.py refuses such ids under xdist).
 status=0
 .venv/bin/python -m pytest -rs --durations=10 tests/compose || status=$?
-.venv/bin/python -m pytest --durations=30 --ignore=tests/compose || status=$?
+.venv/bin/python -m pytest -rs tests/test_fuzz.py || status=$?
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile -rs --durations=30 \
+  --ignore=tests/compose --ignore=tests/test_fuzz.py || status=$?
 exit "$status"

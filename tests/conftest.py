@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
                 tail = Path(log).read_text(errors="replace")[-30000:]
                 report.sections.append((f"{fixture} log ({log})", tail))
     return report
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: object, ids: list[str]) -> None:
+    """Refuse, under pytest-xdist, tests that share a node id: xdist runs only one of them.
+
+    schemathesis gives every operation of tests/test_fuzz.py the same id, so scripts/test.sh
+    runs that module in a plain session of its own.
+    """
+    shared = sorted(nodeid for nodeid, count in Counter(ids).items() if count > 1)
+    if shared:
+        raise pytest.UsageError(
+            f"these node ids name several tests, and pytest-xdist would run one of each: {shared}"
+        )
