@@ -11,14 +11,14 @@ if [ $# -gt 0 ]; then
 fi
 # The whole suite: first tests/compose (images built, containers run; minutes on a fresh
 # machine) as its own run with its own timings, then the rest, whose summary closes the output.
-# The rest runs as TEST_WORKERS pytest sessions side by side (pytest-xdist), each with its
-# own PostgreSQL, Redis, API and worker, a test module never split between two: most tests
-# wait on processes and timeouts, so two sessions on two cores take about half the time.
+# TEST_WORKERS=2 runs the rest as two pytest sessions side by side (pytest-xdist), each with
+# its own servers, a module never split: 12 min instead of 20 here, but a tests/ha cgroup
+# was once still busy at teardown that way, so CI stays on one session (0) until that is fixed.
 # tests/test_fuzz.py runs alone: schemathesis names all its operations with one node id,
 # and xdist would run only one of them (tests/conftest.py refuses such ids under xdist).
 status=0
 .venv/bin/python -m pytest -rs --durations=10 tests/compose || status=$?
 .venv/bin/python -m pytest -rs tests/test_fuzz.py || status=$?
-.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile -rs --durations=30 \
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-0}" --dist loadfile -rs --durations=30 \
   --ignore=tests/compose --ignore=tests/test_fuzz.py || status=$?
 exit "$status"
