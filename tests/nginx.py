@@ -14,6 +14,8 @@ from pathlib import Path
 
 import requests
 
+from scripts.services import LOOPBACK
+from scripts.services import Place
 from scripts.services import find_nginx
 from scripts.services import free_port
 from scripts.stack import ROOT
@@ -87,13 +89,14 @@ class Proxy:
         main: Path = SHIPPED_CONF,
         listen_options: str = "",
         http_extra: str = "",
+        place: Place = LOOPBACK,
         **overrides: str,
     ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{place.address}:{self.port}"
         base.mkdir(parents=True, exist_ok=True)
         values = {
-            "PROXY_LISTEN": f"127.0.0.1:{self.port} {listen_options}".strip(),
+            "PROXY_LISTEN": f"{place.address}:{self.port} {listen_options}".strip(),
             "PROXY_RESOLVER": "127.0.0.1",  # never asked: the upstreams here are addresses
             "AGGREGATOR_UPSTREAM": upstream,
             "FLOWER_UPSTREAM": "127.0.0.1:9",  # never reached in these tests
@@ -106,7 +109,7 @@ class Proxy:
         self.base = base
         self._stderr = open(base / "stderr.log", "wb")
         self.process = subprocess.Popen(
-            [str(find_nginx()), "-p", str(base), "-c", str(conf), "-g", "daemon off;"],
+            place.wrap([str(find_nginx()), "-p", str(base), "-c", str(conf), "-g", "daemon off;"]),
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
         )

@@ -30,10 +30,10 @@ from aggregator_client.omprog import Bridge
 from aggregator_client.omprog import serve
 from aggregator_client.outcomes import RequestOutcome
 from scripts.services import find_rsyslogd
+from scripts.services import port_is_free
 from scripts.stack import Api
 from scripts.stack import Worker
 from scripts.stack import free_port
-from scripts.stack import port_is_free
 from scripts.stack import wait_until
 from scripts.syslog_ng import find_syslog_ng
 

@@ -45,6 +45,8 @@ from aggregator_client.verify import wait_and_verify
 from app.db import batches
 from app.db import events
 from app.db import pruned_batches
+from scripts.services import LOOPBACK
+from scripts.services import Place
 from scripts.services import RedisServer
 from scripts.stack import Api
 from scripts.stack import Worker
@@ -210,10 +212,13 @@ class PacedPublisher:
 class Workers:
     """The Celery workers of one test, sharing one log; every one started is cleaned up."""
 
-    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 2) -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, concurrency: int = 2, place: Place = LOOPBACK
+    ) -> None:
         self.env = env
         self.log = log
         self.concurrency = concurrency
+        self.place = place
         self.started: list[Worker] = []
         self._offset = log.stat().st_size if log.exists() else 0
 
@@ -224,7 +229,9 @@ class Workers:
     def start(self, **overrides: str) -> Worker:
         """Start one more worker; `overrides` add to (or replace) the test's environment."""
         env = {**self.env, **overrides}
-        worker = Worker(env, self.log, concurrency=self.concurrency, name="fault").start()
+        worker = Worker(
+            env, self.log, concurrency=self.concurrency, name="fault", place=self.place
+        ).start()
         self.started.append(worker)
         return worker
 

@@ -1,7 +1,12 @@
 """Fixtures of the HA suites: each test has its own Redis primary, replica and three Sentinels
 (or one Redis), its own PostgreSQL (one, or a pg_auto_failover monitor, primary and synchronous
-standby), real processes on loopback ports, private directories, stopped after; and an API and
-workers on them (the broker found through the Sentinels, the database through a multi-host URL)."""
+standby), real processes on loopback ports or on hosts of the test's own network (network
+namespaces, tests/ha/hosts.py), private directories, stopped after; and an API and workers on
+them (the broker found through the Sentinels, the database through a multi-host URL).
+
+A module places the servers on hosts by overriding `redis_placement` and `pg_placement`
+(ReplicatedRedis's and AutoFailoverCluster's keyword arguments); by default all are on
+loopback."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -31,14 +37,41 @@ from scripts.services import truncate_app_tables
 from scripts.services import with_database
 from scripts.stack import Api
 from tests.faults.harness import Workers
+from tests.ha.hosts import Network
 from tests.ha.network import SilentPartition
 from tests.ha.network import iptables_usable
 
 
 @pytest.fixture
-def cluster(scratch_dir: Path) -> Iterator[ReplicatedRedis]:
-    """A Redis primary, one replica and three Sentinels of this test's own."""
-    with private_replicated_redis(scratch_dir / f"ha-{uuid.uuid4().hex[:6]}") as replicated:
+def network() -> Iterator[Network]:
+    """This test's own network of hosts (namespaces on a bridge); all of it removed after."""
+    reason = iptables_usable()
+    if reason:
+        pytest.skip(reason)
+    made = Network()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def redis_placement() -> dict[str, Any]:
+    """Where the broker's nodes and Sentinels run (ReplicatedRedis's options): loopback."""
+    return {}
+
+
+@pytest.fixture
+def pg_placement() -> dict[str, Any]:
+    """Where the monitor and database nodes run (AutoFailoverCluster's options): loopback."""
+    return {}
+
+
+@pytest.fixture
+def cluster(scratch_dir: Path, redis_placement: dict[str, Any]) -> Iterator[ReplicatedRedis]:
+    """A Redis primary, its replicas and three Sentinels of this test's own."""
+    base = scratch_dir / f"ha-{uuid.uuid4().hex[:6]}"
+    with private_replicated_redis(base, **redis_placement) as replicated:
         yield replicated
 
 
@@ -106,13 +139,14 @@ def own_postgres(scratch_dir: Path) -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def pg_cluster(scratch_dir: Path) -> Iterator[AutoFailoverCluster]:
+def pg_cluster(scratch_dir: Path, pg_placement: dict[str, Any]) -> Iterator[AutoFailoverCluster]:
     """pg_auto_failover of this test's own: monitor, primary, synchronous standby; migrated.
 
     The database is created and migrated through the multi-host URL, the way a deploy's
     one-shot `alembic upgrade head` step would (DATABASE_URL read by migrations/env.py).
     """
-    with private_auto_failover(scratch_dir / f"ha-paf-{uuid.uuid4().hex[:6]}") as cluster:
+    base = scratch_dir / f"ha-paf-{uuid.uuid4().hex[:6]}"
+    with private_auto_failover(base, **pg_placement) as cluster:
         url = cluster.url("aggregator")
         create_database(with_database(url, "postgres"), "aggregator")
         subprocess.run(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
+
+from scripts.services import ServiceError
+from scripts.services import find_iptables
+from scripts.stack import wait_until
 
 
 class SilentPartition:
@@ -54,12 +58,23 @@ class SilentPartition:
             rule = self.active.pop()
             subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True)
         if self.cgroup is not None and self.cgroup.exists():
-            for pid in (self.cgroup / "cgroup.procs").read_text().split():
-                try:
-                    (self.cgroup.parent / "cgroup.procs").write_text(pid)
-                except (ProcessLookupError, OSError):
-                    continue
+            wait_until(self._emptied, timeout=10, interval=0.1)
+
+    def _emptied(self) -> bool:
+        """Move the cgroup's processes back to its parent and remove it; say whether it went.
+
+        A process forked while the others were moved, or one that exited but is not reaped
+        yet, keeps the cgroup busy (EBUSY) for a moment: the caller tries again.
+        """
+        assert self.cgroup is not None
+        for pid in (self.cgroup / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError, OSError):
+                (self.cgroup.parent / "cgroup.procs").write_text(pid)
+        try:
             self.cgroup.rmdir()
+        except OSError:
+            return False
+        return True
 
 
 def cgroup2_root() -> Path:
@@ -89,8 +104,10 @@ def group_members(process_group: int) -> list[int]:
 
 
 def iptables_usable() -> str | None:
-    """Say why iptables cannot be used here, or None."""
-    if shutil.which("iptables") is None:
-        return "iptables is not installed (apt-get install iptables)"
-    probe = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True)
+    """Say why iptables cannot be used here (installed from Debian if missing), or None."""
+    try:
+        iptables = find_iptables()
+    except (ServiceError, subprocess.CalledProcessError) as error:
+        return f"iptables is not installed and could not be: {error}"
+    probe = subprocess.run([str(iptables), "-S", "INPUT"], capture_output=True, text=True)
     return None if probe.returncode == 0 else f"iptables refused: {probe.stderr.strip()}"

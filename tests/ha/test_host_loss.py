@@ -1,6 +1,11 @@
 """A whole machine dies at once (a power cut) with everything replicated: nothing 202 is lost.
 
-Three hosts, each a cgroup of real processes (tests/ha/hosts.py):
+Three hosts, each a network namespace with its own address, interfaces and packet filter,
+joined by veth pairs on a bridge, and a cgroup holding every process it runs
+(tests/ha/hosts.py). The test itself (and its publisher) is a fourth machine: the root
+namespace, on the bridge. Two layouts:
+
+`both-primaries-on-a`, power back after the failovers:
 
 - host A: the Redis primary, Sentinel 1, the PostgreSQL primary (its pg_autoctl keeper,
   postgres and backends), API A (gunicorn) and worker A (Celery, with its pool);
@@ -9,25 +14,19 @@ Three hosts, each a cgroup of real processes (tests/ha/hosts.py):
 - host C: Sentinel 3, the pg_auto_failover monitor and the proxy: Debian's nginx with the
   repository's template (deploy/nginx) and an upstream group of API A and API B.
 
-A publisher with idempotency keys and retries sends through the proxy throughout. Mid-run,
-host A loses power: every packet to and from its ports, and every packet its sockets send, is
-dropped (no reset, as from a machine that is gone), and all its processes are SIGKILLed at
-once (`cgroup.kill`). The Sentinels promote the replica, the monitor promotes the standby, the
-proxy moves to API B. Once both have failed over, host A's power comes back and a supervisor
-starts its services again: its Redis as a replica of the new primary (with one replica and
-BROKER_MIN_REPLICAS=1 the promoted node accepts nothing alone, docs/operations.md), its keeper
-(which rejoins as the new primary's standby), Sentinel 1, API A and worker A.
+Once both have failed over, host A's power comes back and a supervisor starts its services
+again: its Redis as a replica of the new primary (with one replica and BROKER_MIN_REPLICAS=1
+the promoted node accepts nothing alone, docs/operations.md), its keeper (which rejoins as
+the new primary's standby), Sentinel 1, API A and worker A.
 
-Why cgroups on loopback ports and not network namespaces: every service here binds
-127.0.0.1 and is started by scripts.services, which would have to take an address and run
-its commands through `ip netns exec` for namespaces; what a namespace would give is had here
-by other means. A host's processes die together (`cgroup.kill` on the host's cgroup, which
-also catches processes it forks while dying) and its address goes silent (iptables DROP on
-its ports both ways, and on whatever its processes' sockets send, matched by cgroup): peers
-see what they would see of a dead machine, timeouts, never a reset or a refused connection.
-What namespaces would add and this does not: a separate routing table and interfaces (a peer
-whose packets to host A are dropped still has a working loopback to the others, as it
-would have its own link), and addresses other than 127.0.0.1.
+`primaries-apart-a-stays-down`: the broker's primary on A, the database's on B (its standby on
+A), a second Redis replica on C. Host A never comes back: the Sentinels promote a replica
+that still has a replica of its own (so it accepts), and the database primary drops its lost
+standby (`wait_primary`: it commits alone until a standby is back, docs/operations.md).
+
+A publisher with idempotency keys and retries sends through the proxy throughout. Mid-run,
+host A loses power: every packet in and out of its namespace is dropped (no reset, as from a
+machine that is gone) and all its processes are SIGKILLed at once (`cgroup.kill`).
 """
 
 from __future__ import annotations
@@ -36,10 +35,11 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-import redis
 from mirakuru.exceptions import ProcessFinishedWithError
 from sqlalchemy import Engine
 from sqlalchemy import select
@@ -62,55 +62,70 @@ from tests.ha.answers import batch_times
 from tests.ha.answers import first_stored_after
 from tests.ha.answers import unavailable_seconds
 from tests.ha.hosts import Host
-from tests.ha.network import iptables_usable
+from tests.ha.hosts import Network
 from tests.helpers import stats
 from tests.nginx import Proxy
 
-SCENARIO = "host-lost-power-cut"
+
+@dataclass(frozen=True)
+class Layout:
+    """Which host runs which server, and whether host A comes back."""
+
+    name: str
+    redis_hosts: tuple[str, ...]  # the primary's first, then the replicas'
+    pg_hosts: tuple[str, str]  # the primary's, then the synchronous standby's
+    comes_back: bool
+
+
+LAYOUTS = [
+    Layout("both-primaries-on-a", ("a", "b"), ("a", "b"), comes_back=True),
+    Layout("primaries-apart-a-stays-down", ("a", "b", "c"), ("b", "a"), comes_back=False),
+]
+
+
+@pytest.fixture(params=LAYOUTS, ids=[layout.name for layout in LAYOUTS])
+def layout(request: pytest.FixtureRequest) -> Layout:
+    return request.param
 
 
 @pytest.fixture
-def hosts() -> Iterator[dict[str, Host]]:
-    """Hosts A, B and C; whatever still runs in them is killed, and their rules removed, after."""
-    reason = iptables_usable()
-    if reason:
-        pytest.skip(reason)
-    made: dict[str, Host] = {}
-    try:
-        for name in ("a", "b", "c"):
-            made[name] = Host(name)
-        yield made
-    finally:
-        for host in made.values():
-            host.close()
+def hosts(network: Network) -> dict[str, Host]:
+    """Hosts A, B and C (.1, .2, .3 of the test's network)."""
+    return {name: network.host(name) for name in ("a", "b", "c")}
+
+
+@pytest.fixture
+def redis_placement(layout: Layout, hosts: dict[str, Host]) -> dict[str, Any]:
+    return {
+        "replicas": len(layout.redis_hosts) - 1,
+        "node_places": [hosts[name].place for name in layout.redis_hosts],
+        "sentinel_places": [hosts[name].place for name in ("a", "b", "c")],
+    }
+
+
+@pytest.fixture
+def pg_placement(layout: Layout, hosts: dict[str, Host], network: Network) -> dict[str, Any]:
+    primary, standby = layout.pg_hosts
+    return {
+        "monitor_place": hosts["c"].place,
+        "node_places": (hosts[primary].place, hosts[standby].place),
+        "network": network.cidr,
+    }
+
+
+def host_of(hosts: dict[str, Host], netns: str | None) -> Host:
+    return next(host for host in hosts.values() if host.netns == netns)
 
 
 @pytest.fixture
 def placed(
     hosts: dict[str, Host], cluster: ReplicatedRedis, pg_cluster: AutoFailoverCluster
 ) -> dict[str, Host]:
-    """The data nodes, Sentinels and monitor, each moved into its host.
-
-    Asks for the hosts first, so they are torn down last: the services stop normally, and the
-    hosts then kill whatever was left.
-    """
-    for index, name in enumerate(("a", "b")):
-        redis_node, sentinel, pg_node = (
-            cluster.nodes[index],
-            cluster.sentinels[index],
-            pg_cluster.nodes[index],
-        )
-        hosts[name].adopt(
-            *redis_node.pids(),
-            *sentinel.pids(),
-            *pg_node.pids(),
-            ports=(redis_node.port, sentinel.port, pg_node.port),
-        )
-    hosts["c"].adopt(
-        *cluster.sentinels[2].pids(),
-        *pg_cluster.monitor.pids(),
-        ports=(cluster.sentinels[2].port, pg_cluster.monitor.port),
-    )
+    """The data nodes, Sentinels and monitor, each adopted into its host's cgroup."""
+    for server in (*cluster.nodes, *cluster.sentinels):
+        host_of(hosts, server.place.netns).adopt(*server.pids())
+    for node in (pg_cluster.monitor, *pg_cluster.nodes):
+        host_of(hosts, node.place.netns).adopt(*node.pids())
     return hosts
 
 
@@ -128,9 +143,10 @@ def apis(placed: dict[str, Host], ha_env: dict[str, str], logs: Path) -> Iterato
     started: dict[str, Api] = {}
     try:
         for name in ("a", "b"):
-            api = Api(ha_env, logs / f"host-{name}-api.log", access_log=True).start()
+            log = logs / f"host-{name}-api.log"
+            api = Api(ha_env, log, access_log=True, place=placed[name].place).start()
             started[name] = api
-            placed[name].adopt(*api.pids(), ports=(api.port,))
+            placed[name].adopt(*api.pids())
         yield started
     finally:
         for api in started.values():
@@ -144,7 +160,10 @@ def crews(
     placed: dict[str, Host], ha_env: dict[str, str], logs: Path
 ) -> Iterator[dict[str, Workers]]:
     """Worker A on host A, worker B on host B (one Celery worker, two processes, each)."""
-    made = {name: Workers(ha_env, logs / f"host-{name}-worker.log") for name in ("a", "b")}
+    made = {
+        name: Workers(ha_env, logs / f"host-{name}-worker.log", place=placed[name].place)
+        for name in ("a", "b")
+    }
     try:
         for name, crew in made.items():
             placed[name].adopt(*crew.start().pids())
@@ -160,7 +179,7 @@ def proxy(placed: dict[str, Host], apis: dict[str, Api], scratch_dir: Path) -> I
     base = scratch_dir / f"nginx-hosts-{uuid.uuid4().hex[:6]}"
     servers = "".join(
         # Marked failed after one error (a refused or timed-out connect) for 5 s.
-        f"    server 127.0.0.1:{api.port} max_fails=1 fail_timeout=5s;\n"
+        f"    server {api.place.address}:{api.port} max_fails=1 fail_timeout=5s;\n"
         for api in apis.values()
     )
     extra = (
@@ -170,7 +189,7 @@ def proxy(placed: dict[str, Host], apis: dict[str, Api], scratch_dir: Path) -> I
     )
     # The template's proxy_pass names a variable: nginx looks its value up among the
     # upstream groups before it asks a resolver.
-    server = Proxy(base, "aggregator_apis", http_extra=extra)
+    server = Proxy(base, "aggregator_apis", http_extra=extra, place=placed["c"].place)
     placed["c"].adopt(server.process.pid)
     yield server
     server.stop()
@@ -206,6 +225,7 @@ def longest_pause(moments: list[float], fault_at: float) -> tuple[float, float]:
 
 
 def test_a_whole_host_lost_at_once_fails_over_and_loses_nothing(
+    layout: Layout,
     placed: dict[str, Host],
     cluster: ReplicatedRedis,
     pg_cluster: AutoFailoverCluster,
@@ -215,17 +235,20 @@ def test_a_whole_host_lost_at_once_fails_over_and_loses_nothing(
     proxy: Proxy,
     db_engine: Engine,
 ) -> None:
+    scenario = f"host-lost-{layout.name}"
     host_a = placed["a"]
-    redis_a, redis_b = cluster.nodes
+    redis_a = cluster.nodes[0]
     sentinel_a = cluster.sentinels[0]
-    pg_a, pg_b = pg_cluster.nodes
-    assert cluster.primary() is redis_a and pg_cluster.primary() is pg_a
+    pg_on_a = next(node for node in pg_cluster.nodes if node.place == host_a.place)
+    # The database's node that survives: promoted, or the primary all along.
+    pg_left = next(node for node in pg_cluster.nodes if node is not pg_on_a)
+    assert cluster.primary() is redis_a and pg_cluster.primary() is pg_cluster.nodes[0]
     started = time.monotonic()
     with PacedPublisher(
         proxy.url, 3000, spread=30, batch_size=50, concurrency=4, max_retries=60
     ) as run:
         wait_until(lambda: run.answered() >= 10 and ledger(db_engine)[0] >= 3, timeout=60)
-        with redis.Redis(port=redis_a.port) as client:
+        with redis_a.client() as client:
             seq_at_fault = read_state(client).seq
         # Committed before the fault, so on the synchronous standby too: they must survive.
         committed = ledger_ids(db_engine)
@@ -235,29 +258,35 @@ def test_a_whole_host_lost_at_once_fails_over_and_loses_nothing(
         # Reap what died (the Popen objects of its services), as their supervisor would.
         redis_a.kill()
         sentinel_a.stop()
-        pg_a.kill()
+        pg_on_a.kill()
         with contextlib.suppress(ProcessFinishedWithError):
             apis["a"].stop()
         db_engine.dispose()
-        wait_until(lambda: cluster.primary_port() == redis_b.port, timeout=60)
+        wait_until(lambda: cluster.primary_port() != redis_a.port, timeout=60)
         broker_failover_s = time.monotonic() - fault_mono
-        wait_until(lambda: pg_cluster.primary_port() == pg_b.port, timeout=90)
-        database_failover_s = time.monotonic() - fault_mono
-        # The power comes back; a supervisor starts host A's services again, in its cgroup.
-        host_a.power_on()
-        cluster.rejoin(redis_a)
-        host_a.adopt(*redis_a.pids())
-        sentinel_a.start()
-        host_a.adopt(*sentinel_a.pids())
-        pg_a.run()
-        host_a.adopt(*pg_a.pids())
-        apis["a"] = Api(ha_env, apis["a"].log, port=apis["a"].port, access_log=True).start()
-        host_a.adopt(*apis["a"].pids())
-        host_a.adopt(*crews["a"].start().pids())
-        back_s = time.monotonic() - fault_mono
+        # The survivor writes alone: promoted (standby lost its primary) or the primary
+        # having dropped its lost synchronous standby.
+        pg_cluster.wait_for(pg_left.port, "wait_primary", timeout=90)
+        database_settled_s = time.monotonic() - fault_mono
+        back_s = None
+        if layout.comes_back:
+            # The power comes back; a supervisor starts host A's services again, in its cgroup.
+            host_a.power_on()
+            cluster.rejoin(redis_a)
+            host_a.adopt(*redis_a.pids())
+            sentinel_a.start()
+            host_a.adopt(*sentinel_a.pids())
+            pg_on_a.run()
+            host_a.adopt(*pg_on_a.pids())
+            apis["a"] = Api(
+                ha_env, apis["a"].log, port=apis["a"].port, access_log=True, place=host_a.place
+            ).start()
+            host_a.adopt(*apis["a"].pids())
+            host_a.adopt(*crews["a"].start().pids())
+            back_s = time.monotonic() - fault_mono
         summary = run.wait(timeout=240)
     check_invariants(
-        SCENARIO,
+        scenario,
         run=run,
         summary=summary,
         api=apis["b"],
@@ -271,7 +300,7 @@ def test_a_whole_host_lost_at_once_fails_over_and_loses_nothing(
     with db_engine.connect() as conn:
         assert conn.execute(select(broker_losses)).all() == []
     assert stats(apis["b"].url)["broker_data_loss"]["detected"] == 0
-    # The promoted standby stores what the promoted replica accepted.
+    # The surviving database stores what the promoted replica accepted.
     drained_at = first_stored_after(db_engine, seq_at_fault)
     assert drained_at is not None, "nothing accepted after the fault was stored"
     seconds_without_storing, _ = longest_pause(batch_times(db_engine), fault_at)
@@ -297,16 +326,17 @@ def test_a_whole_host_lost_at_once_fails_over_and_loses_nothing(
         "answers_other_errors": sum(1 for _, status in answers if status not in (202, 503)),
         "seconds_of_503": round(unavailable_seconds(answers, fault_at), 2),
         "seconds_to_broker_failover": round(broker_failover_s, 2),
-        "seconds_to_database_failover": round(database_failover_s, 2),
-        "seconds_until_host_back": round(back_s, 2),
+        "seconds_until_database_writes_alone": round(database_settled_s, 2),
         "seconds_without_202": round(seconds_without_202, 2),
         "seconds_until_202_again": round(accepting_again - fault_at, 2),
         "seconds_without_storing": round(seconds_without_storing, 2),
         "seconds_until_draining": round(drained_at - fault_at, 2),
     }
-    print(f"{SCENARIO}:", numbers)
+    if back_s is not None:
+        numbers["seconds_until_host_back"] = round(back_s, 2)
+    print(f"{scenario}:", numbers)
     report(
-        f"{SCENARIO}-figures",
+        f"{scenario}-figures",
         events_sent=summary.planned,
         acknowledged=summary.sent,
         lost=int(numbers["lost"]),
@@ -317,10 +347,14 @@ def test_a_whole_host_lost_at_once_fails_over_and_loses_nothing(
         **{key: value for key, value in numbers.items() if key not in ("lost", "double_counted")},
     )
     assert numbers["lost"] == 0 and numbers["double_counted"] == 0
-    # Host B holds both primaries; host A's nodes came back as their replica and standby.
-    assert cluster.primary_port() == redis_b.port
-    pg_cluster.wait_for(pg_a.port, "secondary")
-    pg_cluster.wait_for(pg_b.port, "primary")
+    # The broker's primary and the database's writer are on hosts that survived.
+    assert cluster.primary().place != host_a.place
+    if layout.comes_back:
+        # Host A's nodes came back as the new primaries' replica and standby.
+        pg_cluster.wait_for(pg_on_a.port, "secondary")
+        pg_cluster.wait_for(pg_left.port, "primary")
+    else:
+        assert pg_cluster.primary_port() == pg_left.port
     # Host A's processes all died: its Redis, Sentinel, keeper and PostgreSQL, gunicorn and
     # Celery, each with its children.
     assert killed >= 10
