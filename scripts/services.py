@@ -480,13 +480,6 @@ class AutoFailoverNode:
                 start_new_session=True,
             )
 
-    @property
-    def process_group(self) -> int:
-        """Return the process group of every process of the node (pg_autoctl's session)."""
-        if self.process is None:
-            raise ServiceError(f"{self.name} is not running")
-        return self.process.pid
-
     def pids(self) -> list[int]:
         """Return the pids of the node's live processes: pg_autoctl, PostgreSQL, its backends."""
         if self.process is None:

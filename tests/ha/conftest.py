@@ -37,6 +37,7 @@ from scripts.services import truncate_app_tables
 from scripts.services import with_database
 from scripts.stack import Api
 from tests.faults.harness import Workers
+from tests.ha.hosts import Host
 from tests.ha.hosts import Network
 from tests.ha.network import SilentPartition
 from tests.ha.network import iptables_usable
@@ -53,6 +54,12 @@ def network() -> Iterator[Network]:
         yield made
     finally:
         made.close()
+
+
+@pytest.fixture
+def hosts(network: Network) -> dict[str, Host]:
+    """Hosts A, B and C (.1, .2, .3 of the test's network); the test itself is .254."""
+    return {name: network.host(name) for name in ("a", "b", "c")}
 
 
 @pytest.fixture
@@ -105,15 +112,15 @@ def worker(ha_env: dict[str, str], logs: Path) -> Iterator[Workers]:
 
 
 @pytest.fixture
-def partitions() -> Iterator[Callable[..., SilentPartition]]:
-    """Make silent partitions of loopback ports (and process groups); all healed after the test."""
+def partitions() -> Iterator[Callable[[int], SilentPartition]]:
+    """Make silent partitions of loopback ports; all healed after the test."""
     reason = iptables_usable()
     if reason:
         pytest.skip(reason)
     made: list[SilentPartition] = []
 
-    def make(port: int, process_group: int | None = None) -> SilentPartition:
-        partition = SilentPartition(port, process_group)
+    def make(port: int) -> SilentPartition:
+        partition = SilentPartition(port)
         made.append(partition)
         return partition
 

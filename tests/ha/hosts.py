@@ -72,6 +72,10 @@ class Network:
         self.hosts.append(host)
         return host
 
+    def host_at(self, place: Place) -> Host:
+        """Return the host a server was placed on."""
+        return next(host for host in self.hosts if host.place == place)
+
     def close(self) -> None:
         for host in self.hosts:
             host.close()

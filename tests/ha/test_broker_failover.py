@@ -1,7 +1,9 @@
 """The broker's primary dies under load; Sentinel promotes the replica; no 202 is lost.
 
-Real processes: a Redis primary, one replica and three Sentinels; gunicorn and a Celery worker
-that find the primary through the Sentinels (BROKER_MIN_REPLICAS 1: every 202 waited for the
+Real processes: a Redis primary on host A, its replica on host B and a Sentinel on each of
+hosts A, B and C (network namespaces of the test's own network, tests/ha/hosts.py); gunicorn
+and a Celery worker on the test's own machine (the root namespace, on the same network) that
+find the primary through the Sentinels (BROKER_MIN_REPLICAS 1: every 202 waited for the
 replica); PostgreSQL. A publisher with idempotency keys and retries runs throughout.
 """
 
@@ -10,8 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import redis
+import pytest
 import requests
 from sqlalchemy import Engine
 from sqlalchemy import select
@@ -31,10 +34,20 @@ from tests.faults.harness import stored_keys
 from tests.ha.answers import answers_since
 from tests.ha.answers import first_stored_after
 from tests.ha.answers import unavailable_seconds
-from tests.ha.network import SilentPartition
+from tests.ha.hosts import Host
+from tests.ha.hosts import Network
 from tests.helpers import make_event
 from tests.helpers import publish
 from tests.helpers import stats
+
+
+@pytest.fixture
+def redis_placement(hosts: dict[str, Host]) -> dict[str, Any]:
+    """The primary on host A, the replica on host B, a Sentinel on each of A, B and C."""
+    return {
+        "node_places": [hosts["a"].place, hosts["b"].place],
+        "sentinel_places": [host.place for host in hosts.values()],
+    }
 
 
 def losses_detected(url: str) -> int:
@@ -72,7 +85,7 @@ def fail_over_under_load(
         api.url, 3000, spread=15, batch_size=50, concurrency=4, max_retries=40
     ) as run:
         wait_until(lambda: run.answered() >= 10, timeout=30)
-        with redis.Redis(port=old.port) as client:
+        with old.client() as client:
             seq_at_fault = read_state(client).seq
         fault_at = time.time()
         fault_mono = time.monotonic()
@@ -161,21 +174,22 @@ def test_primary_partitioned_silently_fails_over_and_loses_nothing(
     worker: Workers,
     cluster: ReplicatedRedis,
     engine: Engine,
-    partitions: Callable[[int], SilentPartition],
+    network: Network,
     ha_clean: None,
 ) -> None:
-    """Every packet to and from the primary dropped (no reset): clients must not hang."""
+    """The primary's host cut off (every packet in and out dropped, no reset), then healed:
+    clients must not hang."""
 
     def partition(primary: RedisServer) -> Callable[[], None]:
-        cut = partitions(primary.port)
-        cut.cut()
+        host = network.host_at(primary.place)
+        host.isolate()
 
         def heal() -> None:
             # Healed a while after Sentinel promoted the replica: the old primary comes
             # back with connections its clients may still hold, refusing writes
             # (min-replicas-to-write) until Sentinel demotes it.
             time.sleep(5)
-            cut.heal()
+            host.heal()
 
         return heal
 
@@ -200,13 +214,13 @@ def test_a_replica_that_lagged_is_reported_as_a_loss_when_promoted(
         old = cluster.primary()
         [replica] = [node for node in cluster.nodes if node is not old]
         for node in cluster.nodes:
-            with redis.Redis(port=node.port) as client:
+            with node.client() as client:
                 # Without WAIT nothing here needs a replica: let a primary write alone.
                 client.config_set("min-replicas-to-write", 0)
         for n in range(10):
             publish(api.url, [make_event(f"a-{n}-{i}", topic="kept") for i in range(50)])
         wait_until(lambda: checkpointed_events(engine) == 500, timeout=15)
-        with redis.Redis(port=replica.port) as client:
+        with replica.client() as client:
             wait_until(lambda: read_state(client).seq == 10, timeout=10)
             # The replica stops following (its link to the primary is cut).
             client.execute_command("REPLICAOF", "127.0.0.1", "1")

@@ -1,8 +1,10 @@
 """The database's primary dies or is cut off under load; pg_auto_failover promotes the
 synchronous standby; nothing answered 202 is lost or counted twice.
 
-Real processes: a pg_auto_failover monitor and two PostgreSQL nodes (primary and synchronous
-standby, `synchronous_commit = on`), a Redis broker, gunicorn and Celery workers whose
+Real processes: a pg_auto_failover monitor on host C and two PostgreSQL nodes, the primary on
+host A and its synchronous standby on host B (`synchronous_commit = on`; hosts are network
+namespaces of the test's own network, tests/ha/hosts.py); a Redis broker, gunicorn and Celery
+workers on the test's own machine (the root namespace, on the same network) whose
 DATABASE_URL is a libpq multi-host URL with `target_session_attrs=read-write`. A publisher with
 idempotency keys and retries runs throughout.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -32,8 +35,19 @@ from tests.faults.harness import stored_keys
 from tests.ha.answers import answers_since
 from tests.ha.answers import batch_times
 from tests.ha.answers import unavailable_seconds
-from tests.ha.network import SilentPartition
+from tests.ha.hosts import Host
+from tests.ha.hosts import Network
 from tests.helpers import stats
+
+
+@pytest.fixture
+def pg_placement(hosts: dict[str, Host], network: Network) -> dict[str, Any]:
+    """The monitor on host C, the primary on host A, its standby on host B."""
+    return {
+        "monitor_place": hosts["c"].place,
+        "node_places": (hosts["a"].place, hosts["b"].place),
+        "network": network.cidr,
+    }
 
 
 @pytest.fixture
@@ -170,14 +184,14 @@ def test_database_primary_partitioned_fails_over_and_loses_nothing(
     pg_cluster: AutoFailoverCluster,
     own_broker: RedisServer,
     db_engine: Engine,
-    partitions: Callable[..., SilentPartition],
+    network: Network,
 ) -> None:
-    """Every packet to and from the primary's port dropped (no reset): nobody may hang."""
+    """The primary's host cut off (every packet in and out dropped, no reset): nobody may hang."""
 
     def partition(primary: AutoFailoverNode) -> Callable[[], None]:
-        # The whole host goes silent: its port, and its keeper's link to the monitor.
-        cut = partitions(primary.port, primary.process_group)
-        cut.cut()
+        # The whole host goes silent: its PostgreSQL, and its keeper's link to the monitor.
+        host = network.host_at(primary.place)
+        host.isolate()
         cut_at = time.time()
 
         def heal() -> None:
@@ -186,7 +200,7 @@ def test_database_primary_partitioned_fails_over_and_loses_nothing(
             # its standby, its keeper has demoted it (network_partition_timeout); healed, it
             # rejoins as the new primary's standby.
             wait_until(lambda: any(moment > cut_at for moment in batch_times(db_engine)), 60)
-            cut.heal()
+            host.heal()
 
         return heal
 

@@ -89,12 +89,6 @@ def layout(request: pytest.FixtureRequest) -> Layout:
 
 
 @pytest.fixture
-def hosts(network: Network) -> dict[str, Host]:
-    """Hosts A, B and C (.1, .2, .3 of the test's network)."""
-    return {name: network.host(name) for name in ("a", "b", "c")}
-
-
-@pytest.fixture
 def redis_placement(layout: Layout, hosts: dict[str, Host]) -> dict[str, Any]:
     return {
         "replicas": len(layout.redis_hosts) - 1,
@@ -113,19 +107,16 @@ def pg_placement(layout: Layout, hosts: dict[str, Host], network: Network) -> di
     }
 
 
-def host_of(hosts: dict[str, Host], netns: str | None) -> Host:
-    return next(host for host in hosts.values() if host.netns == netns)
-
-
 @pytest.fixture
 def placed(
-    hosts: dict[str, Host], cluster: ReplicatedRedis, pg_cluster: AutoFailoverCluster
+    network: Network,
+    hosts: dict[str, Host],
+    cluster: ReplicatedRedis,
+    pg_cluster: AutoFailoverCluster,
 ) -> dict[str, Host]:
     """The data nodes, Sentinels and monitor, each adopted into its host's cgroup."""
-    for server in (*cluster.nodes, *cluster.sentinels):
-        host_of(hosts, server.place.netns).adopt(*server.pids())
-    for node in (pg_cluster.monitor, *pg_cluster.nodes):
-        host_of(hosts, node.place.netns).adopt(*node.pids())
+    for server in (*cluster.nodes, *cluster.sentinels, pg_cluster.monitor, *pg_cluster.nodes):
+        network.host_at(server.place).adopt(*server.pids())
     return hosts
 
 
