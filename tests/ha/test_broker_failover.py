@@ -42,10 +42,18 @@ from tests.helpers import stats
 
 
 @pytest.fixture
-def redis_placement(hosts: dict[str, Host]) -> dict[str, Any]:
-    """The primary on host A, the replica on host B, a Sentinel on each of A, B and C."""
+def replica_hosts() -> tuple[str, ...]:
+    """The hosts of the replicas (a test may ask for more)."""
+    return ("b",)
+
+
+@pytest.fixture
+def redis_placement(hosts: dict[str, Host], replica_hosts: tuple[str, ...]) -> dict[str, Any]:
+    """The primary on host A, a replica on each of `replica_hosts`, a Sentinel on each of A,
+    B and C."""
     return {
-        "node_places": [hosts["a"].place, hosts["b"].place],
+        "replicas": len(replica_hosts),
+        "node_places": [hosts["a"].place, *(hosts[name].place for name in replica_hosts)],
         "sentinel_places": [host.place for host in hosts.values()],
     }
 
@@ -151,6 +159,14 @@ def fail_over_under_load(
     return numbers
 
 
+def first_202_after(api: Api, offset: int, moment: float) -> float | None:
+    """Return when the API first answered 202 after `moment` (from its access log)."""
+    return min(
+        (stamp for stamp, status in answers_since(api, offset) if stamp > moment and status == 202),
+        default=None,
+    )
+
+
 def test_primary_killed_mid_run_fails_over_and_loses_nothing(
     api: Api, worker: Workers, cluster: ReplicatedRedis, engine: Engine, ha_clean: None
 ) -> None:
@@ -169,7 +185,9 @@ def test_primary_killed_mid_run_fails_over_and_loses_nothing(
     )
 
 
+@pytest.mark.parametrize("replica_hosts", [("b",), ("b", "c")], ids=["one-replica", "two-replicas"])
 def test_primary_partitioned_silently_fails_over_and_loses_nothing(
+    replica_hosts: tuple[str, ...],
     api: Api,
     worker: Workers,
     cluster: ReplicatedRedis,
@@ -178,23 +196,29 @@ def test_primary_partitioned_silently_fails_over_and_loses_nothing(
     ha_clean: None,
 ) -> None:
     """The primary's host cut off (every packet in and out dropped, no reset), then healed:
-    clients must not hang."""
+    clients must not hang. With one replica the promoted node accepts nothing alone until the
+    old primary is back as its replica; with two it keeps one and accepts before the heal."""
+    cut: dict[str, float] = {}
+    offset = api.log.stat().st_size
 
     def partition(primary: RedisServer) -> Callable[[], None]:
         host = network.host_at(primary.place)
         host.isolate()
+        cut["at"] = time.time()
 
         def heal() -> None:
             # Healed a while after Sentinel promoted the replica: the old primary comes
             # back with connections its clients may still hold, refusing writes
             # (min-replicas-to-write) until Sentinel demotes it.
             time.sleep(5)
+            cut["healed_at"] = time.time()
             host.heal()
 
         return heal
 
+    replicas = len(replica_hosts)
     numbers = fail_over_under_load(
-        "broker-primary-partitioned-sentinel-failover",
+        f"broker-primary-partitioned-sentinel-failover-{replicas}-replicas",
         partition,
         api=api,
         worker=worker,
@@ -203,6 +227,15 @@ def test_primary_partitioned_silently_fails_over_and_loses_nothing(
     )
     # Keepalive and TCP_USER_TIMEOUT end the workers' hung connections within seconds.
     assert numbers["seconds_until_draining"] < 30
+    accepting_again = first_202_after(api, offset, cut["at"] + numbers["seconds_to_failover"])
+    assert accepting_again is not None
+    if replicas >= 2:
+        # The promoted node kept a replica: it accepted while the old primary was still cut off.
+        assert accepting_again < cut["healed_at"], numbers
+    else:
+        # Alone, the promoted node accepts nothing (min-replicas-to-write, BROKER_MIN_REPLICAS)
+        # until the old primary is back as its replica: durability before availability.
+        assert accepting_again > cut["healed_at"], numbers
 
 
 def test_a_replica_that_lagged_is_reported_as_a_loss_when_promoted(
