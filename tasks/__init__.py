@@ -123,14 +123,17 @@ def get_scripts() -> Scripts:
 
 @worker_ready.connect
 def _start_main_process_threads(**_: object) -> None:
-    """In the worker's main process: leases, the resend sweep and the broker watchdog."""
+    """In the worker's main process: leases, the primary watch (with Sentinels), the resend
+    sweep and the broker watchdog."""
     from tasks.broker import start_leases
+    from tasks.broker import start_primary_watch
     from tasks.broker_state import Watchdog
     from tasks.broker_state import broker_name
     from tasks.resend import start_sweeper
 
     settings = load_settings()
     start_leases(get_redis(), settings.visibility_timeout / 3)
+    start_primary_watch(get_redis(), settings.broker_check_interval)
     start_sweeper(get_engine(), get_redis(), settings.resend_after, settings.restore_interval)
     Watchdog(
         get_engine(),

@@ -29,7 +29,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -47,6 +49,8 @@ from tasks import pending
 logger = logging.getLogger(__name__)
 
 _CHANNELS: weakref.WeakSet[Channel] = weakref.WeakSet()
+# Sockets close_consumers_elsewhere shut already (until their connection drops them).
+_SHUT: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 # Error replies of a Redis node that cannot take writes for now.
 NOT_SERVING = ("NOREPLICAS", "READONLY", "MASTERDOWN")
@@ -317,6 +321,81 @@ class ClockCheck:
         elif offset is None and self.offset is not None:
             logger.info("this host's clock agrees with the broker's again")
         self.offset = offset
+
+
+def _connections(channel: Channel) -> list[Any]:
+    """Return the Redis connections a channel holds: its BRPOP one and its pools' (never
+    creating any)."""
+    found = []
+    # kombu's cached `client` is the one whose connection BRPOPs.
+    connection = getattr(channel.__dict__.get("client"), "connection", None)
+    if connection is not None:
+        found.append(connection)
+    for pool in (getattr(channel, "_pool", None), getattr(channel, "_async_pool", None)):
+        if pool is not None:
+            # redis-py's own lists (no public way to see a pool's connections).
+            found += [*pool._available_connections, *pool._in_use_connections]
+    return found
+
+
+def close_consumers_elsewhere(primary: tuple[str, int]) -> int:
+    """Shut this process's broker connections to any node but `primary`; return how many.
+
+    After a failover, a worker's BRPOP still waits on the old primary, and an ack sent
+    there waits for an answer. When that node's machine is gone (no reset, packets
+    dropped) only TCP keepalive or TCP_USER_TIMEOUT ends the wait, ~8 s later
+    (app.redis_client), and the worker's event loop stands still meanwhile. Shutting the
+    socket ends the wait at once; Celery reconnects through the Sentinels to `primary`.
+    """
+    wanted = (str(primary[0]), int(primary[1]))
+    closed = 0
+    for channel in list(_CHANNELS):
+        if channel.closed:
+            continue
+        for connection in _connections(channel):
+            sock = getattr(connection, "_sock", None)
+            if sock is None or sock in _SHUT:
+                continue
+            if (str(connection.host), int(connection.port)) == wanted:
+                continue
+            # Shut, not closed: the thread using it closes it when it sees the end.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                closed += 1
+            _SHUT.add(sock)
+    return closed
+
+
+def start_primary_watch(client: redis.Redis, every: float) -> threading.Thread | None:
+    """With Sentinels, ask them every `every` seconds for the primary, and move this
+    process's consumers to it (close_consumers_elsewhere); None without Sentinels."""
+    pool = client.connection_pool
+    if not isinstance(pool, sentinel.SentinelConnectionPool):
+        return None
+
+    def loop() -> None:
+        stop = threading.Event()
+        failures = FailureLog(logger, "asking the Sentinels for the primary")
+        while not stop.wait(every):
+            try:
+                primary = pool.get_master_address()
+            except Exception as exc:  # No Sentinel answers, or none names a primary yet.
+                failures.failed(exc)
+                continue
+            failures.succeeded()
+            closed = close_consumers_elsewhere(primary)
+            if closed:
+                logger.warning(
+                    "the Sentinels name %s:%s the primary: closed %d consuming connection(s) "
+                    "to another node, to reconnect there",
+                    primary[0],
+                    primary[1],
+                    closed,
+                )
+
+    thread = threading.Thread(target=loop, name="primary-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def start_leases(client: redis.Redis, every: float) -> threading.Thread:
