@@ -45,15 +45,24 @@ class Network:
 
     def __init__(self) -> None:
         self.tag = uuid.uuid4().hex[:6]
-        taken = _ip("-o", "route", "show")
-        free = [n for n in range(1, 250) if f"{SUPERNET}.{n}.0/24" not in taken]
-        self.prefix = f"{SUPERNET}.{random.choice(free)}"
-        self.cidr = f"{self.prefix}.0/24"
         self.bridge = f"agb{self.tag}"
         self.hosts: list[Host] = []
         self._undo: list[list[str]] = []
         # First the blackhole (a high metric: the bridge's own route wins while it exists).
-        _ip("route", "add", "blackhole", self.cidr, "metric", "4000")
+        # Its /24 is one no other test run holds: adding the route claims it (another
+        # session of the suite may pick the same one at the same moment: pick again).
+        for _ in range(20):
+            taken = _ip("-o", "route", "show")
+            free = [n for n in range(1, 250) if f"{SUPERNET}.{n}.0/24" not in taken]
+            self.prefix = f"{SUPERNET}.{random.choice(free)}"
+            self.cidr = f"{self.prefix}.0/24"
+            try:
+                _ip("route", "add", "blackhole", self.cidr, "metric", "4000")
+            except RuntimeError:
+                continue
+            break
+        else:
+            raise RuntimeError(f"no free /24 under {SUPERNET}.0.0/16")
         self._undo.append(["route", "del", "blackhole", self.cidr, "metric", "4000"])
         _ip("link", "add", self.bridge, "type", "bridge")
         self._undo.append(["link", "del", self.bridge])
