@@ -49,7 +49,7 @@ from tasks import pending
 logger = logging.getLogger(__name__)
 
 _CHANNELS: weakref.WeakSet[Channel] = weakref.WeakSet()
-# Sockets close_consumers_elsewhere shut already (until their connection drops them).
+# Sockets close_connections_elsewhere shut already (until their connection drops them).
 _SHUT: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 # Error replies of a Redis node that cannot take writes for now.
@@ -332,13 +332,21 @@ def _connections(channel: Channel) -> list[Any]:
     if connection is not None:
         found.append(connection)
     for pool in (getattr(channel, "_pool", None), getattr(channel, "_async_pool", None)):
-        if pool is not None:
-            # redis-py's own lists (no public way to see a pool's connections).
-            found += [*pool._available_connections, *pool._in_use_connections]
+        if pool is None:
+            continue
+        # redis-py's own lists (no public way to see a pool's connections), which the
+        # worker's threads change as they take and return connections: copy them again
+        # if one changed while it was copied.
+        for _ in range(3):
+            try:
+                found += [*pool._available_connections, *pool._in_use_connections]
+                break
+            except RuntimeError:
+                continue
     return found
 
 
-def close_consumers_elsewhere(primary: tuple[str, int]) -> int:
+def close_connections_elsewhere(primary: tuple[str, int]) -> int:
     """Shut this process's broker connections to any node but `primary`; return how many.
 
     After a failover, a worker's BRPOP still waits on the old primary, and an ack sent
@@ -368,7 +376,7 @@ def close_consumers_elsewhere(primary: tuple[str, int]) -> int:
 
 def start_primary_watch(client: redis.Redis, every: float) -> threading.Thread | None:
     """With Sentinels, ask them every `every` seconds for the primary, and move this
-    process's consumers to it (close_consumers_elsewhere); None without Sentinels."""
+    process's broker connections to it (close_connections_elsewhere); None without Sentinels."""
     pool = client.connection_pool
     if not isinstance(pool, sentinel.SentinelConnectionPool):
         return None
@@ -379,14 +387,14 @@ def start_primary_watch(client: redis.Redis, every: float) -> threading.Thread |
         while not stop.wait(every):
             try:
                 primary = pool.get_master_address()
+                closed = close_connections_elsewhere(primary)
             except Exception as exc:  # No Sentinel answers, or none names a primary yet.
                 failures.failed(exc)
                 continue
             failures.succeeded()
-            closed = close_consumers_elsewhere(primary)
             if closed:
                 logger.warning(
-                    "the Sentinels name %s:%s the primary: closed %d consuming connection(s) "
+                    "the Sentinels name %s:%s the primary: shut %d broker connection(s) "
                     "to another node, to reconnect there",
                     primary[0],
                     primary[1],

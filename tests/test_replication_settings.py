@@ -82,6 +82,8 @@ def celery_settings(environ: dict[str, str]) -> dict[str, object]:
         "o = dict(c.broker_transport_options);"
         "o.pop('socket_keepalive_options');"
         "o.get('sentinel_kwargs', {}).pop('socket_keepalive_options', None);"
+        "r = o.get('sentinel_kwargs', {}).pop('retry', None);"
+        "o['sentinel_retries'] = None if r is None else r._retries;"
         "print(json.dumps({'url': c.broker_url, 'transport': c.broker_transport, 'options': o}))"
     )
     done = subprocess.run(
@@ -107,6 +109,8 @@ def test_workers_use_our_transport_through_the_sentinels() -> None:
     assert options["master_name"] == "agg"
     assert options["sentinels"] == [["10.0.0.5", 26379], ["10.0.0.6", 26380]]
     assert options["sentinel_kwargs"]["socket_timeout"] == 0.5
+    # One try per Sentinel: a silent one (its host gone) costs one timeout, not four.
+    assert options["sentinel_retries"] == 0
 
 
 def test_without_sentinels_the_workers_config_is_unchanged() -> None:
