@@ -58,10 +58,11 @@ class Stack:
         self.read_token = secrets.token_hex(32)
         self.password = secrets.token_hex(16)
         self.grafana_password = secrets.token_hex(16)
+        self.pgaf_passwords = (secrets.token_hex(16), secrets.token_hex(16))
         tokens = f"{self.token}:publish+read+admin,{self.read_token}:read"
         # The README's `$EDITOR .env`: fills in each empty secret, and free ports; the
-        # monitoring profile's two stay empty, as plain `up` must work without them
-        # (test_monitoring_profile.py fills them in: fill_monitoring_secrets).
+        # monitoring profile's two and the HA overlay's two stay empty, as plain `up` must
+        # work without them (the modules that need them fill them in, below).
         editor = " ".join(
             [
                 "sed -i",
@@ -86,6 +87,15 @@ class Stack:
         text = text.replace(
             "\nGRAFANA_ADMIN_PASSWORD=\n", f"\nGRAFANA_ADMIN_PASSWORD={self.grafana_password}\n"
         )
+        env_file.write_text(text)
+
+    def fill_ha_secrets(self) -> None:
+        """Give .env's empty PGAF_MONITOR_PASSWORD and PGAF_REPLICATION_PASSWORD a value each."""
+        env_file = self.directory / ".env"
+        text = env_file.read_text()
+        names = ("PGAF_MONITOR_PASSWORD", "PGAF_REPLICATION_PASSWORD")
+        for name, value in zip(names, self.pgaf_passwords, strict=True):
+            text = text.replace(f"\n{name}=\n", f"\n{name}={value}\n")
         env_file.write_text(text)
 
     def readme(self, command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
