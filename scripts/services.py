@@ -15,6 +15,7 @@ import contextlib
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import shutil
@@ -25,6 +26,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -548,6 +550,7 @@ class AutoFailoverCluster:
 
     On loopback ports by default. With places (the monitor's, then one per node) and the
     `network` that holds them, each runs in its place and trusts every address of `network`.
+    The timers are the tests' (MONITOR_TIMERS, KEEPER_NETWORK_PARTITION_TIMEOUT) unless given.
     """
 
     def __init__(
@@ -557,7 +560,11 @@ class AutoFailoverCluster:
         monitor_place: Place = LOOPBACK,
         node_places: tuple[Place, Place] = (LOOPBACK, LOOPBACK),
         network: str | None = None,
+        monitor_timers: dict[str, int] | None = None,
+        keeper_partition_timeout: int = KEEPER_NETWORK_PARTITION_TIMEOUT,
     ) -> None:
+        self.monitor_timers = MONITOR_TIMERS if monitor_timers is None else monitor_timers
+        self.keeper_partition_timeout = keeper_partition_timeout
         self.user = _unprivileged_user()
         self.base = reachable_base(base, self.user)
         self.bindir = find_pg_bindir()
@@ -669,7 +676,7 @@ class AutoFailoverCluster:
             if self.network is not None:
                 self.monitor.trust(self.network)
             try:
-                for name, value in MONITOR_TIMERS.items():
+                for name, value in self.monitor_timers.items():
                     self._monitor_sql(f"ALTER SYSTEM SET {name} = {value}")
                 self._monitor_sql("SELECT pg_reload_conf()")
                 break
@@ -698,7 +705,7 @@ class AutoFailoverCluster:
                     "--pgdata",
                     str(node.pgdata),
                     "timeout.network_partition_timeout",
-                    str(KEEPER_NETWORK_PARTITION_TIMEOUT),
+                    str(self.keeper_partition_timeout),
                 ),
                 capture_output=True,
                 text=True,
@@ -720,6 +727,209 @@ def private_auto_failover(base: Path, **options: Any) -> Iterator[AutoFailoverCl
 
     Options as AutoFailoverCluster's (places, network)."""
     cluster = AutoFailoverCluster(base, **options)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def find_patroni() -> Path:
+    """Locate patroni ($PATRONI, PATH); as root on Debian, install Debian's (3.0.2)."""
+    return _debian_tool("PATRONI", "patroni", "/usr/bin/patroni", "patroni")
+
+
+def find_etcd() -> Path:
+    """Locate etcd ($ETCD, PATH); as root on Debian, install Debian's etcd-server (3.4)."""
+    return _debian_tool("ETCD", "etcd-server", "/usr/bin/etcd", "etcd")
+
+
+# Patroni's timers (seconds; its defaults in brackets), as close to MONITOR_TIMERS' failover
+# time as its rule allows (loop_wait + 2 * retry_timeout <= ttl): the leader key lives 6 s
+# [30 s], each node's loop runs every second [10 s], a DCS or PostgreSQL call is retried
+# for 2 s [10 s]. A primary that cannot renew its key demotes itself before it expires.
+PATRONI_TIMERS = {"ttl": 6, "loop_wait": 1, "retry_timeout": 2}
+
+
+class PatroniCluster:
+    """Patroni with one etcd: two PostgreSQL nodes, a primary and a synchronous standby
+    (`synchronous_mode`, as pg_auto_failover's), on loopback ports, private directories,
+    every process stopped after. For comparing failover managers (bench/failover.py); the
+    product documents and tests pg_auto_failover (AutoFailoverCluster).
+    """
+
+    def __init__(self, base: Path, timers: dict[str, int] | None = None) -> None:
+        self.user = _unprivileged_user()
+        self.base = reachable_base(base, self.user)
+        self.bindir = find_pg_bindir()
+        self.patroni = find_patroni()
+        self.etcd = find_etcd()
+        self.timers = PATRONI_TIMERS if timers is None else timers
+        self.etcd_port, self.etcd_peer_port = free_port(), free_port()
+        self.ports = [free_port() for _ in range(2)]
+        self.api_ports = [free_port() for _ in range(2)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.node_processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def url(self, database: str = "postgres") -> str:
+        """Return the libpq multi-host URL clients use: whichever node takes writes."""
+        hosts = "&".join(f"host=127.0.0.1:{port}" for port in self.ports)
+        return f"postgresql+psycopg2://postgres@/{database}?{hosts}&target_session_attrs=read-write"
+
+    def _config(self, n: int) -> dict[str, Any]:
+        name = f"node{n + 1}"
+        trust = ["local all all trust", "host all all 127.0.0.1/32 trust"]
+        return {
+            "scope": "bench",
+            "name": name,
+            "restapi": {
+                "listen": f"127.0.0.1:{self.api_ports[n]}",
+                "connect_address": f"127.0.0.1:{self.api_ports[n]}",
+            },
+            "etcd3": {"hosts": [f"127.0.0.1:{self.etcd_port}"]},
+            "bootstrap": {
+                "dcs": {
+                    **self.timers,
+                    "synchronous_mode": True,
+                    "postgresql": {
+                        "use_pg_rewind": True,
+                        "parameters": {"wal_log_hints": "on", "synchronous_commit": "on"},
+                    },
+                },
+                "initdb": [{"encoding": "UTF8"}, {"auth": "trust"}],
+                "pg_hba": [*trust, "host replication all 127.0.0.1/32 trust"],
+            },
+            "postgresql": {
+                "listen": f"127.0.0.1:{self.ports[n]}",
+                "connect_address": f"127.0.0.1:{self.ports[n]}",
+                "data_dir": str(self.base / name),
+                "bin_dir": str(self.bindir),
+                "pgpass": str(self.base / f"{name}.pgpass"),
+                "authentication": {
+                    "superuser": {"username": "postgres"},
+                    "replication": {"username": "postgres"},
+                },
+                "parameters": {"unix_socket_directories": str(self.base)},
+            },
+            "watchdog": {"mode": "off"},
+        }
+
+    def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as handle:
+            process = subprocess.Popen(
+                argv, stdout=handle, stderr=subprocess.STDOUT, cwd="/", start_new_session=True
+            )
+        self.processes.append(process)
+        return process
+
+    def start(self) -> None:
+        """Start etcd, then the first node (the primary), then the second; wait until in sync."""
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        client = f"http://127.0.0.1:{self.etcd_port}"
+        etcd = [
+            str(self.etcd), "--name", "bench", "--data-dir", str(self.base / "etcd"),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"bench={peer}",
+        ]  # fmt: skip
+        self._spawn(_as_user(self.user, etcd), self.base / "etcd.log")
+        for n in range(2):
+            config = self.base / f"node{n + 1}.yml"
+            # JSON is YAML: no YAML writer needed.
+            config.write_text(json.dumps(self._config(n), indent=2))
+            if self.user is not None:
+                shutil.chown(config, self.user)
+            argv = _as_user(self.user, ["env", "LC_ALL=C.UTF-8", str(self.patroni), str(config)])
+            self.node_processes[n] = self._spawn(argv, self.base / f"node{n + 1}.log")
+            self.wait_for_role(n, "primary" if n == 0 else "replica", timeout=120)
+        self.wait_until_sync(timeout=60)
+
+    def status(self, n: int) -> dict[str, Any]:
+        """Return node n's own view from its REST API ({} while it does not answer)."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.api_ports[n]}/patroni", timeout=1
+            ) as response:
+                return dict(json.loads(response.read()))
+        except (OSError, ValueError):
+            return {}
+
+    def wait_for_role(self, n: int, role: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status(n)
+            # Patroni 3.0 says "master" where later versions say "primary".
+            named = "primary" if status.get("role") == "master" else status.get("role")
+            if named == role and status.get("state") == "running":
+                return
+            time.sleep(0.2)
+        raise ServiceError(f"patroni node{n + 1} not {role} after {timeout} s; see {self.base}")
+
+    def wait_until_sync(self, timeout: float) -> None:
+        """Wait until the primary names the standby in synchronous_standby_names."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(psycopg2.Error):
+                conn = psycopg2.connect(plain_dsn(self.url()), connect_timeout=2)
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(
+                            "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+                        )
+                        row = cur.fetchone()
+                        if row is not None and row[0] >= 1:
+                            return
+                finally:
+                    conn.close()
+            time.sleep(0.2)
+        raise ServiceError(f"no synchronous standby after {timeout} s; see {self.base}")
+
+    def primary(self) -> int | None:
+        """Return the index of the node that says it is the primary, or None."""
+        for n in range(2):
+            if self.status(n).get("role") in ("primary", "master"):
+                return n
+        return None
+
+    def pids(self, n: int) -> list[int]:
+        """Return node n's live processes: Patroni and (in a session of its own) PostgreSQL."""
+        groups = set()
+        process = self.node_processes.get(n)
+        if process is not None and process.poll() is None:
+            groups.add(process.pid)
+        pidfile = self.base / f"node{n + 1}" / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError):
+            groups.add(os.getpgid(int(pidfile.read_text().split()[0])))
+        members = []
+        for entry in os.listdir("/proc"):
+            with contextlib.suppress(ValueError, OSError):
+                if os.getpgid(int(entry)) in groups:
+                    members.append(int(entry))
+        return members
+
+    def stop(self) -> None:
+        """Stop both nodes (Patroni stops its PostgreSQL), then etcd; kill what is left."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        for n in range(2):
+            for pid in self.pids(n):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def private_patroni(base: Path, **options: Any) -> Iterator[PatroniCluster]:
+    """Start etcd and two Patroni nodes (primary, synchronous standby) under base; stop after."""
+    cluster = PatroniCluster(base, **options)
     try:
         cluster.start()
         yield cluster
