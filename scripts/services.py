@@ -744,8 +744,8 @@ def find_etcd() -> Path:
     return _debian_tool("ETCD", "etcd-server", "/usr/bin/etcd", "etcd")
 
 
-# Patroni's timers (seconds; its defaults in brackets), as close to MONITOR_TIMERS' failover
-# time as its rule allows (loop_wait + 2 * retry_timeout <= ttl): the leader key lives 6 s
+# Patroni's timers (seconds; its defaults in brackets), short like MONITOR_TIMERS and within
+# its rule (loop_wait + 2 * retry_timeout <= ttl): the leader key lives 6 s
 # [30 s], each node's loop runs every second [10 s], a DCS or PostgreSQL call is retried
 # for 2 s [10 s]. A primary that cannot renew its key demotes itself before it expires.
 PATRONI_TIMERS = {"ttl": 6, "loop_wait": 1, "retry_timeout": 2}

@@ -209,6 +209,25 @@ def test_app_services_get_the_shared_environment(name: str) -> None:
         assert environment[key] == value
 
 
+def test_the_ha_overlay_points_every_process_of_the_image_at_the_replicas() -> None:
+    """deploy/compose.ha.yml: each service that reaches the database and broker follows both."""
+    overlay = yaml.safe_load((ROOT / "deploy" / "compose.ha.yml").read_text())["services"]
+    reaching = [
+        name
+        for name, service in SERVICES.items()
+        if str(service.get("image", "")).startswith("log-aggregator:")
+        and "DATABASE_URL" in service.get("environment", {})
+    ]
+    assert {"migrate", "aggregator", "worker", "beat", "flower"} <= set(reaching)
+    for name in reaching:
+        environment = overlay.get(name, {}).get("environment", {})
+        assert environment.get("BROKER_SENTINEL_MASTER") == "aggregator", name
+        assert "sentinel-1:26379" in environment.get("BROKER_SENTINELS", ""), name
+        url = with_defaults(environment.get("DATABASE_URL", ""))
+        assert "host=172.30.240.248:5432&host=172.30.240.249:5432" in url, name
+        assert url.endswith("&target_session_attrs=read-write"), name
+
+
 def test_api_and_workers_share_one_metrics_volume_and_flower_keeps_out() -> None:
     for name in ("aggregator", "worker"):
         assert SERVICES[name]["environment"]["PROMETHEUS_MULTIPROC_DIR"] == "/metrics"
