@@ -456,6 +456,17 @@ KEEPER_NETWORK_PARTITION_TIMEOUT = 3
 WRITABLE_STATES = ("single", "wait_primary", "primary")
 
 
+def process_group_members(groups: set[int]) -> list[int]:
+    """Return the pids of every live process whose process group is one of groups."""
+    members = []
+    for entry in os.listdir("/proc"):
+        # A process may end while it is looked at.
+        with contextlib.suppress(ValueError, OSError):
+            if os.getpgid(int(entry)) in groups:
+                members.append(int(entry))
+    return members
+
+
 class AutoFailoverNode:
     """One pg_autoctl process (monitor or keeper) and the PostgreSQL it runs, in its own session."""
 
@@ -486,13 +497,7 @@ class AutoFailoverNode:
         """Return the pids of the node's live processes: pg_autoctl, PostgreSQL, its backends."""
         if self.process is None:
             return []
-        members = []
-        for entry in os.listdir("/proc"):
-            # A process may end while it is looked at.
-            with contextlib.suppress(ValueError, OSError):
-                if os.getpgid(int(entry)) == self.process.pid:
-                    members.append(int(entry))
-        return members
+        return process_group_members({self.process.pid})
 
     def run(self) -> None:
         """Start the node again from its data directory (rejoining as a standby if it must)."""
@@ -778,7 +783,6 @@ class PatroniCluster:
 
     def _config(self, n: int) -> dict[str, Any]:
         name = f"node{n + 1}"
-        trust = ["local all all trust", "host all all 127.0.0.1/32 trust"]
         return {
             "scope": "bench",
             "name": name,
@@ -797,7 +801,11 @@ class PatroniCluster:
                     },
                 },
                 "initdb": [{"encoding": "UTF8"}, {"auth": "trust"}],
-                "pg_hba": [*trust, "host replication all 127.0.0.1/32 trust"],
+                "pg_hba": [
+                    "local all all trust",
+                    "host all all 127.0.0.1/32 trust",
+                    "host replication all 127.0.0.1/32 trust",
+                ],
             },
             "postgresql": {
                 "listen": f"127.0.0.1:{self.ports[n]}",
@@ -854,13 +862,18 @@ class PatroniCluster:
         except (OSError, ValueError):
             return {}
 
+    def role(self, n: int) -> str | None:
+        """Return node n's role while its PostgreSQL runs: "primary", "replica", or None."""
+        status = self.status(n)
+        if status.get("state") != "running":
+            return None
+        # Patroni 3.0 says "master" where later versions say "primary".
+        return "primary" if status.get("role") == "master" else status.get("role")
+
     def wait_for_role(self, n: int, role: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = self.status(n)
-            # Patroni 3.0 says "master" where later versions say "primary".
-            named = "primary" if status.get("role") == "master" else status.get("role")
-            if named == role and status.get("state") == "running":
+            if self.role(n) == role:
                 return
             time.sleep(0.2)
         raise ServiceError(f"patroni node{n + 1} not {role} after {timeout} s; see {self.base}")
@@ -886,10 +899,7 @@ class PatroniCluster:
 
     def primary(self) -> int | None:
         """Return the index of the node that says it is the primary, or None."""
-        for n in range(2):
-            if self.status(n).get("role") in ("primary", "master"):
-                return n
-        return None
+        return next((n for n in range(2) if self.role(n) == "primary"), None)
 
     def pids(self, n: int) -> list[int]:
         """Return node n's live processes: Patroni and (in a session of its own) PostgreSQL."""
@@ -900,12 +910,7 @@ class PatroniCluster:
         pidfile = self.base / f"node{n + 1}" / "postmaster.pid"
         with contextlib.suppress(OSError, ValueError):
             groups.add(os.getpgid(int(pidfile.read_text().split()[0])))
-        members = []
-        for entry in os.listdir("/proc"):
-            with contextlib.suppress(ValueError, OSError):
-                if os.getpgid(int(entry)) in groups:
-                    members.append(int(entry))
-        return members
+        return process_group_members(groups)
 
     def stop(self) -> None:
         """Stop both nodes (Patroni stops its PostgreSQL), then etcd; kill what is left."""

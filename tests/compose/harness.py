@@ -81,20 +81,20 @@ class Stack:
 
     def fill_monitoring_secrets(self) -> None:
         """Give .env's empty PROMETHEUS_TOKEN and GRAFANA_ADMIN_PASSWORD a value each."""
-        env_file = self.directory / ".env"
-        text = env_file.read_text()
-        text = text.replace("\nPROMETHEUS_TOKEN=\n", f"\nPROMETHEUS_TOKEN={self.read_token}\n")
-        text = text.replace(
-            "\nGRAFANA_ADMIN_PASSWORD=\n", f"\nGRAFANA_ADMIN_PASSWORD={self.grafana_password}\n"
+        self.fill_env(
+            {"PROMETHEUS_TOKEN": self.read_token, "GRAFANA_ADMIN_PASSWORD": self.grafana_password}
         )
-        env_file.write_text(text)
 
     def fill_ha_secrets(self) -> None:
         """Give .env's empty PGAF_MONITOR_PASSWORD and PGAF_REPLICATION_PASSWORD a value each."""
+        monitor, replication = self.pgaf_passwords
+        self.fill_env({"PGAF_MONITOR_PASSWORD": monitor, "PGAF_REPLICATION_PASSWORD": replication})
+
+    def fill_env(self, values: dict[str, str]) -> None:
+        """Set each named variable that .env leaves empty (`NAME=` on a line of its own)."""
         env_file = self.directory / ".env"
         text = env_file.read_text()
-        names = ("PGAF_MONITOR_PASSWORD", "PGAF_REPLICATION_PASSWORD")
-        for name, value in zip(names, self.pgaf_passwords, strict=True):
+        for name, value in values.items():
             text = text.replace(f"\n{name}=\n", f"\n{name}={value}\n")
         env_file.write_text(text)
 
